@@ -1,0 +1,36 @@
+# Makefile for the restart_worker extension (PGXS) and its restart agent.
+
+MODULE_big = restart_worker
+OBJS = restart_worker.o $(patsubst %.c,%.o,$(wildcard src/*.c))
+
+EXTENSION = restart_worker
+DATA_built = restart_worker--1.0.sql
+SQL_PARTS = $(sort $(wildcard src/sql/*.sql))
+
+REGRESS = install_plain install_supabase request_errors roles_rls admin wake
+REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf
+
+PG_CPPFLAGS = -Isrc -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
+SHLIB_LINK = -lcurl
+EXTRA_CLEAN = tmp_regress tmp_check results regression.diffs regression.out
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+# The install script is assembled from one file per concern.
+restart_worker--1.0.sql: $(SQL_PARTS)
+	cat $(SQL_PARTS) > $@
+
+# The agent has its own Makefile; build it with the extension.
+.PHONY: agent agent-install agent-clean
+all: agent
+install: agent-install
+clean: agent-clean
+
+agent:
+	@if [ -f agent/Makefile ]; then $(MAKE) -C agent all; fi
+agent-install:
+	@if [ -f agent/Makefile ]; then $(MAKE) -C agent install; fi
+agent-clean:
+	@if [ -f agent/Makefile ]; then $(MAKE) -C agent clean; fi

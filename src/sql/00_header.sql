@@ -1,0 +1,12 @@
+-- restart_worker 1.0: request restarts of services on other hosts.
+--
+-- This script is assembled by the Makefile from src/sql/*.sql, one file per concern:
+-- schema and tables, the public request API, the registry administration, the wake-up
+-- trigger, privileges.
+
+\echo Use "CREATE EXTENSION restart_worker" to load this file. \quit
+
+CREATE SCHEMA restart_worker;
+COMMENT ON SCHEMA restart_worker IS
+	'Private to restart_worker: agent and service registry, admin functions. Never expose it through PostgREST.';
+REVOKE ALL ON SCHEMA restart_worker FROM PUBLIC;

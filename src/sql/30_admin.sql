@@ -1,0 +1,298 @@
+-- Administration of the registry and of requests. These functions live in the private
+-- schema and may be executed only by superusers and the roles given grant_admin().
+
+-- Raise 22004 for a NULL argument of an admin function.
+CREATE FUNCTION restart_worker.require(p_value anyelement, p_what text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+BEGIN
+	IF p_value IS NULL THEN
+		RAISE EXCEPTION '% must not be null', p_what
+			USING ERRCODE = 'null_value_not_allowed';
+	END IF;
+END;
+$$;
+
+-- Check a name for an agent or service; raise 22023 if it is malformed.
+CREATE FUNCTION restart_worker.check_name(p_name text, p_what text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM restart_worker.require(p_name, p_what);
+	IF NOT restart_worker.valid_name(p_name) THEN
+		RAISE EXCEPTION '% "%" is malformed', p_what, p_name
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'A name is 1 to 63 characters: a letter or digit, then letters, digits, "_", "." or "-".';
+	END IF;
+END;
+$$;
+
+-- Check an agent URL; raise 22023 if it is not usable.
+CREATE FUNCTION restart_worker.check_url(p_url text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM restart_worker.require(p_url, 'agent URL');
+	IF NOT restart_worker.valid_agent_url(p_url) THEN
+		RAISE EXCEPTION 'agent URL "%" is not usable', p_url
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'Use http://host:port, https://host:port (optionally with a path) or unix:/absolute/socket/path.';
+	END IF;
+END;
+$$;
+
+-- Check a signing secret; raise 22023 if it is not in the Standard Webhooks form.
+CREATE FUNCTION restart_worker.check_secret(p_secret text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM restart_worker.require(p_secret, 'agent secret');
+	IF NOT restart_worker.valid_secret(p_secret) THEN
+		RAISE EXCEPTION 'agent secret is not in the form whsec_<base64>'
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'The part after "whsec_" must be base64 of 24 to 64 random bytes, e.g. whsec_$(openssl rand -base64 32).';
+	END IF;
+END;
+$$;
+
+-- Add an agent, or change the URL and secret of an existing one.
+CREATE FUNCTION restart_worker.register_agent(p_name text, p_url text, p_secret text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'agent name');
+	PERFORM restart_worker.check_url(p_url);
+	PERFORM restart_worker.check_secret(p_secret);
+	INSERT INTO restart_worker.agents AS a (name, url, secret)
+	VALUES (p_name, p_url, p_secret)
+	ON CONFLICT (name) DO UPDATE
+		SET url = excluded.url, secret = excluded.secret, updated_at = now();
+END;
+$$;
+
+-- Replace the signing secret of an agent. Configure the new secret on the agent first
+-- (it accepts several), rotate here, then remove the old one from the agent.
+CREATE FUNCTION restart_worker.rotate_agent_secret(p_name text, p_secret text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'agent name');
+	PERFORM restart_worker.check_secret(p_secret);
+	UPDATE restart_worker.agents SET secret = p_secret, updated_at = now()
+		WHERE name = p_name;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown agent "%"', p_name USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+END;
+$$;
+
+-- Remove an agent that no service uses any more.
+CREATE FUNCTION restart_worker.remove_agent(p_name text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+	v_services	text;
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'agent name');
+	SELECT string_agg(name, ', ' ORDER BY name) INTO v_services
+		FROM restart_worker.services WHERE agent = p_name;
+	IF v_services IS NOT NULL THEN
+		RAISE EXCEPTION 'agent "%" still serves services: %', p_name, v_services
+			USING ERRCODE = 'dependent_objects_still_exist',
+				  HINT = 'Remove those services or register them with another agent first.';
+	END IF;
+	DELETE FROM restart_worker.agents WHERE name = p_name;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown agent "%"', p_name USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+END;
+$$;
+
+-- Add a service, or change an existing one. Optional arguments left NULL keep the current
+-- value (or take the default for a new service).
+CREATE FUNCTION restart_worker.register_service(
+	p_name text,
+	p_agent text,
+	p_cooldown interval DEFAULT '5 minutes',
+	p_description text DEFAULT NULL,
+	p_deadline interval DEFAULT NULL,
+	p_max_attempts integer DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'service name');
+	PERFORM restart_worker.check_name(p_agent, 'agent name');
+	PERFORM restart_worker.require(p_cooldown, 'cooldown');
+	IF p_cooldown < interval '0' THEN
+		RAISE EXCEPTION 'cooldown must not be negative' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF p_deadline <= interval '0' THEN
+		RAISE EXCEPTION 'deadline must be positive' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF p_max_attempts NOT BETWEEN 1 AND 100 THEN
+		RAISE EXCEPTION 'max_attempts must be between 1 and 100' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	PERFORM 1 FROM restart_worker.agents WHERE name = p_agent;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown agent "%"', p_agent
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'Register it first with restart_worker.register_agent().';
+	END IF;
+	INSERT INTO restart_worker.services AS s
+		(name, agent, cooldown, description, deadline, max_attempts)
+	VALUES (p_name, p_agent, p_cooldown, coalesce(p_description, ''),
+			coalesce(p_deadline, interval '15 minutes'), p_max_attempts)
+	ON CONFLICT (name) DO UPDATE
+		SET agent = excluded.agent,
+			cooldown = excluded.cooldown,
+			description = coalesce(p_description, s.description),
+			deadline = coalesce(p_deadline, s.deadline),
+			max_attempts = coalesce(p_max_attempts, s.max_attempts),
+			updated_at = now();
+END;
+$$;
+
+-- Enable or disable a service; a disabled service refuses new requests.
+CREATE FUNCTION restart_worker.set_service_enabled(p_name text, p_enabled boolean)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'service name');
+	PERFORM restart_worker.require(p_enabled, 'enabled');
+	UPDATE restart_worker.services SET enabled = p_enabled, updated_at = now()
+		WHERE name = p_name;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown service "%"', p_name USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+END;
+$$;
+
+-- Remove a service from the registry. Its request history stays; an active request
+-- must end (or be cancelled) first.
+CREATE FUNCTION restart_worker.remove_service(p_name text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'service name');
+	PERFORM 1 FROM restart_worker.services WHERE name = p_name FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown service "%"', p_name USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	PERFORM 1 FROM public.service_restart_requests
+		WHERE service_name = p_name AND status IN ('pending', 'dispatching', 'running');
+	IF FOUND THEN
+		RAISE EXCEPTION 'service "%" has an active restart request', p_name
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  HINT = 'Wait for it to end, or cancel it if it is still pending.';
+	END IF;
+	DELETE FROM restart_worker.services WHERE name = p_name;
+END;
+$$;
+
+-- Cancel a request that has not reached its agent yet. Shared by the admin and the user
+-- variant; p_only_by restricts it to the requests of one user.
+CREATE FUNCTION restart_worker.cancel(p_id uuid, p_only_by uuid, p_who text)
+RETURNS public.service_restart_requests
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+	v_row		public.service_restart_requests;
+BEGIN
+	PERFORM restart_worker.require(p_id, 'request id');
+	SELECT * INTO v_row FROM public.service_restart_requests
+		WHERE id = p_id AND (p_only_by IS NULL OR requested_by = p_only_by)
+		FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown request %', p_id USING ERRCODE = 'invalid_parameter_value';
+	ELSIF v_row.status <> 'pending' THEN
+		RAISE EXCEPTION 'request % is %; only a pending request can be cancelled', p_id, v_row.status
+			USING ERRCODE = 'object_not_in_prerequisite_state';
+	END IF;
+	UPDATE public.service_restart_requests
+		SET status = 'cancelled', completed_at = now(), updated_at = now(),
+			error = 'cancelled by ' || p_who
+		WHERE id = p_id
+		RETURNING * INTO v_row;
+	RETURN v_row;
+END;
+$$;
+
+-- Cancel any pending request (admin).
+CREATE FUNCTION restart_worker.cancel_request(p_id uuid)
+RETURNS public.service_restart_requests
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = ''
+RETURN restart_worker.cancel(p_id, NULL,
+	(SELECT c.db_role FROM restart_worker.caller() c));
+
+-- Cancel one of the caller's own pending requests (users, through PostgREST).
+CREATE FUNCTION public.cancel_service_restart(p_request_id uuid)
+RETURNS public.service_restart_requests
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+	v_caller	record;
+BEGIN
+	v_caller := restart_worker.caller();
+	IF v_caller.db_role = 'anon' OR v_caller.jwt_role = 'anon' THEN
+		RAISE EXCEPTION 'anonymous users may not cancel restarts'
+			USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	IF v_caller.sub IS NULL
+		OR v_caller.sub !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+		RAISE EXCEPTION 'cancelling needs a user id (JWT claim "sub")'
+			USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	RETURN restart_worker.cancel(p_request_id, v_caller.sub::uuid, 'user ' || v_caller.sub);
+END;
+$$;
+COMMENT ON FUNCTION public.cancel_service_restart(uuid) IS
+	'Cancel one of your own requests while it is still pending. Errors: 22004, 22023, 42501, 55000.';
+
+-- Delete finished requests older than the given age, keeping any that still holds a
+-- service's cooldown; returns how many were deleted.
+CREATE FUNCTION restart_worker.prune_requests(p_older_than interval DEFAULT '90 days')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+	v_count		bigint;
+BEGIN
+	PERFORM restart_worker.require(p_older_than, 'age');
+	IF p_older_than < interval '1 day' THEN
+		RAISE EXCEPTION 'refusing to prune requests younger than a day'
+			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	DELETE FROM public.service_restart_requests
+		WHERE status IN ('completed', 'failed', 'cancelled')
+		  AND requested_at < now() - p_older_than
+		  AND NOT EXISTS (SELECT 1 FROM restart_worker.services s
+						  WHERE s.name = service_name
+							AND requested_at > now() - s.cooldown);
+	GET DIAGNOSTICS v_count = ROW_COUNT;
+	RETURN v_count;
+END;
+$$;
