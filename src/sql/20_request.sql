@@ -123,7 +123,8 @@ BEGIN
 		RAISE EXCEPTION 'service "%" was restarted less than % ago', p_service_name, v_service.cooldown
 			USING ERRCODE = 'PT429',
 				  HINT = format('Retry after %s.',
-								to_char((v_last + v_service.cooldown) AT TIME ZONE 'UTC',
+								to_char(date_trunc('second', v_last + v_service.cooldown
+												   + interval '0.999999 seconds') AT TIME ZONE 'UTC',
 										'YYYY-MM-DD"T"HH24:MI:SS"Z"'));
 	END IF;
 

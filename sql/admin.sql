@@ -1,0 +1,76 @@
+-- The registry and request administration: every check of the admin functions.
+\set VERBOSITY terse
+
+-- Agents: names, URLs and secrets are validated; NULLs get 22004.
+SELECT outcome($$SELECT restart_worker.register_agent(NULL, 'http://h', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')$$);
+SELECT outcome($$SELECT restart_worker.register_agent('a b', 'http://h', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')$$);
+SELECT outcome($$SELECT restart_worker.register_agent('h', NULL, 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')$$);
+SELECT url, outcome(format('SELECT restart_worker.register_agent(%L, %L, %L)', 'h', url,
+						   'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')) AS outcome
+	FROM (VALUES ('http://10.0.0.5:8787'), ('https://agent.example.com/restart'),
+				 ('http://[::1]:8787'), ('unix:/run/restart-agent/agent.sock'),
+				 ('ftp://h'), ('http://user:pw@h'), ('http://h/?q=1'), ('http://h/#f'),
+				 ('http://h:8787 '), ('javascript:alert(1)'), ('unix:relative.sock'), (''),
+				 ('http://'), ('https://-h')) v(url);
+SELECT secret, outcome(format('SELECT restart_worker.register_agent(%L, %L, %L)', 'h',
+							  'http://h', secret)) AS outcome
+	FROM (VALUES ('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'),
+				 ('MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'),
+				 ('whsec_'),
+				 ('whsec_not base64!'),
+				 ('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2La'),
+				 ('whsec_' || encode(sha256('a'), 'base64')),
+				 ('whsec_' || replace(encode(sha512('a') || 'x', 'base64'), E'\n', '')),
+				 ('whsec_' || replace(encode(sha512('a'), 'base64'), E'\n', ''))) v(secret);
+SELECT outcome($$SELECT restart_worker.register_agent('h', 'http://h', NULL)$$);
+-- An upsert: the second call changes the URL.
+SELECT restart_worker.register_agent('h', 'http://other:9000', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+SELECT name, url FROM restart_worker.agents WHERE name = 'h';
+SELECT outcome($$SELECT restart_worker.rotate_agent_secret('h', 'nope')$$);
+SELECT outcome($$SELECT restart_worker.rotate_agent_secret('nobody', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')$$);
+SELECT restart_worker.rotate_agent_secret('h', 'whsec_' || encode(sha256('new'), 'base64'));
+SELECT secret = 'whsec_' || encode(sha256('new'), 'base64') AS rotated FROM restart_worker.agents WHERE name = 'h';
+
+-- Services: a known agent, a sane cooldown, deadline and attempt limit.
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'nobody')$$);
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', '-1 minute')$$);
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', NULL)$$);
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', p_deadline := '0')$$);
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', p_max_attempts := 0)$$);
+SELECT outcome($$SELECT restart_worker.register_service('bad name', 'h')$$);
+SELECT restart_worker.register_service('s1', 'h', '1 minute', 'first', '2 minutes', 3);
+-- Optional arguments left out keep their values; the cooldown is always set.
+SELECT restart_worker.register_service('s1', 'h');
+SELECT name, agent, cooldown, description, deadline, max_attempts FROM restart_worker.services WHERE name = 's1';
+SELECT outcome($$SELECT restart_worker.set_service_enabled('nobody', false)$$);
+SELECT outcome($$SELECT restart_worker.set_service_enabled('s1', NULL)$$);
+
+-- Removing: not an agent that still serves, not a service with an active request.
+SELECT outcome($$SELECT restart_worker.remove_agent('h')$$);
+SELECT outcome($$SELECT restart_worker.remove_agent('nobody')$$);
+SELECT id AS s1_request FROM request_service_restart('s1') \gset
+SELECT outcome($$SELECT restart_worker.remove_service('s1')$$);
+SELECT outcome($$SELECT restart_worker.remove_service('nobody')$$);
+
+-- Cancelling: only pending requests, and only existing ones.
+SELECT outcome($$SELECT restart_worker.cancel_request(NULL)$$);
+SELECT outcome($$SELECT restart_worker.cancel_request('00000000-0000-0000-0000-000000000000')$$);
+SELECT status, error, completed_at IS NOT NULL AS ended FROM restart_worker.cancel_request(:'s1_request');
+SELECT outcome(format('SELECT restart_worker.cancel_request(%L)', :'s1_request'));
+SELECT restart_worker.remove_service('s1');
+SELECT restart_worker.remove_agent('h');
+SELECT count(*) AS history_kept FROM service_restart_requests WHERE service_name = 's1';
+
+-- Pruning: finished requests older than the age, never active ones, never younger than a day.
+SELECT outcome($$SELECT restart_worker.prune_requests('1 hour')$$);
+SELECT outcome($$SELECT restart_worker.prune_requests(NULL)$$);
+SELECT status FROM request_service_restart('mqtt-subscriber');
+UPDATE service_restart_requests SET requested_at = now() - interval '100 days'
+	WHERE service_name IN ('s1', 'mqtt-subscriber');
+SELECT restart_worker.prune_requests() AS pruned;
+SELECT service_name, status FROM service_restart_requests
+	WHERE service_name IN ('s1', 'mqtt-subscriber') ORDER BY 1, 2;
+
+-- API roles can never be made admins, and anon never a requester.
+SELECT outcome($$SELECT restart_worker.grant_admin('authenticated')$$);
+SELECT outcome($$SELECT restart_worker.grant_requester('anon')$$);

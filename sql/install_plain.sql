@@ -1,0 +1,54 @@
+-- Installing on a plain PostgreSQL without Supabase's roles: nothing is granted to
+-- PUBLIC, and the README's recipe lets other roles (also ones created later) request.
+\set VERBOSITY terse
+SELECT count(*) AS supabase_roles FROM pg_roles
+	WHERE rolname IN ('anon', 'authenticated', 'service_role');
+CREATE EXTENSION restart_worker;
+
+-- Nothing for PUBLIC.
+SELECT has_table_privilege('public', 'public.service_restart_requests', 'SELECT') AS public_reads,
+	   has_function_privilege('public', 'public.request_service_restart(text)', 'EXECUTE') AS public_requests,
+	   has_function_privilege('public', 'public.list_restartable_services()', 'EXECUTE') AS public_lists,
+	   has_schema_privilege('public', 'restart_worker', 'USAGE') AS public_registry;
+SELECT p.oid::regprocedure AS function_executable_by_public
+	FROM pg_proc p
+	WHERE (p.pronamespace = 'restart_worker'::regnamespace
+		   OR p.proname IN ('request_service_restart', 'cancel_service_restart', 'list_restartable_services'))
+	  AND has_function_privilege('public', p.oid, 'EXECUTE');
+
+-- Row level security on every table.
+SELECT c.oid::regclass AS table_name, c.relrowsecurity AS rls
+	FROM pg_class c
+	WHERE c.oid IN ('public.service_restart_requests'::regclass,
+					'restart_worker.agents'::regclass, 'restart_worker.services'::regclass)
+	ORDER BY 1::text;
+
+SELECT restart_worker.register_agent('host1', 'http://127.0.0.1:8787', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+SELECT restart_worker.register_service('svc', 'host1', '0');
+
+-- A plain role without a grant may not request.
+CREATE ROLE plain_user;
+SET ROLE plain_user;
+SELECT service_name FROM request_service_restart('svc');
+\echo :LAST_ERROR_SQLSTATE
+RESET ROLE;
+
+-- The recipe: a group role holds the grants; members request, also those created later.
+CREATE ROLE restart_requesters NOLOGIN;
+SELECT restart_worker.grant_requester('restart_requesters');
+GRANT restart_requesters TO plain_user;
+SET ROLE plain_user;
+SELECT service_name, status, requested_by, requested_by_role FROM request_service_restart('svc');
+SELECT count(*) AS visible_requests FROM service_restart_requests;
+RESET ROLE;
+UPDATE service_restart_requests SET status = 'completed';
+CREATE ROLE later_user IN ROLE restart_requesters;
+SET ROLE later_user;
+SELECT service_name, status, requested_by, requested_by_role FROM request_service_restart('svc');
+RESET ROLE;
+
+-- Dropping the extension leaves nothing behind.
+DROP EXTENSION restart_worker;
+SELECT count(*) AS leftovers FROM pg_namespace WHERE nspname = 'restart_worker';
+SELECT to_regclass('public.service_restart_requests') AS leftover_table;
+DROP ROLE later_user, plain_user, restart_requesters;

@@ -1,0 +1,131 @@
+-- Who may do what, replaying PostgREST's per-request set-up: within one transaction it
+-- sets the role and the JWT claims with set_config(..., true), then calls the function.
+\set VERBOSITY terse
+SELECT restart_worker.register_service('roles-svc', 'host1', '0');
+CREATE FUNCTION public.finish_active() RETURNS void LANGUAGE sql
+	AS $$ UPDATE service_restart_requests SET status = 'completed'
+		  WHERE status IN ('pending', 'dispatching', 'running') $$;
+
+-- anon: no grant, so PostgreSQL refuses the call.
+BEGIN;
+SELECT set_config('role', 'anon', true), set_config('request.jwt.claims', '{"role":"anon"}', true);
+SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
+ROLLBACK;
+
+-- anon even with a grant (as Supabase's default privileges would give): still refused.
+GRANT EXECUTE ON FUNCTION request_service_restart(text) TO anon;
+BEGIN;
+SELECT set_config('role', 'anon', true), set_config('request.jwt.claims', '{"role":"anon"}', true);
+SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
+ROLLBACK;
+REVOKE EXECUTE ON FUNCTION request_service_restart(text) FROM anon;
+
+-- authenticated without a user id: refused, whichever way the claims are missing.
+BEGIN;
+SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', '{"role":"authenticated"}', true);
+SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
+SELECT set_config('request.jwt.claims', '', true);
+SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
+SELECT set_config('request.jwt.claims', '{"role":"authenticated","sub":""}', true);
+SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
+SELECT set_config('request.jwt.claims', '{"role":"authenticated","sub":"not-a-uuid"}', true);
+SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
+SELECT set_config('request.jwt.claims', '{not json', true);
+SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
+ROLLBACK;
+SELECT count(*) AS rows_written FROM service_restart_requests WHERE service_name = 'roles-svc';
+
+-- authenticated with a user id: accepted, and requested_by is the JWT's sub.
+BEGIN;
+SELECT set_config('role', 'authenticated', true),
+	   set_config('request.jwt.claims', '{"sub":"6f2b4a1e-1d3c-4b5a-9e8f-0a1b2c3d4e5f","role":"authenticated","email":"ops@example.com"}', true);
+SELECT service_name, status, requested_by, requested_by_role
+	FROM request_service_restart(p_service_name := 'roles-svc');
+COMMIT;
+SELECT finish_active();
+
+-- The legacy per-claim settings of older PostgREST versions are honoured too.
+BEGIN;
+SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', '', true),
+	   set_config('request.jwt.claim.sub', '0b7e7c1a-8f4e-4d1e-a2b3-c4d5e6f7a8b9', true),
+	   set_config('request.jwt.claim.role', 'authenticated', true);
+SELECT service_name, status, requested_by, requested_by_role
+	FROM request_service_restart(p_service_name := 'roles-svc');
+COMMIT;
+
+-- authenticated may read every request and list the services, but never the registry,
+-- and never write a request row directly: requested_by cannot be forged.
+BEGIN;
+SELECT set_config('role', 'authenticated', true),
+	   set_config('request.jwt.claims', '{"sub":"6f2b4a1e-1d3c-4b5a-9e8f-0a1b2c3d4e5f","role":"authenticated"}', true);
+SELECT service_name, status, requested_by FROM service_restart_requests
+	WHERE service_name = 'roles-svc' ORDER BY requested_at;
+SELECT service_name, description, cooldown, latest_status FROM list_restartable_services();
+SELECT outcome($$SELECT * FROM restart_worker.agents$$);
+SELECT outcome($$SELECT * FROM restart_worker.services$$);
+SELECT outcome($$SELECT restart_worker.register_agent('evil', 'http://evil', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')$$);
+SELECT outcome($$INSERT INTO service_restart_requests (service_name, requested_by, requested_by_role, deadline_at)
+	VALUES ('api', '11111111-1111-1111-1111-111111111111', 'authenticated', now())$$);
+SELECT outcome($$UPDATE service_restart_requests SET requested_by = '11111111-1111-1111-1111-111111111111'$$);
+SELECT outcome($$UPDATE service_restart_requests SET status = 'completed'$$);
+SELECT outcome($$DELETE FROM service_restart_requests$$);
+SELECT outcome($$TRUNCATE service_restart_requests$$);
+SELECT outcome($$SELECT request_service_restart('roles-svc', 'x')$$);
+ROLLBACK;
+
+-- Even if the table privileges were given away again, row level security stops writes.
+GRANT INSERT, UPDATE, DELETE ON service_restart_requests TO authenticated;
+BEGIN;
+SELECT set_config('role', 'authenticated', true),
+	   set_config('request.jwt.claims', '{"sub":"6f2b4a1e-1d3c-4b5a-9e8f-0a1b2c3d4e5f","role":"authenticated"}', true);
+SELECT outcome($$INSERT INTO service_restart_requests (service_name, requested_by, requested_by_role, deadline_at)
+	VALUES ('api', '11111111-1111-1111-1111-111111111111', 'authenticated', now())$$);
+UPDATE service_restart_requests SET requested_by = '11111111-1111-1111-1111-111111111111';
+DELETE FROM service_restart_requests;
+SELECT count(*) > 0 AS rows_survive_delete FROM service_restart_requests;
+ROLLBACK;
+REVOKE INSERT, UPDATE, DELETE ON service_restart_requests FROM authenticated;
+SELECT count(*) AS forged FROM service_restart_requests
+	WHERE requested_by = '11111111-1111-1111-1111-111111111111';
+
+-- A user cancels their own pending request, not somebody else's, and not a running one.
+BEGIN;
+SELECT set_config('role', 'authenticated', true),
+	   set_config('request.jwt.claims', '{"sub":"22222222-2222-2222-2222-222222222222","role":"authenticated"}', true);
+SELECT outcome(format('SELECT cancel_service_restart(%L)',
+	(SELECT id FROM service_restart_requests WHERE service_name = 'roles-svc' AND status = 'pending')));
+SELECT outcome($$SELECT cancel_service_restart(NULL)$$);
+SELECT set_config('request.jwt.claims', '{"sub":"0b7e7c1a-8f4e-4d1e-a2b3-c4d5e6f7a8b9","role":"authenticated"}', true);
+SELECT status, error FROM cancel_service_restart(
+	(SELECT id FROM service_restart_requests WHERE service_name = 'roles-svc' AND status = 'pending'));
+COMMIT;
+UPDATE service_restart_requests SET status = 'running' WHERE service_name = 'roles-svc'
+	AND id = (SELECT id FROM service_restart_requests WHERE service_name = 'roles-svc' ORDER BY requested_at LIMIT 1);
+BEGIN;
+SELECT set_config('role', 'authenticated', true),
+	   set_config('request.jwt.claims', '{"sub":"6f2b4a1e-1d3c-4b5a-9e8f-0a1b2c3d4e5f","role":"authenticated"}', true);
+SELECT outcome(format('SELECT cancel_service_restart(%L)',
+	(SELECT id FROM service_restart_requests WHERE service_name = 'roles-svc' AND status = 'running')));
+ROLLBACK;
+SELECT finish_active();
+
+-- service_role (PostgREST with the service key): requests without a user, reads the
+-- registry, administers.
+BEGIN;
+SELECT set_config('role', 'service_role', true), set_config('request.jwt.claims', '{"role":"service_role"}', true);
+SELECT service_name, status, requested_by, requested_by_role
+	FROM request_service_restart(p_service_name := 'roles-svc');
+SELECT name, url FROM restart_worker.agents ORDER BY name;
+SELECT restart_worker.register_service('roles-svc', 'host1', '0', 'set by service_role');
+SELECT status, error FROM restart_worker.cancel_request(
+	(SELECT id FROM service_restart_requests WHERE service_name = 'roles-svc' AND status = 'pending'));
+COMMIT;
+SELECT description FROM restart_worker.services WHERE name = 'roles-svc';
+
+-- A role without any grant.
+CREATE ROLE stranger;
+SET ROLE stranger;
+SELECT outcome($$SELECT request_service_restart('roles-svc')$$);
+SELECT outcome($$SELECT count(*) FROM service_restart_requests$$);
+RESET ROLE;
+DROP ROLE stranger;
