@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$RW_BUILD_DIR"
 pgbin=$(pg_config --bindir)
-pgxs=$(dirname "$(pg_config --pgxs)")/..
+pgxs=$(cd "$(dirname "$(pg_config --pgxs)")/../.." && pwd)
 status=0
 for t in test/t/*.pl; do
 	[ -e "$t" ] || continue
@@ -19,7 +19,7 @@ for t in test/t/*.pl; do
 		RW_BUILD_DIR="$RW_BUILD_DIR" \
 		prove -v "$t" >"$out" 2>&1
 	rc=$?
-	sed -nE "s/^(not )?ok [0-9]+( - )?(.*)$/\1ok - $name: \3/p" "$out"
+	sed -nE "s/^(\[[^]]*\]\([^)]*\) )?(not )?ok [0-9]+( - )?(.*)$/\2ok - $name: \4/p" "$out"
 	if [ "$rc" -ne 0 ]; then
 		status=1
 		grep -q '^not ok' "$out" || echo "not ok - $name: script died (see below)"

@@ -1,0 +1,104 @@
+# Requests made at the same instant: exactly one row per service, the others PT409.
+# Also checks that installing tells PostgREST to reload its schema cache.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use IPC::Run;
+
+my $sessions = 8;
+
+my $node = PostgreSQL::Test::Cluster->new('concurrency');
+$node->init;
+$node->append_conf('postgresql.conf', "shared_preload_libraries = 'restart_worker'\n");
+$node->start;
+
+# A database the worker does not serve: these rows must stay as the requests left them.
+$node->safe_psql('postgres', 'CREATE DATABASE conc');
+
+my ($out, $err) = ('', '');
+$node->psql('conc', "LISTEN pgrst;\nCREATE EXTENSION restart_worker;",
+	stdout => \$out, stderr => \$err, on_error_die => 1);
+like($out, qr/Asynchronous notification "pgrst" with payload "reload schema"/,
+	'CREATE EXTENSION asks PostgREST to reload its schema cache');
+
+$node->safe_psql('conc', q{
+	SELECT restart_worker.register_agent('h', 'http://127.0.0.1:9', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+	SELECT restart_worker.register_service('svc', 'h', '0');
+	SELECT restart_worker.register_service('svc-' || i, 'h', '0') FROM generate_series(1, 8) i;
+});
+
+# Start $sessions psql processes that each request a restart of the service returned by
+# $service->(i), all blocked behind a lock on the registry that a controlling session
+# holds; release them together and return their outputs.
+sub race
+{
+	my ($service, $isolation) = @_;
+	my $ctl = $node->background_psql('conc');
+	$ctl->query_safe('BEGIN');
+	$ctl->query_safe('LOCK TABLE restart_worker.services IN EXCLUSIVE MODE');
+
+	my (@h, @out, @err);
+	for my $i (1 .. $sessions)
+	{
+		($out[$i], $err[$i]) = ('', '');
+		local $ENV{PGOPTIONS} = "-c default_transaction_isolation=$isolation";
+		my $svc = $service->($i);
+		$h[$i] = IPC::Run::start(
+			[
+				'psql', '-X', '-A', '-t', '-v', 'VERBOSITY=verbose',
+				'-d', $node->connstr('conc'),
+				'-c', "SELECT status FROM request_service_restart('$svc')"
+			],
+			'>', \$out[$i], '2>', \$err[$i]);
+	}
+	ok( $node->poll_query_until('conc',
+			"SELECT count(*) = $sessions FROM pg_stat_activity "
+			  . "WHERE wait_event_type = 'Lock' AND query LIKE '%request_service_restart%'"),
+		"all $sessions sessions wait at the same point");
+	$ctl->query_safe('COMMIT');
+	$ctl->quit;
+	$_->finish for @h[1 .. $sessions];
+	return map { [ $out[$_], $err[$_] ] } 1 .. $sessions;
+}
+
+# Count the sessions that got a row and those refused with PT409.  Under SERIALIZABLE
+# PostgreSQL may refuse a loser with 40001 before our check runs; a retry then gets PT409.
+sub tally
+{
+	my ($refusal, @results) = @_;
+	my ($won, $refused, $other) = (0, 0, 0);
+	for my $r (@results)
+	{
+		if ($r->[0] =~ /^pending$/m) { $won++ }
+		elsif ($r->[1] =~ $refusal) { $refused++ }
+		else { $other++; diag("unexpected: $r->[0] $r->[1]") }
+	}
+	return ($won, $refused, $other);
+}
+
+for my $isolation ('read\ committed', 'repeatable\ read', 'serializable')
+{
+	(my $label = $isolation) =~ s/\\//g;
+	$node->safe_psql('conc', "DELETE FROM service_restart_requests");
+	my $refusal = qr/ERROR:\s+PT409: A restart request is already pending/;
+	$refusal = qr/ERROR:\s+(PT409: A restart request is already pending|40001: could not serialize)/
+	  if $label eq 'serializable';
+	my ($won, $refused, $other) = tally($refusal, race(sub { 'svc' }, $isolation));
+	is($won, 1, "$label: exactly one session's request is accepted");
+	is($refused, $sessions - 1, "$label: the others are refused");
+	is($other, 0, "$label: no other outcome");
+	is($node->safe_psql('conc', "SELECT count(*) FROM service_restart_requests WHERE service_name = 'svc'"),
+		'1', "$label: exactly one row was written");
+}
+
+# Requests for different services do not get in each other's way.
+$node->safe_psql('conc', "DELETE FROM service_restart_requests");
+my ($won, $refused, $other) = tally(qr/^$/, race(sub { "svc-$_[0]" }, 'read\ committed'));
+is($won, $sessions, 'requests for different services made at once are all accepted');
+is($node->safe_psql('conc', "SELECT count(DISTINCT service_name) FROM service_restart_requests"),
+	$sessions, 'one row for each service');
+
+$node->stop;
+done_testing();
