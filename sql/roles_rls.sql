@@ -44,6 +44,14 @@ SELECT service_name, status, requested_by, requested_by_role
 COMMIT;
 SELECT finish_active();
 
+-- A JWT role claim cannot make an authenticated caller look like another role.
+BEGIN;
+SELECT set_config('role', 'authenticated', true),
+	   set_config('request.jwt.claims', '{"sub":"6f2b4a1e-1d3c-4b5a-9e8f-0a1b2c3d4e5f","role":"service_role"}', true);
+SELECT service_name, status, requested_by, requested_by_role
+	FROM request_service_restart(p_service_name := 'roles-svc');
+ROLLBACK;
+
 -- The legacy per-claim settings of older PostgREST versions are honoured too.
 BEGIN;
 SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', '', true),

@@ -131,7 +131,9 @@ BEGIN
 	BEGIN
 		INSERT INTO public.service_restart_requests
 			(service_name, requested_by, requested_by_role, deadline_at)
-		VALUES (p_service_name, v_by, coalesce(v_caller.jwt_role, v_caller.db_role),
+		VALUES (p_service_name, v_by,
+				CASE WHEN v_caller.db_role = 'authenticated' THEN v_caller.db_role
+					 ELSE coalesce(v_caller.jwt_role, v_caller.db_role) END,
 				now() + v_service.deadline)
 		RETURNING * INTO v_row;
 	EXCEPTION
