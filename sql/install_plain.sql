@@ -23,6 +23,10 @@ SELECT c.oid::regclass AS table_name, c.relrowsecurity AS rls
 					'restart_worker.agents'::regclass, 'restart_worker.services'::regclass)
 	ORDER BY 1::text;
 
+-- pg_dump keeps the registry and the history.
+SELECT unnest(extconfig)::regclass AS dumped_with_data FROM pg_extension
+	WHERE extname = 'restart_worker' ORDER BY 1::text;
+
 SELECT restart_worker.register_agent('host1', 'http://127.0.0.1:8787', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
 SELECT restart_worker.register_service('svc', 'host1', '0');
 

@@ -108,3 +108,8 @@ CREATE INDEX service_restart_requests_due
 ALTER TABLE public.service_restart_requests ENABLE ROW LEVEL SECURITY;
 ALTER TABLE restart_worker.agents ENABLE ROW LEVEL SECURITY;
 ALTER TABLE restart_worker.services ENABLE ROW LEVEL SECURITY;
+
+-- pg_dump keeps the registry and the history: they are data, not part of the extension.
+SELECT pg_catalog.pg_extension_config_dump('restart_worker.agents', '');
+SELECT pg_catalog.pg_extension_config_dump('restart_worker.services', '');
+SELECT pg_catalog.pg_extension_config_dump('public.service_restart_requests', '');
