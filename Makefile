@@ -7,11 +7,11 @@ EXTENSION = restart_worker
 DATA_built = restart_worker--1.0.sql
 SQL_PARTS = $(sort $(wildcard src/sql/*.sql))
 
-REGRESS = install_plain install_supabase request_errors roles_rls admin wake
+REGRESS = install_plain install_supabase request_errors roles_rls admin shadowing wake
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=$(srcdir)/test/regress.conf
 
 PG_CPPFLAGS = -Isrc -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
-SHLIB_LINK = -lcurl
+SHLIB_LINK = -lcurl -lcrypto
 EXTRA_CLEAN = tmp_regress tmp_check results regression.diffs regression.out
 
 PG_CONFIG ?= pg_config

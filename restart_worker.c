@@ -22,15 +22,19 @@ PG_MODULE_MAGIC;
 void		_PG_init(void);
 
 /*
- * Module load callback.  Shared memory and the background worker exist only
- * when the library is in shared_preload_libraries; loaded later (by a call
- * to one of its SQL functions) it provides the functions alone.
+ * Module load callback.  The settings are defined whenever the library is
+ * loaded; shared memory, the DROP DATABASE hook and the background worker
+ * exist only when it is in shared_preload_libraries.  Loaded later (by a
+ * call to one of its SQL functions) it provides the functions alone.
  */
 void
 _PG_init(void)
 {
+	restart_worker_guc_init();
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 
 	restart_worker_wake_init();
+	restart_worker_dropdb_init();
+	restart_worker_register();
 }

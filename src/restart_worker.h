@@ -6,7 +6,18 @@
  * The path of a request through the extension, one file per step:
  *	src/sql/20_request.sql	request_service_restart() inserts the row;
  *	src/wake.c				the insert sets the worker's latch at COMMIT;
- *	src/worker*.c			the background worker claims, calls the agent, records.
+ *	src/worker.c			the background worker's main loop waits for
+ *							wake-ups, timers and sockets;
+ *	src/claim.c				short transactions: claim due rows, record
+ *							outcomes (policy in src/sql/50_worker.sql);
+ *	src/dispatch.c			one call slot per request in flight;
+ *	src/http.c				libcurl's multi interface on the worker's
+ *							wait event set;
+ *	src/sign.c				Standard Webhooks signatures;
+ *	src/status.c			counters in shared memory, restart_worker.status();
+ *	src/dropdb.c			lets DROP DATABASE of the worker's database
+ *							proceed;
+ *	src/guc.c				the settings.
  *
  *-------------------------------------------------------------------------
  */
@@ -15,8 +26,33 @@
 
 #include "postgres.h"
 
+#include "datatype/timestamp.h"
+#include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+
+/* What the worker is doing, for restart_worker.status(). */
+typedef enum RestartWorkerState
+{
+	RW_STATE_STOPPED = 0,
+	RW_STATE_STARTING,
+	RW_STATE_NO_EXTENSION,		/* waiting for CREATE EXTENSION */
+	RW_STATE_IDLE,				/* nothing in flight */
+	RW_STATE_BUSY				/* calls in flight */
+} RestartWorkerState;
+
+/* Counters since the worker started, for restart_worker.status(). */
+typedef struct RestartWorkerCounters
+{
+	uint64		wakeups;		/* latch wake-ups seen by the worker */
+	uint64		polls;			/* claim transactions run */
+	uint64		claimed;		/* rows claimed */
+	uint64		calls;			/* HTTP calls started */
+	uint64		call_errors;	/* calls without an answer (connect, timeout) */
+	uint64		retries;		/* requests put back for a later attempt */
+	uint64		completed;		/* requests ended completed */
+	uint64		failed;			/* requests ended failed */
+} RestartWorkerCounters;
 
 /*
  * State in shared memory, created by the postmaster when the library is in
@@ -30,6 +66,17 @@ typedef struct RestartWorkerShared
 	int			worker_procno;	/* pgprocno of the running worker, or -1 */
 	pid_t		worker_pid;		/* its pid, or 0 */
 	uint64		commit_wakeups; /* latches set by committing transactions */
+
+	/* observation, written by the worker (src/status.c) */
+	RestartWorkerState state;
+	TimestampTz started_at;
+	TimestampTz last_wake;
+	TimestampTz last_poll;
+	int			in_flight;
+	RestartWorkerCounters counters;
+
+	/* failed connection attempts in a row (src/worker.c backs off) */
+	int			connect_failures;
 } RestartWorkerShared;
 
 /* src/wake.c */
@@ -37,5 +84,118 @@ extern RestartWorkerShared *restart_worker_shared;
 extern void restart_worker_wake_init(void);
 extern void restart_worker_wake_publish(void);
 extern void restart_worker_wake_unpublish(void);
+
+/* src/guc.c */
+extern char *rw_database;
+extern char *rw_role;
+extern int	rw_poll_interval;	/* s */
+extern int	rw_max_in_flight;
+extern int	rw_max_connections_per_agent;
+extern int	rw_connect_timeout;	/* ms */
+extern int	rw_request_timeout;	/* ms */
+extern int	rw_retry_base;		/* ms */
+extern int	rw_retry_max;		/* ms */
+extern int	rw_max_attempts;
+extern int	rw_follow_wait;		/* s */
+extern int	rw_max_response_size;	/* kB */
+extern char *rw_ca_file;
+extern void restart_worker_guc_init(void);
+
+/* src/worker.c */
+extern void restart_worker_register(void);
+extern PGDLLEXPORT void restart_worker_main(Datum main_arg);
+
+/* src/sign.c */
+#define RW_SIGNATURE_LEN 128
+extern bool restart_worker_sign(const unsigned char *key, int keylen,
+								const char *id, const char *timestamp,
+								const char *body, size_t bodylen,
+								char *out, size_t outsize);
+
+/*
+ * One request in flight: the call to its agent being made, and what is
+ * needed to make the next one.  Owned by src/dispatch.c.
+ */
+typedef struct RwCall
+{
+	bool		in_use;
+	bool		following;		/* GET ?wait=N rather than the POST */
+	char		id[37];			/* request id, canonical uuid text */
+	char	   *url;			/* agent base URL */
+	char	   *body;			/* POST body, the same for every attempt */
+	unsigned char key[64];		/* signing key */
+	int			keylen;
+	TimestampTz deadline;		/* deadline_at of the request */
+	/* the transfer (src/http.c) */
+	void	   *easy;			/* CURL * */
+	void	   *headers;		/* struct curl_slist * */
+	char	   *resp;			/* response body, malloc'd */
+	size_t		resp_len;
+	bool		resp_too_big;
+	long		http_status;	/* 0 = no answer */
+	char		error[256];		/* why there is no answer */
+} RwCall;
+
+/* src/http.c */
+extern void rw_http_init(void);
+extern void rw_http_configure(void);
+extern bool rw_http_start(RwCall *call);
+extern void rw_http_fail(RwCall *call, const char *why);
+extern void rw_http_abort(RwCall *call);
+extern long rw_http_timeout(void);
+extern void rw_http_add_sockets(WaitEventSet *set);
+extern int	rw_http_socket_count(void);
+extern bool rw_http_sockets_changed(void);
+extern void rw_http_socket_event(pgsocket fd, uint32 events);
+extern void rw_http_timer_event(void);
+extern RwCall *rw_http_next_done(void);
+
+/* src/claim.c */
+typedef struct RwClaimed
+{
+	char		id[37];
+	char	   *url;
+	bytea	   *key;
+	char	   *body;
+	TimestampTz deadline;
+} RwClaimed;
+
+typedef enum RwOutcome
+{
+	RW_OUTCOME_DONE,			/* terminal state recorded (or row gone) */
+	RW_OUTCOME_FOLLOW,			/* running: follow it with GET ?wait */
+	RW_OUTCOME_RETRY			/* put back until next_attempt_at */
+} RwOutcome;
+
+extern bool rw_claim(int limit, List *exclude, bool recover, List **rows,
+					 TimestampTz *next_due, bool *more);
+extern RwOutcome rw_record(RwCall *call, TimestampTz *next_at);
+
+/* src/dispatch.c */
+extern void rw_dispatch_init(void);
+extern int	rw_dispatch_free_slots(void);
+extern int	rw_dispatch_in_flight(void);
+extern List *rw_dispatch_ids(void);
+extern void rw_dispatch_start(RwClaimed *row);
+extern bool rw_dispatch_finish(TimestampTz *next_at);
+extern void rw_dispatch_abort_all(void);
+
+/* src/status.c */
+extern void rw_status_set_state(RestartWorkerState state);
+extern void rw_status_worker_started(void);
+extern void rw_status_note_wake(void);
+extern void rw_status_note_poll(int claimed);
+#define RW_COUNT(field) \
+	do { \
+		if (restart_worker_shared) { \
+			SpinLockAcquire(&restart_worker_shared->mutex); \
+			restart_worker_shared->counters.field++; \
+			SpinLockRelease(&restart_worker_shared->mutex); \
+		} \
+	} while (0)
+extern void rw_status_set_in_flight(int n);
+
+/* src/dropdb.c */
+extern void restart_worker_dropdb_init(void);
 
 #endif							/* RESTART_WORKER_H */

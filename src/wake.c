@@ -71,6 +71,7 @@ wake_shmem_startup(void)
 											&found);
 	if (!found)
 	{
+		memset(restart_worker_shared, 0, sizeof(RestartWorkerShared));
 		SpinLockInit(&restart_worker_shared->mutex);
 		restart_worker_shared->worker_procno = -1;
 		restart_worker_shared->worker_pid = 0;

@@ -1,0 +1,260 @@
+/*-------------------------------------------------------------------------
+ *
+ * claim.c
+ *		The worker's short transactions: claim due requests, record what an
+ *		agent answered.
+ *
+ * Each runs in a transaction of its own that commits before any network
+ * I/O; no snapshot is held across a call to an agent.  The policy (which
+ * answers are retried, backoff, deadline, lease) is in SQL, in
+ * src/sql/50_worker.sql; answers are parsed there with jsonb.
+ *
+ * The worker commits asynchronously (synchronous_commit = off, set in
+ * src/worker.c): a claim or an outcome lost in a crash is redone with the
+ * same request id, and the agent answers a repeated id with the existing
+ * job, so nothing runs twice.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "mb/pg_wchar.h"
+#include "pgstat.h"
+#include "utils/builtins.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "restart_worker.h"
+
+/*
+ * Start a short transaction with SPI and a snapshot, and say so in
+ * pg_stat_activity.
+ */
+static void
+claim_begin(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "restart_worker: SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+/*
+ * Commit the short transaction started by claim_begin().
+ */
+static void
+claim_end(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * Whether the extension exists in the worker's database.  A catalog
+ * look-up, no query: cheap enough for every wake-up.
+ */
+static bool
+claim_extension_exists(void)
+{
+	return OidIsValid(get_extension_oid("restart_worker", true));
+}
+
+/*
+ * The lease a claimed request gets: longer than any call the worker makes,
+ * so that it is only taken over when the worker forgot it.
+ */
+static int
+claim_lease_ms(void)
+{
+	return rw_request_timeout + rw_follow_wait * 1000 + 60000;
+}
+
+/*
+ * A list of request ids as a uuid[] literal.
+ */
+static Datum
+claim_ids_array(List *ids)
+{
+	StringInfoData buf;
+	ListCell   *lc;
+
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	foreach(lc, ids)
+	{
+		if (buf.len > 1)
+			appendStringInfoChar(&buf, ',');
+		appendStringInfoString(&buf, (char *) lfirst(lc));
+	}
+	appendStringInfoChar(&buf, '}');
+	return CStringGetTextDatum(buf.data);
+}
+
+/*
+ * Copy the claimed rows out of SPI's memory into the caller's context.
+ */
+static List *
+claim_copy_rows(MemoryContext cxt)
+{
+	List	   *rows = NIL;
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	uint64		i;
+
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		RwClaimed  *row = palloc0(sizeof(RwClaimed));
+		bool		isnull;
+		Datum		d;
+
+		strlcpy(row->id, SPI_getvalue(tup, desc, 1), sizeof(row->id));
+		row->url = SPI_getvalue(tup, desc, 2);
+		d = SPI_getbinval(tup, desc, 3, &isnull);
+		row->key = isnull ? NULL : DatumGetByteaPCopy(d);
+		row->body = SPI_getvalue(tup, desc, 4);
+		row->deadline = DatumGetTimestampTz(SPI_getbinval(tup, desc, 5, &isnull));
+		rows = lappend(rows, row);
+	}
+	MemoryContextSwitchTo(old);
+	return rows;
+}
+
+/*
+ * Claim up to limit due requests, except those in flight (exclude, a list
+ * of id strings), and find when the next one is due.  After a restart
+ * (recover) every dispatching or running request is taken over.  Returns
+ * false, claiming nothing, if the extension does not exist.
+ * *more says whether the claim was cut short by the limit.
+ */
+bool
+rw_claim(int limit, List *exclude, bool recover, List **rows,
+		 TimestampTz *next_due, bool *more)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	Oid			types[4] = {INT4OID, TEXTOID, INT4OID, BOOLOID};
+	Datum		values[4];
+	List	   *excl;
+	ListCell   *lc;
+	bool		isnull;
+
+	*rows = NIL;
+	*next_due = 0;
+	*more = false;
+	claim_begin("restart_worker: claim due requests");
+	if (!claim_extension_exists())
+	{
+		claim_end();
+		return false;
+	}
+	values[0] = Int32GetDatum(limit);
+	values[1] = claim_ids_array(exclude);
+	values[2] = Int32GetDatum(claim_lease_ms());
+	values[3] = BoolGetDatum(recover);
+	if (SPI_execute_with_args("SELECT id::text, url, key, body, deadline_at"
+							  " FROM restart_worker.worker_claim($1, $2::uuid[], $3, $4)",
+							  4, types, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "restart_worker: claim failed");
+	*rows = claim_copy_rows(cxt);
+	*more = (SPI_processed >= (uint64) limit);
+
+	excl = list_copy(exclude);
+	foreach(lc, *rows)
+		excl = lappend(excl, ((RwClaimed *) lfirst(lc))->id);
+	values[0] = claim_ids_array(excl);
+	if (SPI_execute_with_args("SELECT restart_worker.worker_next_due($1::uuid[])",
+							  1, types + 1, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "restart_worker: next due look-up failed");
+	{
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		*next_due = isnull ? 0 : DatumGetTimestampTz(d);
+	}
+	claim_end();
+	return true;
+}
+
+/*
+ * Count a recorded outcome and translate it for the caller.
+ */
+static RwOutcome
+claim_outcome(const char *action)
+{
+	if (strcmp(action, "follow") == 0)
+		return RW_OUTCOME_FOLLOW;
+	if (strcmp(action, "retry") == 0)
+	{
+		RW_COUNT(retries);
+		return RW_OUTCOME_RETRY;
+	}
+	if (strcmp(action, "completed") == 0)
+		RW_COUNT(completed);
+	else if (strcmp(action, "failed") == 0)
+		RW_COUNT(failed);
+	return RW_OUTCOME_DONE;
+}
+
+/*
+ * Record the outcome of one call in its own transaction and say what to do
+ * next.  For a retry, *next_at is when the request is due again.  If the
+ * extension is gone, the request is forgotten.
+ */
+RwOutcome
+rw_record(RwCall *call, TimestampTz *next_at)
+{
+	Oid			types[8] = {TEXTOID, INT4OID, TEXTOID, TEXTOID,
+	INT4OID, INT4OID, INT4OID, INT4OID};
+	Datum		values[8];
+	char		nulls[8];
+	bool		answered = call->http_status != 0;
+	bool		isnull;
+	char	   *action;
+	RwOutcome	outcome;
+	Datum		d;
+
+	*next_at = 0;
+	memset(nulls, ' ', sizeof(nulls));
+	claim_begin("restart_worker: record an agent's answer");
+	if (!claim_extension_exists())
+	{
+		claim_end();
+		return RW_OUTCOME_DONE;
+	}
+	values[0] = CStringGetTextDatum(call->id);
+	values[1] = Int32GetDatum((int32) call->http_status);
+	if (!answered)
+		nulls[1] = 'n';
+	if (answered && call->resp &&
+		pg_verifymbstr(call->resp, call->resp_len, true))
+		values[2] = CStringGetTextDatum(call->resp);
+	else
+		nulls[2] = 'n';
+	values[3] = CStringGetTextDatum(call->error);
+	if (answered)
+		nulls[3] = 'n';
+	values[4] = Int32GetDatum(rw_max_attempts);
+	values[5] = Int32GetDatum(rw_retry_base);
+	values[6] = Int32GetDatum(rw_retry_max);
+	values[7] = Int32GetDatum(claim_lease_ms());
+	if (SPI_execute_with_args("SELECT action, next_at FROM restart_worker.worker_record("
+							  "$1::uuid, $2, $3, $4, $5, $6, $7, $8)",
+							  8, types, values, nulls, false, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "restart_worker: recording an outcome failed");
+	action = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	if (!isnull)
+		*next_at = DatumGetTimestampTz(d);
+	outcome = claim_outcome(action);
+	claim_end();
+	return outcome;
+}

@@ -1,0 +1,181 @@
+/*-------------------------------------------------------------------------
+ *
+ * dispatch.c
+ *		The requests the worker has in flight: one call slot each.
+ *
+ * A claimed request takes a slot and stays in it while the worker calls
+ * its agent: the POST, then long-polls while the job runs.  Its outcome
+ * is recorded after each call (src/claim.c); the slot is freed when the
+ * request ends or is put back for a later attempt.  The number of slots in
+ * use is bounded by restart_worker.max_in_flight, which bounds the
+ * worker's sockets.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "utils/memutils.h"
+
+#include "restart_worker.h"
+
+#define RW_MAX_SLOTS 512
+
+static RwCall *dispatch_slots = NULL;
+static int	dispatch_in_flight = 0;
+static MemoryContext dispatch_cxt = NULL;
+
+/*
+ * Allocate the call slots, once, for the largest max_in_flight allowed, so
+ * that a reload can raise it.
+ */
+void
+rw_dispatch_init(void)
+{
+	dispatch_cxt = AllocSetContextCreate(TopMemoryContext,
+										 "restart_worker calls",
+										 ALLOCSET_DEFAULT_SIZES);
+	dispatch_slots = MemoryContextAllocZero(dispatch_cxt,
+											sizeof(RwCall) * RW_MAX_SLOTS);
+}
+
+/*
+ * How many more requests the worker may take now.
+ */
+int
+rw_dispatch_free_slots(void)
+{
+	int			limit = Min(rw_max_in_flight, RW_MAX_SLOTS);
+
+	return dispatch_in_flight >= limit ? 0 : limit - dispatch_in_flight;
+}
+
+/*
+ * How many requests are in flight.
+ */
+int
+rw_dispatch_in_flight(void)
+{
+	return dispatch_in_flight;
+}
+
+/*
+ * The ids of the requests in flight, as C strings, so that claims skip them.
+ */
+List *
+rw_dispatch_ids(void)
+{
+	List	   *ids = NIL;
+	int			i;
+
+	for (i = 0; i < RW_MAX_SLOTS; i++)
+		if (dispatch_slots[i].in_use)
+			ids = lappend(ids, dispatch_slots[i].id);
+	return ids;
+}
+
+/*
+ * Free a slot and what its call allocated.
+ */
+static void
+dispatch_release(RwCall *call)
+{
+	if (call->url)
+		pfree(call->url);
+	if (call->body)
+		pfree(call->body);
+	if (call->resp)
+		free(call->resp);
+	memset(call, 0, sizeof(RwCall));
+	dispatch_in_flight--;
+	rw_status_set_in_flight(dispatch_in_flight);
+}
+
+/*
+ * Take a slot for a claimed request and start the POST to its agent.
+ */
+void
+rw_dispatch_start(RwClaimed *row)
+{
+	RwCall	   *call = NULL;
+	int			i;
+
+	for (i = 0; i < RW_MAX_SLOTS; i++)
+		if (!dispatch_slots[i].in_use)
+		{
+			call = &dispatch_slots[i];
+			break;
+		}
+	if (call == NULL)
+		elog(ERROR, "restart_worker: no free call slot");
+
+	call->in_use = true;
+	dispatch_in_flight++;
+	rw_status_set_in_flight(dispatch_in_flight);
+	strlcpy(call->id, row->id, sizeof(call->id));
+	call->deadline = row->deadline;
+	call->following = false;
+	if (row->url == NULL || row->key == NULL ||
+		VARSIZE_ANY_EXHDR(row->key) > (int) sizeof(call->key))
+	{
+		call->url = MemoryContextStrdup(dispatch_cxt, "");
+		call->body = MemoryContextStrdup(dispatch_cxt, "");
+		rw_http_fail(call, "the service or its agent is no longer registered");
+		return;
+	}
+	call->url = MemoryContextStrdup(dispatch_cxt, row->url);
+	call->body = MemoryContextStrdup(dispatch_cxt, row->body);
+	call->keylen = VARSIZE_ANY_EXHDR(row->key);
+	memcpy(call->key, VARDATA_ANY(row->key), call->keylen);
+	rw_http_start(call);
+}
+
+/*
+ * Record the outcome of every finished call and move each request on: a
+ * running job is followed with a long-poll, anything else frees its slot.
+ * Lowers *next_at to the earliest retry put back.  Returns true if a slot
+ * was freed.
+ */
+bool
+rw_dispatch_finish(TimestampTz *next_at)
+{
+	RwCall	   *call;
+	bool		freed = false;
+
+	while ((call = rw_http_next_done()) != NULL)
+	{
+		TimestampTz at = 0;
+
+		switch (rw_record(call, &at))
+		{
+			case RW_OUTCOME_FOLLOW:
+				call->following = true;
+				rw_http_start(call);
+				break;
+			case RW_OUTCOME_RETRY:
+				if (at != 0 && (*next_at == 0 || at < *next_at))
+					*next_at = at;
+				/* FALLTHROUGH */
+			case RW_OUTCOME_DONE:
+				dispatch_release(call);
+				freed = true;
+				break;
+		}
+	}
+	return freed;
+}
+
+/*
+ * Abandon every call in flight, e.g. when the extension was dropped.
+ */
+void
+rw_dispatch_abort_all(void)
+{
+	int			i;
+
+	for (i = 0; i < RW_MAX_SLOTS; i++)
+		if (dispatch_slots[i].in_use)
+		{
+			rw_http_abort(&dispatch_slots[i]);
+			dispatch_release(&dispatch_slots[i]);
+		}
+}

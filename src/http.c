@@ -1,0 +1,474 @@
+/*-------------------------------------------------------------------------
+ *
+ * http.c
+ *		Calls to agents with libcurl's multi interface, driven by the
+ *		worker's wait event set.
+ *
+ * libcurl tells us which sockets it wants watched (CURLMOPT_SOCKETFUNCTION)
+ * and when it wants to be called back (CURLMOPT_TIMERFUNCTION); the worker
+ * waits on those sockets together with its latch and the postmaster, so
+ * that wake-ups, SIGTERM and SIGHUP are noticed at once even while calls
+ * are in flight.  No redirects, http and https only, TLS verified, answers
+ * bounded in size, connections per agent and in total bounded.
+ *
+ * Nothing here may throw an error from inside a libcurl callback: the
+ * callbacks only use malloc and plain C.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <curl/curl.h>
+#include <time.h>
+
+#include "lib/stringinfo.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "restart_worker.h"
+
+#define HTTP_MAX_SOCKETS 1024
+
+typedef struct HttpSocket
+{
+	curl_socket_t fd;
+	int			what;			/* CURL_POLL_IN, _OUT or _INOUT */
+} HttpSocket;
+
+static CURLM *http_multi = NULL;
+static HttpSocket http_sockets[HTTP_MAX_SOCKETS];
+static int	http_nsockets = 0;
+static bool http_sockets_dirty = true;
+static TimestampTz http_timer_at = 0;	/* 0 = no timer */
+static List *http_failed_starts = NIL;	/* calls that could not start */
+
+/*
+ * libcurl's socket callback: remember which sockets to watch and for what.
+ * The worker rebuilds its wait event set before it next waits.
+ */
+static int
+http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
+{
+	int			i;
+
+	for (i = 0; i < http_nsockets; i++)
+		if (http_sockets[i].fd == fd)
+			break;
+	if (what == CURL_POLL_REMOVE)
+	{
+		if (i < http_nsockets)
+			http_sockets[i] = http_sockets[--http_nsockets];
+	}
+	else if (i < http_nsockets)
+		http_sockets[i].what = what;
+	else if (http_nsockets < HTTP_MAX_SOCKETS)
+	{
+		http_sockets[http_nsockets].fd = fd;
+		http_sockets[http_nsockets].what = what;
+		http_nsockets++;
+	}
+	http_sockets_dirty = true;
+	return 0;
+}
+
+/*
+ * libcurl's timer callback: remember when libcurl wants to be called back
+ * (-1 removes the timer).
+ */
+static int
+http_timer_cb(CURLM *multi, long timeout_ms, void *userp)
+{
+	if (timeout_ms < 0)
+		http_timer_at = 0;
+	else
+		http_timer_at = GetCurrentTimestamp() + (TimestampTz) timeout_ms * 1000;
+	return 0;
+}
+
+/*
+ * Write callback: collect the answer, up to restart_worker.max_response_size.
+ * A larger answer aborts the transfer.
+ */
+static size_t
+http_write_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+	RwCall	   *call = (RwCall *) userp;
+	size_t		n = size * nmemb;
+	size_t		limit = (size_t) rw_max_response_size * 1024;
+	char	   *grown;
+
+	if (call->resp_len + n > limit)
+	{
+		call->resp_too_big = true;
+		return 0;
+	}
+	grown = realloc(call->resp, call->resp_len + n + 1);
+	if (grown == NULL)
+		return 0;
+	call->resp = grown;
+	memcpy(call->resp + call->resp_len, data, n);
+	call->resp_len += n;
+	call->resp[call->resp_len] = '\0';
+	return n;
+}
+
+/*
+ * Initialise libcurl and the multi handle.  Called once by the worker.
+ */
+void
+rw_http_init(void)
+{
+	if (curl_global_init(CURL_GLOBAL_ALL) != CURLE_OK)
+		ereport(ERROR, (errmsg("restart_worker: could not initialise libcurl")));
+	http_multi = curl_multi_init();
+	if (http_multi == NULL)
+		ereport(ERROR, (errmsg("restart_worker: could not create a libcurl multi handle")));
+	curl_multi_setopt(http_multi, CURLMOPT_SOCKETFUNCTION, http_socket_cb);
+	curl_multi_setopt(http_multi, CURLMOPT_TIMERFUNCTION, http_timer_cb);
+	curl_multi_setopt(http_multi, CURLMOPT_PIPELINING, (long) CURLPIPE_NOTHING);
+	rw_http_configure();
+}
+
+/*
+ * Apply the connection limits from the settings; called again on SIGHUP.
+ */
+void
+rw_http_configure(void)
+{
+	curl_multi_setopt(http_multi, CURLMOPT_MAX_HOST_CONNECTIONS,
+					  (long) rw_max_connections_per_agent);
+	curl_multi_setopt(http_multi, CURLMOPT_MAX_TOTAL_CONNECTIONS,
+					  (long) rw_max_in_flight);
+	curl_multi_setopt(http_multi, CURLMOPT_MAXCONNECTS, (long) rw_max_in_flight);
+}
+
+/*
+ * Build the URL of a call: the agent's base URL (or http://localhost for
+ * an agent on a unix socket) and the path of the POST or the long-poll.
+ */
+static char *
+http_call_url(RwCall *call)
+{
+	StringInfoData url;
+	const char *base = call->url;
+	int			len;
+
+	initStringInfo(&url);
+	if (strncmp(base, "unix:", 5) == 0)
+		base = "http://localhost";
+	len = strlen(base);
+	while (len > 0 && base[len - 1] == '/')
+		len--;
+	appendBinaryStringInfo(&url, base, len);
+	appendStringInfoString(&url, "/v1/restarts");
+	if (call->following)
+		appendStringInfo(&url, "/%s?wait=%d", call->id, rw_follow_wait);
+	return url.data;
+}
+
+/*
+ * The signed headers of a call: webhook-id is the request id, for the POST
+ * and for the long-poll alike, so the signature binds the request.
+ */
+static struct curl_slist *
+http_call_headers(RwCall *call, const char *body)
+{
+	struct curl_slist *h = NULL;
+	char		ts[32];
+	char		sig[RW_SIGNATURE_LEN];
+	char		line[RW_SIGNATURE_LEN + 64];
+
+	snprintf(ts, sizeof(ts), "%lld", (long long) time(NULL));
+	if (!restart_worker_sign(call->key, call->keylen, call->id, ts,
+							 body, strlen(body), sig, sizeof(sig)))
+		return NULL;
+	snprintf(line, sizeof(line), "webhook-id: %s", call->id);
+	h = curl_slist_append(h, line);
+	snprintf(line, sizeof(line), "webhook-timestamp: %s", ts);
+	h = curl_slist_append(h, line);
+	snprintf(line, sizeof(line), "webhook-signature: %s", sig);
+	h = curl_slist_append(h, line);
+	h = curl_slist_append(h, "Accept: application/json");
+	h = curl_slist_append(h, "Expect:");
+	if (!call->following)
+		h = curl_slist_append(h, "Content-Type: application/json");
+	return h;
+}
+
+/*
+ * The total time allowed for a call: the request timeout (plus the
+ * long-poll's wait), but never past the request's deadline.
+ */
+static long
+http_call_timeout_ms(RwCall *call)
+{
+	long		ms = rw_request_timeout;
+	long		left;
+
+	if (call->following)
+		ms += (long) rw_follow_wait * 1000;
+	left = (long) ((call->deadline - GetCurrentTimestamp()) / 1000);
+	if (left < ms)
+		ms = left;
+	return ms < 1 ? 1 : ms;
+}
+
+/*
+ * Set the transport options of a call: where, how long, which protocols,
+ * TLS verification.
+ */
+static void
+http_set_transport(CURL *easy, RwCall *call, const char *url)
+{
+	curl_easy_setopt(easy, CURLOPT_URL, url);
+	if (strncmp(call->url, "unix:", 5) == 0)
+		curl_easy_setopt(easy, CURLOPT_UNIX_SOCKET_PATH, call->url + 5);
+#if LIBCURL_VERSION_NUM >= 0x075500
+	curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+	curl_easy_setopt(easy, CURLOPT_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+	curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
+	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) rw_connect_timeout);
+	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, http_call_timeout_ms(call));
+	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (rw_ca_file && rw_ca_file[0] != '\0')
+		curl_easy_setopt(easy, CURLOPT_CAINFO, rw_ca_file);
+	curl_easy_setopt(easy, CURLOPT_USERAGENT, "restart_worker/1.0");
+}
+
+/*
+ * Report a call as finished without an answer, for a reason found before
+ * it could start.  rw_http_next_done() returns it.
+ */
+void
+rw_http_fail(RwCall *call, const char *why)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	strlcpy(call->error, why, sizeof(call->error));
+	call->http_status = 0;
+	http_failed_starts = lappend(http_failed_starts, call);
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Start a call: the POST of the request or, when following a running job,
+ * the long-poll.  Returns false if it could not start; the call is then
+ * reported as done, without an answer, by rw_http_next_done().
+ */
+bool
+rw_http_start(RwCall *call)
+{
+	CURL	   *easy;
+	char	   *url;
+	const char *body = call->following ? "" : call->body;
+
+	call->resp_len = 0;
+	call->resp_too_big = false;
+	call->http_status = 0;
+	call->error[0] = '\0';
+
+	easy = curl_easy_init();
+	call->headers = easy ? http_call_headers(call, body) : NULL;
+	if (easy == NULL || call->headers == NULL)
+	{
+		if (easy)
+			curl_easy_cleanup(easy);
+		rw_http_fail(call, "could not prepare the call");
+		return false;
+	}
+	url = http_call_url(call);
+	http_set_transport(easy, call, url);
+	pfree(url);
+	curl_easy_setopt(easy, CURLOPT_HTTPHEADER, (struct curl_slist *) call->headers);
+	if (!call->following)
+	{
+		curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE, (long) strlen(call->body));
+		curl_easy_setopt(easy, CURLOPT_POSTFIELDS, call->body);
+	}
+	curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, http_write_cb);
+	curl_easy_setopt(easy, CURLOPT_WRITEDATA, call);
+	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, call->error);
+	curl_easy_setopt(easy, CURLOPT_PRIVATE, call);
+	call->easy = easy;
+	curl_multi_add_handle(http_multi, easy);
+	RW_COUNT(calls);
+	return true;
+}
+
+/*
+ * Release the transfer of a call (not the call itself).
+ */
+static void
+http_release(RwCall *call)
+{
+	if (call->easy)
+	{
+		curl_multi_remove_handle(http_multi, (CURL *) call->easy);
+		curl_easy_cleanup((CURL *) call->easy);
+		call->easy = NULL;
+	}
+	if (call->headers)
+	{
+		curl_slist_free_all((struct curl_slist *) call->headers);
+		call->headers = NULL;
+	}
+}
+
+/*
+ * Abandon a call in flight, e.g. when the extension was dropped.
+ */
+void
+rw_http_abort(RwCall *call)
+{
+	http_release(call);
+	http_failed_starts = list_delete_ptr(http_failed_starts, call);
+}
+
+/*
+ * Milliseconds until libcurl wants to be called back, or -1 if never.
+ */
+long
+rw_http_timeout(void)
+{
+	TimestampTz now;
+
+	if (http_failed_starts != NIL)
+		return 0;
+	if (http_timer_at == 0)
+		return -1;
+	now = GetCurrentTimestamp();
+	if (http_timer_at <= now)
+		return 0;
+	return (long) ((http_timer_at - now + 999) / 1000);
+}
+
+/*
+ * Whether the set of sockets changed since the wait event set was built.
+ */
+bool
+rw_http_sockets_changed(void)
+{
+	return http_sockets_dirty;
+}
+
+/*
+ * How many sockets libcurl wants watched.
+ */
+int
+rw_http_socket_count(void)
+{
+	return http_nsockets;
+}
+
+/*
+ * Add the sockets libcurl wants watched to a new wait event set.
+ */
+void
+rw_http_add_sockets(WaitEventSet *set)
+{
+	int			i;
+
+	for (i = 0; i < http_nsockets; i++)
+	{
+		uint32		ev = 0;
+
+		if (http_sockets[i].what & CURL_POLL_IN)
+			ev |= WL_SOCKET_READABLE;
+		if (http_sockets[i].what & CURL_POLL_OUT)
+			ev |= WL_SOCKET_WRITEABLE;
+		AddWaitEventToSet(set, ev, http_sockets[i].fd, NULL, NULL);
+	}
+	http_sockets_dirty = false;
+}
+
+/*
+ * A watched socket is ready: let libcurl move its transfers on.
+ */
+void
+rw_http_socket_event(pgsocket fd, uint32 events)
+{
+	int			mask = 0;
+	int			running;
+
+	if (events & WL_SOCKET_READABLE)
+		mask |= CURL_CSELECT_IN;
+	if (events & WL_SOCKET_WRITEABLE)
+		mask |= CURL_CSELECT_OUT;
+	curl_multi_socket_action(http_multi, fd, mask, &running);
+}
+
+/*
+ * libcurl's timer expired (or is due): let it handle timeouts and
+ * start queued transfers.
+ */
+void
+rw_http_timer_event(void)
+{
+	int			running;
+
+	if (http_timer_at != 0 && http_timer_at <= GetCurrentTimestamp())
+	{
+		http_timer_at = 0;
+		curl_multi_socket_action(http_multi, CURL_SOCKET_TIMEOUT, 0, &running);
+	}
+}
+
+/*
+ * Fill in the outcome of a finished transfer: the HTTP status, or why
+ * there is none.
+ */
+static void
+http_outcome(RwCall *call, CURLcode rc)
+{
+	long		code = 0;
+
+	if (rc == CURLE_OK)
+		curl_easy_getinfo((CURL *) call->easy, CURLINFO_RESPONSE_CODE, &code);
+	call->http_status = code;
+	if (rc == CURLE_OK)
+		call->error[0] = '\0';
+	else if (call->resp_too_big)
+		snprintf(call->error, sizeof(call->error),
+				 "the agent's answer is larger than restart_worker.max_response_size");
+	else if (call->error[0] == '\0')
+		strlcpy(call->error, curl_easy_strerror(rc), sizeof(call->error));
+	if (rc != CURLE_OK)
+		RW_COUNT(call_errors);
+}
+
+/*
+ * Return the next finished call, with its outcome filled in and its
+ * transfer released, or NULL when there is none.
+ */
+RwCall *
+rw_http_next_done(void)
+{
+	CURLMsg    *msg;
+	int			left;
+
+	if (http_failed_starts != NIL)
+	{
+		RwCall	   *call = linitial(http_failed_starts);
+
+		http_failed_starts = list_delete_first(http_failed_starts);
+		RW_COUNT(call_errors);
+		return call;
+	}
+	while ((msg = curl_multi_info_read(http_multi, &left)) != NULL)
+	{
+		RwCall	   *call = NULL;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &call);
+		http_outcome(call, msg->data.result);
+		http_release(call);
+		return call;
+	}
+	return NULL;
+}

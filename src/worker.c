@@ -1,0 +1,291 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		The background worker: registration, start-up and the main loop.
+ *
+ * The worker waits on one wait event set: its latch (set at COMMIT of a
+ * transaction that inserted a request, see src/wake.c), postmaster death
+ * and the sockets of its calls in flight.  The wait ends when the first of
+ * these is due: libcurl's timer, the next retry, lease or deadline of a
+ * request, or the safety-net poll.  So a request committed while calls are
+ * in flight is claimed at once, and SIGTERM and SIGHUP are noticed at once.
+ * Idle, the worker issues no query but the safety-net poll and writes
+ * nothing.
+ *
+ * While the extension does not exist in its database, the worker only
+ * looks for it at wake-ups and polls.  If its database cannot be connected
+ * to (dropped, or a wrong restart_worker.database), the worker exits and
+ * each new start waits longer before it tries again, up to five minutes.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "restart_worker.h"
+
+/*
+ * Register the background worker.  Called from _PG_init while
+ * shared_preload_libraries is processed.  It starts once recovery is
+ * finished (never on a standby, at promotion) and is restarted 5 s after
+ * it exits with an error.
+ */
+void
+restart_worker_register(void)
+{
+	BackgroundWorker bgw;
+
+	memset(&bgw, 0, sizeof(bgw));
+	bgw.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	bgw.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	bgw.bgw_restart_time = 5;
+	snprintf(bgw.bgw_library_name, BGW_MAXLEN, "restart_worker");
+	snprintf(bgw.bgw_function_name, BGW_MAXLEN, "restart_worker_main");
+	snprintf(bgw.bgw_name, BGW_MAXLEN, "restart_worker");
+	snprintf(bgw.bgw_type, BGW_MAXLEN, "restart_worker");
+	RegisterBackgroundWorker(&bgw);
+}
+
+/*
+ * Exit callback: stop being the worker committing transactions wake.
+ */
+static void
+worker_on_exit(int code, Datum arg)
+{
+	restart_worker_wake_unpublish();
+	rw_status_set_state(RW_STATE_STOPPED);
+}
+
+/*
+ * Connect to restart_worker.database.  After failed attempts (the
+ * connection error ends the process and the postmaster starts a new one)
+ * wait longer and longer first, so that a missing database does not fill
+ * the log.
+ */
+static void
+worker_connect(void)
+{
+	int			failures;
+
+	SpinLockAcquire(&restart_worker_shared->mutex);
+	failures = restart_worker_shared->connect_failures++;
+	SpinLockRelease(&restart_worker_shared->mutex);
+	if (failures > 0)
+	{
+		long		delay_ms = Min(300000L, 5000L << Min(failures - 1, 6));
+
+		ereport(LOG,
+				(errmsg("restart_worker: waiting %ld s before connecting to database \"%s\" again",
+						delay_ms / 1000, rw_database)));
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 delay_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	BackgroundWorkerInitializeConnection(rw_database,
+										 rw_role[0] != '\0' ? rw_role : NULL, 0);
+	SpinLockAcquire(&restart_worker_shared->mutex);
+	restart_worker_shared->connect_failures = 0;
+	SpinLockRelease(&restart_worker_shared->mutex);
+}
+
+/*
+ * Build the wait event set: the latch, postmaster death and the sockets of
+ * the calls in flight.  Rebuilt whenever libcurl changes its sockets.
+ */
+static WaitEventSet *
+worker_build_wait_set(WaitEventSet *old)
+{
+	WaitEventSet *set;
+
+	if (old)
+		FreeWaitEventSet(old);
+	set = CreateWaitEventSet(TopMemoryContext, 2 + rw_http_socket_count());
+	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	rw_http_add_sockets(set);
+	return set;
+}
+
+/*
+ * Milliseconds from now until t, rounded up, at least 0.
+ */
+static long
+worker_ms_until(TimestampTz t, TimestampTz now)
+{
+	if (t <= now)
+		return 0;
+	return (long) ((t - now + 999) / 1000);
+}
+
+/*
+ * How long to wait: until libcurl's timer, the next due request (only if a
+ * slot is free to take it) or the safety-net poll, whichever is first.
+ */
+static long
+worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	long		timeout;
+	long		curl_ms = rw_http_timeout();
+
+	timeout = worker_ms_until(last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC, now);
+	if (next_due != 0 && rw_dispatch_free_slots() > 0)
+		timeout = Min(timeout, worker_ms_until(next_due, now));
+	if (curl_ms >= 0)
+		timeout = Min(timeout, curl_ms);
+	return timeout;
+}
+
+/*
+ * Claim as many due requests as there are free slots and start their
+ * calls.  Returns false if the extension does not exist (yet, or any
+ * more); calls in flight are then abandoned.
+ */
+static bool
+worker_claim(bool recover, TimestampTz *next_due, bool *more)
+{
+	List	   *rows;
+	ListCell   *lc;
+
+	if (!rw_claim(rw_dispatch_free_slots(), rw_dispatch_ids(), recover,
+				  &rows, next_due, more))
+	{
+		rw_dispatch_abort_all();
+		rw_status_set_state(RW_STATE_NO_EXTENSION);
+		return false;
+	}
+	rw_status_note_poll(list_length(rows));
+	foreach(lc, rows)
+		rw_dispatch_start((RwClaimed *) lfirst(lc));
+
+	/* Due rows left behind without the limit are locked by someone: look again soon. */
+	if (!*more && *next_due != 0 && *next_due <= GetCurrentTimestamp())
+		*next_due = GetCurrentTimestamp() + 50 * 1000;
+	return true;
+}
+
+/*
+ * Wait for the next event and handle what woke us: the latch (a new
+ * request, or a signal), or sockets of calls in flight.  Returns true if
+ * the latch was set.
+ */
+static bool
+worker_wait(WaitEventSet **set, long timeout)
+{
+	WaitEvent	events[64];
+	bool		latched = false;
+	int			n;
+	int			i;
+
+	if (*set == NULL || rw_http_sockets_changed())
+		*set = worker_build_wait_set(*set);
+	n = WaitEventSetWait(*set, timeout, events, lengthof(events), PG_WAIT_EXTENSION);
+	for (i = 0; i < n; i++)
+	{
+		if (events[i].events & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			latched = true;
+		}
+		else if (events[i].events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE))
+			rw_http_socket_event(events[i].fd, events[i].events);
+	}
+	rw_http_timer_event();
+	return latched;
+}
+
+/*
+ * The main loop.  Claims when woken, when a request is due and at the
+ * safety-net poll; records outcomes as calls finish.
+ */
+static void
+worker_loop(void)
+{
+	MemoryContext loopcxt = AllocSetContextCreate(TopMemoryContext,
+												  "restart_worker loop",
+												  ALLOCSET_DEFAULT_SIZES);
+	WaitEventSet *set = NULL;
+	TimestampTz next_due = 0;
+	TimestampTz last_poll = 0;
+	bool		need_claim = true;
+	bool		recover = true;
+	bool		more = false;
+
+	for (;;)
+	{
+		TimestampTz now;
+		TimestampTz retry_at = 0;
+
+		MemoryContextReset(loopcxt);
+		MemoryContextSwitchTo(loopcxt);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			rw_http_configure();
+		}
+
+		now = GetCurrentTimestamp();
+		if ((next_due != 0 && next_due <= now) ||
+			now >= last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC)
+			need_claim = true;
+		if (need_claim && rw_dispatch_free_slots() > 0)
+		{
+			if (worker_claim(recover, &next_due, &more))
+				recover = false;
+			last_poll = now;
+			need_claim = false;
+		}
+		rw_status_set_state(recover ? RW_STATE_NO_EXTENSION :
+							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
+
+		if (worker_wait(&set, worker_wait_timeout(next_due, last_poll)))
+		{
+			rw_status_note_wake();
+			need_claim = true;
+		}
+		if (rw_dispatch_finish(&retry_at) && more)
+			need_claim = true;
+		if (retry_at != 0 && (next_due == 0 || retry_at < next_due))
+			next_due = retry_at;
+	}
+}
+
+/*
+ * Entry point of the background worker.
+ */
+void
+restart_worker_main(Datum main_arg)
+{
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	rw_status_set_state(RW_STATE_STARTING);
+
+	worker_connect();
+	before_shmem_exit(worker_on_exit, (Datum) 0);
+	restart_worker_wake_publish();
+	rw_status_worker_started();
+
+	/* Outcomes lost in a crash are redone with the same id: see src/claim.c. */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("application_name", "restart_worker", PGC_USERSET, PGC_S_OVERRIDE);
+
+	rw_http_init();
+	rw_dispatch_init();
+	ereport(LOG,
+			(errmsg("restart_worker: started in database \"%s\"", rw_database)));
+	worker_loop();
+}

@@ -1,0 +1,257 @@
+# Shared helpers of the restart_worker TAP tests: a cluster with the worker, a real
+# restart-agent process on loopback, requests and waiting for their states.
+#
+# Everything waits by polling until a condition holds or a deadline passes; nothing
+# sleeps for a fixed time, and nothing asserts timings.
+package RestartWorkerTest;
+
+use strict;
+use warnings;
+
+use Exporter 'import';
+use File::Path qw(make_path);
+use IO::Socket::INET;
+use POSIX qw(:sys_wait_h);
+use Time::HiRes qw(time sleep);
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+
+our @EXPORT = qw(
+	$SECRET agent_binary start_agent stop_agent restart_agent wait_for
+	new_node setup_registry request_restart wait_status row_of slurp spew count_lines
+	unresponsive_listener free_port
+);
+
+# The signing secret shared by the tests' agents and the registry.
+our $SECRET = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
+
+my @agents;
+
+sub slurp
+{
+	my ($f) = @_;
+	open(my $fh, '<', $f) or return '';
+	local $/;
+	my $s = <$fh>;
+	return $s // '';
+}
+
+sub spew
+{
+	my ($f, $s) = @_;
+	open(my $fh, '>', $f) or die "$f: $!";
+	print $fh $s;
+	close $fh;
+}
+
+# Lines in a file (0 if it does not exist): how many times a counting step ran.
+sub count_lines
+{
+	my $s = slurp(@_);
+	return scalar(() = $s =~ /\n/g);
+}
+
+# Poll $cond every 20 ms until it returns true or $timeout seconds pass; returns its value.
+sub wait_for
+{
+	my ($cond, $timeout) = @_;
+	my $end = time + ($timeout // $PostgreSQL::Test::Utils::timeout_default);
+	while (time < $end)
+	{
+		my $r = $cond->();
+		return $r if $r;
+		sleep 0.02;
+	}
+	return $cond->();
+}
+
+# The restart-agent binary: built in the tree under test, or installed.
+sub agent_binary
+{
+	my $build = $ENV{RW_BUILD_DIR} // '.';
+	return "$build/agent/restart-agent" if -x "$build/agent/restart-agent";
+	return '/usr/local/bin/restart-agent';
+}
+
+# A TCP port nobody listens on right now.
+sub free_port
+{
+	my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 1)
+	  or die "socket: $!";
+	my $port = $s->sockport;
+	close $s;
+	return $port;
+}
+
+# Start an agent.  Options: name (directory), services (libconfig text of the services
+# group), port (default: a free one, so that a restarted agent keeps its URL), tls
+# ({cert, key}), limits (extra libconfig text inside limits).  Returns a hash with pid,
+# port, url, dir, log.
+sub start_agent
+{
+	my (%o) = @_;
+	my $name = $o{name} // 'agent';
+	my $dir = "$PostgreSQL::Test::Utils::tmp_check/$name";
+	make_path("$dir/state");
+	spew("$dir/secrets", "$SECRET\n");
+	chmod 0600, "$dir/secrets";
+	my $port = $o{port} // free_port();
+	my $tls = $o{tls} ? "tls_cert = \"$o{tls}{cert}\";\ntls_key = \"$o{tls}{key}\";\n" : '';
+	my $limits = $o{limits} // '';
+	spew("$dir/agent.conf", <<"CONF");
+listen = "127.0.0.1:$port";
+$tls
+secrets_file = "$dir/secrets";
+state_dir = "$dir/state";
+limits = { max_jobs = 64; max_wait = 30; kill_grace = 1; connection_timeout = 60;
+           per_ip_connection_limit = 64; $limits };
+services = {
+$o{services}
+};
+CONF
+	my $a = { name => $name, port => $port, dir => $dir, log => "$dir/agent.log",
+		scheme => $o{tls} ? 'https' : 'http', conf => "$dir/agent.conf" };
+	$a->{url} = "$a->{scheme}://" . ($o{host} // '127.0.0.1') . ":$port";
+	_spawn_agent($a);
+	push @agents, $a;
+	return $a;
+}
+
+# Run the agent process of $a and wait until it listens.
+sub _spawn_agent
+{
+	my ($a) = @_;
+	my $before = length(slurp($a->{log}));
+	my $pid = fork;
+	die "fork: $!" unless defined $pid;
+	if ($pid == 0)
+	{
+		open(STDERR, '>>', $a->{log}) or die;
+		open(STDOUT, '>>', $a->{log}) or die;
+		exec(agent_binary(), '--config', $a->{conf}) or die "exec: $!";
+	}
+	$a->{pid} = $pid;
+	my $up = wait_for(sub { substr(slurp($a->{log}), $before) =~ /listening on/ }, 30);
+	die "agent $a->{name} did not start:\n" . slurp($a->{log}) unless $up;
+	return $a;
+}
+
+# Stop an agent (SIGTERM, or the given signal) and reap it.
+sub stop_agent
+{
+	my ($a, $sig) = @_;
+	return unless $a->{pid};
+	kill($sig // 'TERM', $a->{pid});
+	my $done = wait_for(sub { waitpid($a->{pid}, WNOHANG) == $a->{pid} }, 30);
+	unless ($done)
+	{
+		kill('KILL', $a->{pid});
+		waitpid($a->{pid}, 0);
+	}
+	$a->{pid} = undef;
+}
+
+# Start a stopped agent again on the same port and state directory.
+sub restart_agent
+{
+	my ($a) = @_;
+	return _spawn_agent($a);
+}
+
+END
+{
+	local $?;
+	stop_agent($_, 'KILL') for @agents;
+}
+
+# A listener that accepts connections and never answers: an unresponsive agent.
+# Returns (pid, port); the child exits when the test ends.
+sub unresponsive_listener
+{
+	my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 64,
+		ReuseAddr => 1) or die "listen: $!";
+	my $port = $s->sockport;
+	my $pid = fork;
+	if ($pid == 0)
+	{
+		my @held;
+		while (my $c = $s->accept) { push @held, $c; }
+		exit 0;
+	}
+	close $s;
+	push @agents, { pid => $pid, name => 'unresponsive' };
+	return ($pid, $port);
+}
+
+# A new cluster with the worker preloaded and quick retries for tests; extra settings
+# in $o{conf}.  Started, with the extension created unless $o{no_extension}.
+sub new_node
+{
+	my ($name, %o) = @_;
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init(%{ $o{init} // {} });
+	$node->append_conf('postgresql.conf', <<"CONF");
+shared_preload_libraries = 'restart_worker'
+restart_worker.retry_base = '100ms'
+restart_worker.retry_max = '1s'
+restart_worker.connect_timeout = '2s'
+restart_worker.request_timeout = '10s'
+restart_worker.follow_wait = '5s'
+log_min_messages = 'info'
+@{[ $o{conf} // '' ]}
+CONF
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION restart_worker') unless $o{no_extension};
+	return $node;
+}
+
+# Register an agent and services (hash of service name => extra arguments text).
+sub setup_registry
+{
+	my ($node, $agent_name, $url, %services) = @_;
+	$node->safe_psql('postgres',
+		"SELECT restart_worker.register_agent('$agent_name', '$url', '$SECRET')");
+	for my $s (sort keys %services)
+	{
+		my $extra = $services{$s} ? ", $services{$s}" : '';
+		$node->safe_psql('postgres',
+			"SELECT restart_worker.register_service('$s', '$agent_name', p_cooldown => '0'$extra)");
+	}
+}
+
+# Request a restart as a plain database caller; returns the request id.
+sub request_restart
+{
+	my ($node, $service) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT id FROM public.request_service_restart('$service')");
+}
+
+# Wait until a request reaches one of the given statuses (a regex alternation); true if
+# it did.
+sub wait_status
+{
+	my ($node, $id, $status, $timeout) = @_;
+	my $end = time + ($timeout // $PostgreSQL::Test::Utils::timeout_default);
+	while (time < $end)
+	{
+		my $s = $node->safe_psql('postgres',
+			"SELECT status FROM public.service_restart_requests WHERE id = '$id'");
+		return 1 if $s =~ /^(?:$status)$/;
+		sleep 0.05;
+	}
+	return 0;
+}
+
+# A request's row as a hash (the columns as text).
+sub row_of
+{
+	my ($node, $id) = @_;
+	my $json = $node->safe_psql('postgres',
+		"SELECT row_to_json(r) FROM public.service_restart_requests r WHERE id = '$id'");
+	require JSON::PP;
+	return JSON::PP::decode_json($json);
+}
+
+1;

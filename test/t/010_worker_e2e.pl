@@ -1,0 +1,98 @@
+# The worker end to end with a real agent: success, a failing step, a service the agent
+# does not know, NOTIFY, status(), and a request dispatched long before the safety-net poll.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $count = "$tmp/e2e.count";
+
+my $agent = start_agent(
+	name => 'agent_e2e',
+	services => <<"SVC");
+ok_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count; echo restarted fine" ]; } );
+fail_svc = ( { argv = [ "/bin/sh", "-c", "echo step one" ]; },
+             { argv = [ "/bin/sh", "-c", "echo broken >&2; exit 3" ]; } );
+SVC
+
+# The safety-net poll is 10 minutes: anything dispatched within this test was woken at COMMIT.
+my $node = new_node('e2e', conf => "restart_worker.poll_interval = '10min'");
+setup_registry($node, 'host1', $agent->{url},
+	ok_svc => '', fail_svc => '', unknown_svc => '');
+
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
+	'the worker runs with its own backend_type');
+is($node->safe_psql('postgres', 'SELECT state FROM restart_worker.status()'),
+	'waiting for extension',
+	'created after the worker started, the extension is found at the first wake-up');
+
+my $id = request_restart($node, 'ok_svc');
+ok(wait_status($node, $id, 'completed'), 'a request completes');
+my $row = row_of($node, $id);
+is($row->{exit_code}, 0, 'exit code recorded');
+like($row->{output}, qr/restarted fine/, 'output recorded');
+ok(defined $row->{dispatched_at} && defined $row->{started_at} && defined $row->{completed_at},
+	'dispatched_at, started_at and completed_at recorded');
+is($row->{attempts}, 1, 'one attempt');
+is(count_lines($count), 1, 'the step ran once');
+is($node->safe_psql('postgres',
+	"SELECT restart_worker.commit_wakeups() >= 1 AND (SELECT polls FROM restart_worker.status()) < 10"),
+	't', 'woken at commit, not by the safety-net poll');
+
+
+# A failing step: the job fails with the agent's reason and the step's exit code.
+$id = request_restart($node, 'fail_svc');
+ok(wait_status($node, $id, 'failed'), 'a failing step fails the request');
+$row = row_of($node, $id);
+is($row->{exit_code}, 3, 'exit code of the failing step');
+like($row->{output}, qr/broken/, 'output of the failing step');
+ok(defined $row->{error} && length $row->{error}, "error recorded: $row->{error}");
+ok(defined $row->{dispatched_at}, 'a failed job was dispatched');
+
+# A service the registry knows but the agent does not: 404, failed at once, no retry.
+$id = request_restart($node, 'unknown_svc');
+ok(wait_status($node, $id, 'failed'), 'a service unknown to the agent fails');
+$row = row_of($node, $id);
+like($row->{error}, qr/404/, "error names the agent's answer: $row->{error}");
+is($row->{attempts}, 1, 'not retried');
+ok(!defined $row->{dispatched_at}, 'never dispatched (no cooldown)');
+
+# NOTIFY: every status change is announced with id, service_name and status.
+my $psql = $node->background_psql('postgres');
+$psql->query_safe('LISTEN restart_worker');
+$id = request_restart($node, 'ok_svc');
+ok(wait_status($node, $id, 'completed'), 'second request completes');
+my $out = '';
+wait_for(sub {
+	$out .= $psql->query_safe('SELECT 1');
+	$out =~ /"status" : "completed"/ || $out =~ /"status":"completed"/;
+}, 30);
+$psql->quit;
+like($out, qr/Asynchronous notification "restart_worker" with payload "\{"id" : "$id", "service_name" : "ok_svc", "status" : "pending"\}"/,
+	'NOTIFY announces pending');
+like($out, qr/"id" : "$id".*"status" : "dispatching"/, 'NOTIFY announces dispatching');
+like($out, qr/"id" : "$id".*"status" : "completed"/, 'NOTIFY announces completed');
+
+# status() shows the worker and its counters.
+my $st = $node->safe_psql('postgres',
+	"SELECT pid IS NOT NULL, state, queue_depth, in_flight, completed >= 2, failed >= 2, calls >= 4 FROM restart_worker.status()");
+is($st, 't|idle|0|0|t|t|t', 'status() shows the worker, its queue and counters');
+
+# A cancelled pending request is never dispatched (and its NOTIFY fires): make one while
+# the worker cannot claim (extension-level check: cancel right after insert in one
+# transaction).
+$id = $node->safe_psql('postgres', q{
+	BEGIN;
+	SELECT id FROM public.request_service_restart('ok_svc') \gset
+	SELECT (restart_worker.cancel_request(:'id')).id;
+	COMMIT;});
+ok(wait_status($node, $id, 'cancelled'), 'a cancelled request stays cancelled');
+
+$node->stop;
+done_testing();
