@@ -1,0 +1,87 @@
+# How the worker copes with agents that fail: down then up (retried, then completed),
+# never back (failed after the maximum attempts), unresponsive (timed out), a job that
+# outlives its deadline, a wrong secret (refused, not retried).
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $count = "$tmp/failures.count";
+
+my $agent = start_agent(
+	name => 'agent_failures',
+	services => <<"SVC");
+flaky_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count; echo back up" ]; } );
+slow_svc = ( { argv = [ "/bin/sh", "-c", "echo slow; sleep 20" ]; } );
+SVC
+
+my $node = new_node('failures');
+setup_registry($node, 'host1', $agent->{url},
+	flaky_svc => 'p_max_attempts => 100',
+	slow_svc => "p_deadline => '3s'");
+
+# Agent down, then up: the request is retried with backoff and completes.
+stop_agent($agent);
+my $id = request_restart($node, 'flaky_svc');
+ok($node->poll_query_until('postgres',
+	"SELECT attempts >= 2 AND status IN ('pending', 'dispatching') AND error IS NOT NULL
+	 FROM public.service_restart_requests WHERE id = '$id'"),
+	'with the agent down the request is retried');
+my $row = row_of($node, $id);
+ok(!defined $row->{dispatched_at}, "not dispatched while the agent is down ($row->{error})");
+restart_agent($agent);
+ok(wait_status($node, $id, 'completed'), 'once the agent is back the request completes');
+$row = row_of($node, $id);
+ok($row->{attempts} >= 2, "completed after $row->{attempts} attempts");
+is($row->{error}, undef, 'no error left on the completed request');
+is(count_lines($count), 1, 'the step ran once');
+
+# An agent that never comes back: failed after the service's maximum attempts.
+$node->safe_psql('postgres', "SELECT restart_worker.register_agent('gone', 'http://127.0.0.1:" . free_port() . "', '$SECRET')");
+$node->safe_psql('postgres', "SELECT restart_worker.register_service('gone_svc', 'gone', '0', p_max_attempts => 3)");
+$id = request_restart($node, 'gone_svc');
+ok(wait_status($node, $id, 'failed'), 'a request to an agent that never answers fails');
+$row = row_of($node, $id);
+is($row->{attempts}, 3, 'after the maximum attempts');
+like($row->{error}, qr/gave up after 3 attempts/, "error says so: $row->{error}");
+ok(!defined $row->{dispatched_at}, 'never dispatched, so no cooldown');
+is($node->safe_psql('postgres', "SELECT count(*) FROM public.request_service_restart('gone_svc')"),
+	'1', 'a new request for the service is accepted at once');
+$node->safe_psql('postgres', "SELECT restart_worker.cancel_request(id) FROM public.service_restart_requests
+	WHERE service_name = 'gone_svc' AND status = 'pending'");
+
+# An agent that accepts connections and never answers: timed out at the deadline.
+my (undef, $port) = unresponsive_listener();
+$node->safe_psql('postgres', "SELECT restart_worker.register_agent('mute', 'http://127.0.0.1:$port', '$SECRET')");
+$node->safe_psql('postgres', "SELECT restart_worker.register_service('mute_svc', 'mute', '0', p_deadline => '2s')");
+$id = request_restart($node, 'mute_svc');
+ok(wait_status($node, $id, 'failed'), 'a request to an unresponsive agent fails');
+$row = row_of($node, $id);
+like($row->{error}, qr/^timed out/, "with \"timed out\": $row->{error}");
+
+# A job still running at its deadline: failed "timed out", though it was dispatched.
+$id = request_restart($node, 'slow_svc');
+ok(wait_status($node, $id, 'running'), 'the slow job runs');
+ok(wait_status($node, $id, 'failed'), 'and fails at its deadline');
+$row = row_of($node, $id);
+like($row->{error}, qr/^timed out/, "with \"timed out\": $row->{error}");
+ok(defined $row->{dispatched_at}, 'it had been dispatched');
+
+# A wrong secret: 401, refused at once with the agent's reason, not retried.
+$node->safe_psql('postgres', "SELECT restart_worker.register_agent('badkey', '$agent->{url}',
+	'whsec_' || encode(convert_to('0123456789abcdefghijklmnopqrstuv', 'UTF8'), 'base64'))");
+$node->safe_psql('postgres', "SELECT restart_worker.register_service('flaky_svc', 'badkey', '0')");
+$id = request_restart($node, 'flaky_svc');
+ok(wait_status($node, $id, 'failed'), 'a call with a wrong signature fails');
+$row = row_of($node, $id);
+like($row->{error}, qr/401/, "error names the refusal: $row->{error}");
+is($row->{attempts}, 1, 'not retried');
+is(count_lines($count), 1, 'nothing ran');
+
+$node->stop;
+done_testing();
