@@ -1,0 +1,159 @@
+/*-------------------------------------------------------------------------
+ *
+ * main.c
+ *	  Entry point of restart-agent: options, start-up and shutdown.
+ *
+ * Signals are blocked in every thread and handled synchronously here with
+ * sigwait(), so no code runs in signal handlers.  On SIGTERM or SIGINT the
+ * agent refuses new jobs, interrupts running steps (their jobs are
+ * journaled as failed), stops the HTTP server and exits.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "agent.h"
+
+/*
+ * Print the usage text.
+ */
+static void
+main_usage(FILE *out)
+{
+	fprintf(out,
+			"Usage: restart-agent --config FILE [--check-config]\n"
+			"\n"
+			"Runs the allow-listed restart steps of services on signed HTTP requests\n"
+			"(Standard Webhooks v1).  See docs/protocol.md for the protocol.\n"
+			"\n"
+			"Options:\n"
+			"  -c, --config FILE    configuration file (libconfig syntax)\n"
+			"  -n, --check-config   validate the configuration and the secrets file, then exit\n"
+			"  -V, --version        print the version and exit\n"
+			"  -h, --help           print this help and exit\n"
+			"\n"
+			"Secrets are read from the file named by secrets_file in the configuration;\n"
+			"a relative name is looked up in $CREDENTIALS_DIRECTORY (systemd\n"
+			"LoadCredential=) when set, else next to the configuration file.\n");
+}
+
+/*
+ * Block the signals the main thread waits for, before any thread starts,
+ * and ignore SIGPIPE (a client going away must not kill the agent).
+ */
+static void
+main_block_signals(sigset_t *set)
+{
+	sigemptyset(set);
+	sigaddset(set, SIGTERM);
+	sigaddset(set, SIGINT);
+	sigaddset(set, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, set, NULL);
+	signal(SIGPIPE, SIG_IGN);
+}
+
+/*
+ * Wait for a termination signal.  SIGHUP is logged and ignored: secrets
+ * and services are only read at start, so a restart applies changes.
+ */
+static void
+main_wait_for_stop(const sigset_t *set)
+{
+	for (;;)
+	{
+		int			sig = 0;
+
+		if (sigwait(set, &sig) != 0)
+			continue;
+		if (sig == SIGHUP)
+		{
+			log_msg("SIGHUP ignored: restart the agent to apply configuration or secret changes");
+			continue;
+		}
+		log_msg("received signal %d, stopping", sig);
+		return;
+	}
+}
+
+/*
+ * Parse options, load the configuration, start the journal, the job table
+ * and the HTTP server, and run until told to stop.
+ */
+int
+main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{"config", required_argument, NULL, 'c'},
+		{"check-config", no_argument, NULL, 'n'},
+		{"version", no_argument, NULL, 'V'},
+		{"help", no_argument, NULL, 'h'},
+		{NULL, 0, NULL, 0}
+	};
+	const char *config_path = NULL;
+	bool		check_only = false;
+	char		err[1024];
+	agent_config *cfg;
+	sigset_t	set;
+	int			c;
+
+	while ((c = getopt_long(argc, argv, "c:nVh", opts, NULL)) != -1)
+	{
+		switch (c)
+		{
+			case 'c':
+				config_path = optarg;
+				break;
+			case 'n':
+				check_only = true;
+				break;
+			case 'V':
+				printf("restart-agent %s\n", AGENT_VERSION);
+				return 0;
+			case 'h':
+				main_usage(stdout);
+				return 0;
+			default:
+				main_usage(stderr);
+				return 2;
+		}
+	}
+	if (config_path == NULL || optind != argc)
+	{
+		main_usage(stderr);
+		return 2;
+	}
+	umask(077);
+	main_block_signals(&set);
+	if ((cfg = config_load(config_path, err, sizeof(err))) == NULL)
+	{
+		log_msg("configuration error: %s", err);
+		return 1;
+	}
+	if (check_only)
+	{
+		printf("%s: configuration ok (%d service(s), %d secret(s))\n",
+			   config_path, cfg->nservices, cfg->nsecrets);
+		config_free(cfg);
+		return 0;
+	}
+	if (!spawn_init() || !jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))
+	{
+		log_msg("cannot start: %s", err);
+		return 1;
+	}
+	log_msg("restart-agent %s started: %d service(s), %d secret(s), state in %s",
+			AGENT_VERSION, cfg->nservices, cfg->nsecrets, cfg->state_dir);
+	main_wait_for_stop(&set);
+	jobs_shutdown();
+	http_stop();
+	jobs_cleanup();
+	config_free(cfg);
+	log_msg("restart-agent stopped");
+	return 0;
+}

@@ -1,0 +1,346 @@
+/*-------------------------------------------------------------------------
+ *
+ * spawn.c
+ *	  Running one step: posix_spawn with a fixed argv, never a shell.
+ *
+ * The step gets a minimal environment, stdin from /dev/null, stdout and
+ * stderr on one pipe, its own process group and a clean signal state.  On
+ * timeout (or agent shutdown) the whole group gets SIGTERM, then SIGKILL
+ * after the grace period.  When the step's own process exits, whatever it
+ * left in its process group is killed, and the pipe is drained only for a
+ * short while, so a background child holding the pipe cannot hang a job.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "agent.h"
+
+#define SPAWN_DRAIN_MSEC 1000
+#define SPAWN_TICK_MSEC 100
+#define SPAWN_DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+static int	spawn_stop_fd = -1;
+
+typedef struct spawn_state
+{
+	pid_t		pid;
+	int			outfd;
+	int			pidfd;
+	bool		exited;
+	bool		term_sent;
+	bool		kill_sent;
+	int64_t		deadline;		/* step timeout */
+	int64_t		kill_at;		/* SIGKILL after grace */
+	int64_t		drain_until;	/* stop reading after exit */
+	int			kill_grace_ms;
+} spawn_state;
+
+/*
+ * Create the event descriptor through which a shutdown interrupts running
+ * steps.
+ */
+bool
+spawn_init(void)
+{
+	spawn_stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	return spawn_stop_fd >= 0;
+}
+
+/*
+ * Ask every running step to stop (agent shutdown).  The eventfd stays
+ * readable, so steps started later see it too.
+ */
+void
+spawn_request_stop(void)
+{
+	uint64_t	one = 1;
+
+	if (spawn_stop_fd >= 0 && write(spawn_stop_fd, &one, sizeof(one)) < 0)
+		log_msg("cannot signal the step runners: %s", strerror(errno));
+}
+
+/*
+ * Add "name=value" to envp unless a variable of that name is already
+ * there (the step's own env entries are added first, so they win).
+ */
+static void
+spawn_env_add(char **envp, int *n, const char *name, const char *value)
+{
+	size_t		nlen = strlen(name);
+	size_t		len;
+
+	for (int i = 0; i < *n; i++)
+		if (strncmp(envp[i], name, nlen) == 0 && envp[i][nlen] == '=')
+			return;
+	len = nlen + strlen(value) + 2;
+	envp[*n] = malloc(len);
+	if (envp[*n] == NULL)
+		return;
+	snprintf(envp[*n], len, "%s=%s", name, value);
+	(*n)++;
+}
+
+/*
+ * Build the step's environment: its configured variables, then PATH, LANG
+ * and the request id and service name.  Nothing is inherited from the
+ * agent's own environment.
+ */
+static char **
+spawn_build_env(const config_step *step, const char *request_id, const char *service)
+{
+	char	  **envp = calloc(step->nenv + 5, sizeof(char *));
+	int			n = 0;
+
+	if (envp == NULL)
+		return NULL;
+	for (int i = 0; i < step->nenv; i++)
+		spawn_env_add(envp, &n, step->env[i].name, step->env[i].value);
+	spawn_env_add(envp, &n, "PATH", SPAWN_DEFAULT_PATH);
+	spawn_env_add(envp, &n, "LANG", "C.UTF-8");
+	spawn_env_add(envp, &n, "RESTART_AGENT_REQUEST_ID", request_id);
+	spawn_env_add(envp, &n, "RESTART_AGENT_SERVICE", service);
+	return envp;
+}
+
+/*
+ * Free an environment built by spawn_build_env().
+ */
+static void
+spawn_free_env(char **envp)
+{
+	for (int i = 0; envp && envp[i]; i++)
+		free(envp[i]);
+	free(envp);
+}
+
+/*
+ * Start the step's program with posix_spawn: own process group, default
+ * signal dispositions, empty signal mask, stdin /dev/null, stdout+stderr
+ * to outfd, working directory cwd, every other descriptor closed.
+ * Returns 0 or an errno value.
+ */
+static int
+spawn_start(const config_step *step, char **envp, int outfd, pid_t *pid)
+{
+	posix_spawn_file_actions_t fa;
+	posix_spawnattr_t attr;
+	sigset_t	all;
+	sigset_t	none;
+	int			rc;
+
+	sigfillset(&all);
+	sigemptyset(&none);
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+	posix_spawn_file_actions_adddup2(&fa, outfd, 1);
+	posix_spawn_file_actions_adddup2(&fa, outfd, 2);
+	posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+	posix_spawn_file_actions_addchdir_np(&fa, step->cwd);
+	posix_spawnattr_init(&attr);
+	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+							 POSIX_SPAWN_SETSIGDEF);
+	posix_spawnattr_setpgroup(&attr, 0);
+	posix_spawnattr_setsigmask(&attr, &none);
+	posix_spawnattr_setsigdefault(&attr, &all);
+	rc = posix_spawn(pid, step->argv[0], &fa, &attr, step->argv, envp);
+	posix_spawnattr_destroy(&attr);
+	posix_spawn_file_actions_destroy(&fa);
+	return rc;
+}
+
+/*
+ * Read whatever the pipe holds and pass it on; close it at end of file.
+ */
+static void
+spawn_read_output(spawn_state *st, spawn_output_cb out, void *arg)
+{
+	char		buf[16384];
+
+	for (;;)
+	{
+		ssize_t		n = read(st->outfd, buf, sizeof(buf));
+
+		if (n > 0)
+		{
+			out(arg, buf, (size_t) n);
+			continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n == 0 || (n < 0 && errno != EAGAIN))
+		{
+			close(st->outfd);
+			st->outfd = -1;
+		}
+		return;
+	}
+}
+
+/*
+ * Check, without reaping, whether the step's process has exited and record
+ * how.  The zombie keeps the process group id reserved, so the group can
+ * still be signalled safely afterwards.
+ */
+static void
+spawn_check_exit(spawn_state *st, spawn_result *res)
+{
+	siginfo_t	si;
+
+	if (st->exited)
+		return;
+	memset(&si, 0, sizeof(si));
+	if (waitid(P_PID, st->pid, &si, WEXITED | WNOHANG | WNOWAIT) != 0 ||
+		si.si_pid != st->pid)
+		return;
+	st->exited = true;
+	if (si.si_code == CLD_EXITED)
+		res->exit_code = si.si_status;
+	else
+		res->signal = si.si_status;
+	/* kill anything the step left behind in its group */
+	killpg(st->pid, SIGKILL);
+	st->drain_until = util_monotonic_msec() + SPAWN_DRAIN_MSEC;
+}
+
+/*
+ * Send SIGTERM, then SIGKILL after the grace period, to the step's group
+ * once its deadline has passed or the agent is shutting down.
+ */
+static void
+spawn_enforce_deadline(spawn_state *st, spawn_result *res, bool stop)
+{
+	int64_t		now = util_monotonic_msec();
+
+	if (!st->term_sent && (now >= st->deadline || stop))
+	{
+		if (stop)
+			res->interrupted = true;
+		else
+			res->timed_out = true;
+		killpg(st->pid, SIGTERM);
+		st->term_sent = true;
+		st->kill_at = now + st->kill_grace_ms;
+	}
+	else if (st->term_sent && !st->kill_sent && now >= st->kill_at)
+	{
+		killpg(st->pid, SIGKILL);
+		st->kill_sent = true;
+	}
+}
+
+/*
+ * Compute how long the next poll may sleep, in milliseconds.
+ */
+static int
+spawn_poll_timeout(const spawn_state *st)
+{
+	int64_t		now = util_monotonic_msec();
+	int64_t		until;
+
+	if (st->exited)
+		until = st->drain_until;
+	else if (!st->term_sent)
+		until = st->deadline;
+	else if (!st->kill_sent)
+		until = st->kill_at;
+	else
+		until = now + SPAWN_TICK_MSEC;
+	if (st->pidfd < 0 && !st->exited && until > now + SPAWN_TICK_MSEC)
+		until = now + SPAWN_TICK_MSEC;
+	return until <= now ? 0 : (int) (until - now);
+}
+
+/*
+ * Wait for output, the step's exit, the deadlines or a shutdown, until the
+ * step has exited and the pipe is closed or the drain time is over.
+ */
+static void
+spawn_wait(spawn_state *st, spawn_output_cb out, void *arg, spawn_result *res)
+{
+	for (;;)
+	{
+		struct pollfd fds[3];
+		int			nfds = 0;
+		int			stop_idx = -1;
+		bool		stop = false;
+
+		spawn_check_exit(st, res);
+		if (st->exited && (st->outfd < 0 || util_monotonic_msec() >= st->drain_until))
+			break;
+		if (st->outfd >= 0)
+			fds[nfds++] = (struct pollfd) {st->outfd, POLLIN, 0};
+		if (!st->exited && st->pidfd >= 0)
+			fds[nfds++] = (struct pollfd) {st->pidfd, POLLIN, 0};
+		if (!st->exited && !st->term_sent)
+		{
+			stop_idx = nfds;
+			fds[nfds++] = (struct pollfd) {spawn_stop_fd, POLLIN, 0};
+		}
+		if (poll(fds, nfds, spawn_poll_timeout(st)) < 0 && errno != EINTR)
+		{
+			log_msg("poll failed while running a step: %s", strerror(errno));
+			killpg(st->pid, SIGKILL);
+			break;
+		}
+		if (st->outfd >= 0 && fds[0].revents != 0)
+			spawn_read_output(st, out, arg);
+		stop = stop_idx >= 0 && fds[stop_idx].revents != 0;
+		if (!st->exited)
+			spawn_enforce_deadline(st, res, stop);
+	}
+}
+
+/*
+ * Run one step to completion and fill in res.  The output callback gets
+ * every chunk the step writes; it is called from this thread only.
+ */
+void
+spawn_run(const config_step *step, const char *request_id, const char *service,
+		  int kill_grace, spawn_output_cb out, void *arg, spawn_result *res)
+{
+	spawn_state st = {0};
+	char	  **envp = spawn_build_env(step, request_id, service);
+	int			pipefd[2];
+	int			status;
+
+	memset(res, 0, sizeof(*res));
+	res->exit_code = -1;
+	if (envp == NULL || pipe2(pipefd, O_CLOEXEC) != 0)
+	{
+		res->spawn_errno = errno ? errno : ENOMEM;
+		spawn_free_env(envp);
+		return;
+	}
+	res->spawn_errno = spawn_start(step, envp, pipefd[1], &st.pid);
+	spawn_free_env(envp);
+	close(pipefd[1]);
+	if (res->spawn_errno != 0)
+	{
+		close(pipefd[0]);
+		return;
+	}
+	fcntl(pipefd[0], F_SETFL, O_NONBLOCK);
+	st.outfd = pipefd[0];
+	st.pidfd = (int) syscall(SYS_pidfd_open, st.pid, 0);
+	st.deadline = util_monotonic_msec() + (int64_t) step->timeout * 1000;
+	st.kill_grace_ms = kill_grace * 1000;
+	spawn_wait(&st, out, arg, res);
+	if (st.outfd >= 0)
+		close(st.outfd);
+	if (st.pidfd >= 0)
+		close(st.pidfd);
+	while (waitpid(st.pid, &status, 0) < 0 && errno == EINTR)
+		;
+}

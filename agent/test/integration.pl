@@ -1,0 +1,582 @@
+#!/usr/bin/perl
+# Integration tests of restart-agent: a real agent process on loopback,
+# real HTTP (and HTTPS), real step programs from agent/test/steps.
+#
+# Usage: perl agent/test/integration.pl [AGENT_BINARY]
+# Prints "ok - ..." / "not ok - ..." lines; exits non-zero if any failed.
+use strict;
+use warnings;
+use File::Temp qw(tempdir);
+use File::Spec;
+use Cwd qw(abs_path);
+use Digest::SHA qw(hmac_sha256_base64);
+use MIME::Base64 qw(decode_base64);
+use HTTP::Tiny;
+use JSON::PP;
+use POSIX qw(:sys_wait_h);
+use Time::HiRes qw(time sleep);
+use IO::Socket::INET;
+
+my $root = abs_path(File::Spec->catdir((File::Spec->splitpath(abs_path($0)))[1], '..'));
+my $bin = abs_path($ARGV[0] // "$root/restart-agent");
+my $steps = "$root/test/steps";
+my $tmp = tempdir('ra-it-XXXXXX', TMPDIR => 1, CLEANUP => 1);
+chmod 0755, $tmp;
+my $json = JSON::PP->new->canonical;
+my $SECRET = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
+my $SECRET2 = 'whsec_' . MIME::Base64::encode_base64('0123456789abcdefghijklmnopqrstuv', '');
+my ($passed, $failed) = (0, 0);
+my @agents;
+
+sub ok
+{
+	my ($cond, $desc, $diag) = @_;
+	$cond = $cond ? 1 : 0;
+	if ($cond) { print "ok - $desc\n"; $passed++; }
+	else
+	{
+		print "not ok - $desc\n";
+		print "# $_\n" for split /\n/, ($diag // '');
+		$failed++;
+	}
+	return $cond;
+}
+
+# Poll a condition until it holds or the deadline passes; no fixed sleeps.
+sub wait_until
+{
+	my ($cond, $timeout) = @_;
+	my $end = time + ($timeout // 10);
+	while (time < $end)
+	{
+		my $r = $cond->();
+		return $r if $r;
+		sleep 0.02;
+	}
+	return $cond->();
+}
+
+sub slurp { my ($f) = @_; open(my $fh, '<', $f) or return ''; local $/; my $s = <$fh>; return $s // ''; }
+sub spew { my ($f, $s) = @_; open(my $fh, '>', $f) or die "$f: $!"; print $fh $s; close $fh; }
+sub lines { my $s = slurp(@_); return scalar(() = $s =~ /\n/g); }
+
+sub uuid
+{
+	my @b = map { int(rand(256)) } 1 .. 16;
+	$b[6] = ($b[6] & 0x0f) | 0x40;
+	$b[8] = ($b[8] & 0x3f) | 0x80;
+	my $h = join '', map { sprintf '%02x', $_ } @b;
+	return join '-', substr($h, 0, 8), substr($h, 8, 4), substr($h, 12, 4), substr($h, 16, 4), substr($h, 20);
+}
+
+sub sign
+{
+	my ($secret, $id, $ts, $body) = @_;
+	(my $b64 = $secret) =~ s/^whsec_//;
+	my $sig = hmac_sha256_base64("$id.$ts.$body", decode_base64($b64));
+	$sig .= '=' while length($sig) % 4;
+	return "v1,$sig";
+}
+
+# Write a config (services and limits given as libconfig text) and start an
+# agent on it; wait for its "listening on" log line.
+sub start_agent
+{
+	my (%o) = @_;
+	my $dir = $o{dir} // tempdir("agent-XXXXXX", DIR => $tmp);
+	mkdir "$dir/state";
+	spew("$dir/secrets", $o{secrets} // "# test secrets\n$SECRET\n");
+	chmod 0600, "$dir/secrets";
+	my $listen = $o{listen} // '127.0.0.1:0';
+	my $tls = $o{tls} ? "tls_cert = \"$o{tls}{cert}\";\ntls_key = \"$o{tls}{key}\";\n" : '';
+	spew("$dir/agent.conf", <<"CONF");
+listen = "$listen";
+$tls
+secrets_file = "secrets";
+state_dir = "$dir/state";
+limits = { max_body = 1024; max_jobs = 2; max_wait = 20; output_tail = 4096; kill_grace = 1;
+           connection_timeout = 30; retention_max_jobs = @{[ $o{retention} // 1000 ]}; };
+services = {
+$o{services}
+};
+CONF
+	my $log = "$dir/agent.log";
+	rename($log, "$log.old") if -e $log;
+	my $pid = fork;
+	if ($pid == 0)
+	{
+		open(STDERR, '>>', $log) or die;
+		open(STDOUT, '>>', $log) or die;
+		exec $bin, '--config', "$dir/agent.conf" or die "exec: $!";
+	}
+	my $port = wait_until(sub {
+		return 'unix' if slurp($log) =~ /listening on unix:/;
+		return slurp($log) =~ /listening on 127\.0\.0\.1:(\d+)/ ? $1 : undef;
+	}, 15);
+	my $a = { pid => $pid, port => $port, dir => $dir, log => $log,
+		scheme => $o{tls} ? 'https' : 'http', http => $o{http} // HTTP::Tiny->new(timeout => 30) };
+	push @agents, $a;
+	return $a;
+}
+
+sub stop_agent
+{
+	my ($a, $sig) = @_;
+	return unless $a->{pid};
+	kill($sig // 'TERM', $a->{pid});
+	my $done = wait_until(sub { waitpid($a->{pid}, WNOHANG) == $a->{pid} }, 20);
+	$a->{status} = $?;
+	kill('KILL', $a->{pid}) unless $done;
+	waitpid($a->{pid}, 0) unless $done;
+	$a->{pid} = undef;
+	return $done;
+}
+
+END { stop_agent($_, 'KILL') for @agents; }
+
+# Send a request; options: id, ts, body, sig, secret, headers, raw.
+sub req
+{
+	my ($a, $method, $path, %o) = @_;
+	my $body = $o{body} // '';
+	my $id = $o{id};
+	my $ts = $o{ts} // time;
+	$ts = int($ts);
+	my %h = ('Content-Type' => 'application/json');
+	unless ($o{unsigned})
+	{
+		$h{'webhook-id'} = $id;
+		$h{'webhook-timestamp'} = $ts;
+		$h{'webhook-signature'} = $o{sig} // sign($o{secret} // $SECRET, $id, $ts, $body);
+	}
+	%h = (%h, %{ $o{headers} // {} });
+	my $url = "$a->{scheme}://127.0.0.1:$a->{port}$path";
+	my $r = $a->{http}->request($method, $url, { headers => \%h, length($body) ? (content => $body) : () });
+	my $j = eval { decode_json($r->{content}) };
+	return ($r->{status}, $j, $r);
+}
+
+sub restart_body
+{
+	my ($id, $service, %o) = @_;
+	return $json->encode({ request_id => $id, service => $service,
+		requested_by => exists $o{by} ? $o{by} : '6f1c8a52-3b7e-4c2d-9a1b-0c4d5e6f7a8b',
+		requested_at => $o{at} // '2026-11-26T05:00:00.123456Z', %{ $o{extra} // {} } });
+}
+
+sub post_restart
+{
+	my ($a, $id, $service, %o) = @_;
+	my $body = $o{body} // restart_body($id, $service, %o);
+	return req($a, 'POST', '/v1/restarts', id => $o{hid} // $id, body => $body, %o);
+}
+
+sub get_job
+{
+	my ($a, $id, $wait) = @_;
+	return req($a, 'GET', "/v1/restarts/$id" . (defined $wait ? "?wait=$wait" : ''), id => $id);
+}
+
+sub wait_job
+{
+	my ($a, $id, $timeout) = @_;
+	my $j;
+	wait_until(sub { (undef, $j) = get_job($a, $id, 5); $j && $j->{status} && $j->{status} ne 'running' }, $timeout // 20);
+	return $j;
+}
+
+# A process is gone when it no longer exists or is an unreaped zombie.
+sub pid_gone
+{
+	my ($pid) = @_;
+	my $stat = slurp("/proc/$pid/stat");
+	return 1 if $stat eq '';
+	return $stat =~ /^\d+ \(.*\) Z/ ? 1 : 0;
+}
+
+my $count = "$tmp/count";
+my $gate = "$tmp/gate";
+my $pids = "$tmp/pids";
+my $services = <<"SVC";
+  ok = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count"; }; },
+         { argv = ["/bin/echo", "second step"]; cwd = "/tmp"; } );
+  fail = ( { argv = ["$steps/fail.sh"]; }, { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.fail"; }; } );
+  gate1 = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.gate"; }; },
+            { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; timeout = 60; } );
+  gate2 = ( { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; } );
+  gate3 = ( { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; } );
+  hang = ( { argv = ["$steps/hang.sh"]; timeout = 1; env = { PID_FILE = "$pids.hang"; }; } );
+  noisy = ( { argv = ["$steps/noisy.sh"]; } );
+  bg = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bg"; }; } );
+  bgsession = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bgs"; BG_SESSION = "1"; }; } );
+  slow = ( { argv = ["$steps/sleep.sh", "1.5"]; } );
+  missing = ( { argv = ["/nonexistent/program"]; } );
+SVC
+
+my $a = start_agent(services => $services);
+ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit 1;
+
+# --- healthz, routing -------------------------------------------------------
+{
+	my ($s, $j) = req($a, 'GET', '/healthz', unsigned => 1);
+	ok($s == 200 && $j->{status} eq 'ok' && $j->{version} =~ /^\d+\.\d+\.\d+$/, 'GET /healthz: 200 with version, no signature');
+	($s, $j) = req($a, 'GET', '/nope', unsigned => 1);
+	ok($s == 404 && $j->{error} eq 'not_found', 'unknown path: 404 not_found');
+	my $r;
+	($s, $j, $r) = req($a, 'GET', '/v1/restarts', id => uuid());
+	ok($s == 405 && $j->{error} eq 'method_not_allowed' && $r->{headers}{allow} eq 'POST', 'GET /v1/restarts: 405 with Allow: POST');
+	($s, $j) = req($a, 'DELETE', '/v1/restarts/' . uuid(), id => uuid());
+	ok($s == 405 && $j->{error} eq 'method_not_allowed', 'DELETE /v1/restarts/{id}: 405');
+}
+
+# --- authentication --------------------------------------------------------
+{
+	my $id = uuid();
+	my ($s, $j) = post_restart($a, $id, 'ok', unsigned => 1);
+	ok($s == 401 && $j->{error} eq 'invalid_signature', 'unsigned POST: 401 invalid_signature');
+	($s, $j) = post_restart($a, $id, 'ok', sig => sign($SECRET2, $id, int(time), restart_body($id, 'ok')));
+	ok($s == 401 && $j->{error} eq 'invalid_signature', 'POST signed with an unknown secret: 401');
+	my $ts = int(time) - 400;
+	($s, $j) = post_restart($a, $id, 'ok', ts => $ts);
+	ok($s == 401 && $j->{message} =~ /300 seconds/, 'stale timestamp (400 s old): 401');
+	($s, $j) = post_restart($a, $id, 'ok', ts => time + 400);
+	ok($s == 401, 'future timestamp (400 s ahead): 401');
+	($s, $j) = post_restart($a, $id, 'ok', sig => 'v1,not-base64!');
+	ok($s == 401, 'malformed signature header: 401');
+	my $body = restart_body($id, 'ok');
+	($s, $j) = post_restart($a, $id, 'ok', body => $body . ' ', sig => sign($SECRET, $id, int(time), $body));
+	ok($s == 401, 'tampered body (signature of another body): 401');
+	($s, $j) = get_job($a, $id);
+	ok(!-e "$count", 'no step ran for any refused request');
+}
+
+# --- 413 and 400 ---------------------------------------------------------
+{
+	my $id = uuid();
+	my ($s, $j) = post_restart($a, $id, 'ok', extra => { pad => 'x' x 2000 });
+	ok($s == 413 && $j->{error} eq 'payload_too_large', 'body over max_body: 413 payload_too_large');
+	# chunked body without Content-Length, over the limit
+	my $sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+	print $sock "POST /v1/restarts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n";
+	print $sock sprintf("%x\r\n%s\r\n", 800, 'y' x 800) for 1 .. 3;
+	print $sock "0\r\n\r\n";
+	my $resp = '';
+	while (my $l = <$sock>) { $resp .= $l; }
+	ok($resp =~ m{^HTTP/1\.1 413} && $resp =~ /payload_too_large/, 'chunked body over max_body: 413', $resp);
+	($s, $j) = post_restart($a, $id, 'ok', body => '{"request_id": ');
+	ok($s == 400 && $j->{error} eq 'bad_request', 'malformed JSON: 400 bad_request');
+	($s, $j) = post_restart($a, $id, 'ok', body => $json->encode({ request_id => $id, service => 'ok', requested_by => undef }));
+	ok($s == 400 && $j->{message} =~ /requested_at/, 'missing field: 400 naming the field');
+	($s, $j) = post_restart($a, $id, 'ok', body => $json->encode({ request_id => $id, service => 7, requested_by => undef, requested_at => '2026-11-26T05:00:00Z' }));
+	ok($s == 400 && $j->{message} =~ /service/, 'mistyped field: 400');
+	my $bad = 'ABCDEF00-0000-4000-8000-000000000000';
+	($s, $j) = post_restart($a, $bad, 'ok');
+	ok($s == 400 && $j->{message} =~ /request_id/, 'request_id not a lowercase UUID: 400');
+	($s, $j) = post_restart($a, $id, 'ok', hid => uuid());
+	ok($s == 400 && $j->{message} =~ /webhook-id/, 'request_id different from webhook-id: 400');
+	($s, $j) = post_restart($a, $id, 'ok', by => 'somebody');
+	ok($s == 400 && $j->{message} =~ /requested_by/, 'requested_by neither UUID nor null: 400');
+	($s, $j) = post_restart($a, $id, 'ok', headers => { 'Content-Type' => 'text/plain' });
+	ok($s == 400, 'wrong Content-Type: 400');
+	($s, $j) = post_restart($a, $id, 'no-such-service');
+	ok($s == 404 && $j->{error} eq 'unknown_service', 'unknown service: 404 unknown_service');
+}
+
+# --- a job: 202, long poll, replay, conflict --------------------------------
+my $okid = uuid();
+{
+	my $body = restart_body($okid, 'ok', by => undef);
+	my $ts = int(time);
+	my $sig = sign($SECRET, $okid, $ts, $body);
+	my ($s, $j) = post_restart($a, $okid, 'ok', body => $body, ts => $ts, sig => $sig);
+	ok($s == 202 && $j->{status} eq 'running' && $j->{request_id} eq $okid && !defined $j->{requested_by},
+		'new request: 202 with the running job', $json->encode($j // {}));
+	ok(-s "$a->{dir}/state/jobs/$okid.json", 'the job is journaled in state/jobs/<id>.json');
+	($s, $j) = get_job($a, $okid, 10);
+	ok($s == 200 && $j->{status} eq 'completed' && $j->{exit_code} == 0 && @{ $j->{steps} } == 2
+		&& $j->{steps}[0]{exit_code} == 0 && $j->{steps}[1]{argv}[1] eq 'second step'
+		&& $j->{output} =~ /appended for ok/ && $j->{output} =~ /second step/ && $j->{finished_at}
+		&& !defined $j->{error}, 'GET ?wait: 200 completed with steps, exit codes and output', $json->encode($j // {}));
+	($s, $j) = post_restart($a, $okid, 'ok', body => $body, ts => $ts, sig => $sig);
+	ok($s == 200 && $j->{status} eq 'completed', 'replay of the same signed request: 200 with the job');
+	($s, $j) = post_restart($a, $okid, 'ok', by => undef);
+	ok($s == 200 && $j->{request_id} eq $okid, 'same id, same body, new signature: 200');
+	ok(lines($count) == 1, 'the job ran exactly once');
+	($s, $j) = post_restart($a, $okid, 'ok', at => '2026-11-26T06:00:00Z', by => undef);
+	ok($s == 422 && $j->{error} eq 'id_conflict', 'same id, different body: 422 id_conflict');
+	($s, $j) = post_restart($a, $okid, 'fail', by => undef);
+	ok($s == 422, 'same id, different service: 422');
+	($s, $j) = post_restart($a, $okid, 'ok', by => uuid());
+	ok($s == 422, 'same id, different requested_by: 422');
+	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => uuid());
+	ok($s == 400, 'GET with webhook-id different from the path id: 400');
+	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => $okid, unsigned => 1);
+	ok($s == 401, 'unsigned GET: 401');
+	($s, $j) = req($a, 'GET', "/v1/restarts/not-a-uuid", id => 'not-a-uuid');
+	ok($s == 400, 'GET of a non-UUID id: 400');
+	($s, $j) = req($a, 'GET', "/v1/restarts/$okid?wait=soon", id => $okid);
+	ok($s == 400, 'GET with a non-integer wait: 400');
+	my $unknown = uuid();
+	($s, $j) = get_job($a, $unknown);
+	ok($s == 404 && $j->{error} eq 'unknown_job', 'GET of an unknown id: 404 unknown_job');
+}
+
+# --- concurrent identical requests ------------------------------------------
+{
+	my $id = uuid();
+	my @kids;
+	for my $i (1 .. 8)
+	{
+		my $pid = fork;
+		if ($pid == 0)
+		{
+			my ($s) = post_restart($a, $id, 'ok');
+			POSIX::_exit($s == 202 ? 10 : $s == 200 ? 11 : 12);
+		}
+		push @kids, $pid;
+	}
+	my %c;
+	for (@kids) { waitpid($_, 0); $c{ $? >> 8 }++; }
+	ok(($c{10} // 0) == 1 && ($c{11} // 0) == 7, 'eight concurrent posts of one id: one 202, seven 200', $json->encode(\%c));
+	my $j = wait_job($a, $id);
+	ok($j->{status} eq 'completed' && lines($count) == 2, 'that job ran exactly once');
+}
+
+# --- failing step stops the job ------------------------------------------------
+{
+	my $id = uuid();
+	my ($s) = post_restart($a, $id, 'fail');
+	my $j = wait_job($a, $id);
+	ok($s == 202 && $j->{status} eq 'failed' && $j->{exit_code} == 3 && @{ $j->{steps} } == 1
+		&& $j->{error} =~ /step 1 exited with code 3/ && $j->{output} =~ /failing on purpose/,
+		'failing step: job failed with its exit code, error and stderr', $json->encode($j // {}));
+	ok(!-e "$count.fail", 'steps after the failing one do not run');
+	$id = uuid();
+	post_restart($a, $id, 'missing');
+	$j = wait_job($a, $id);
+	ok($j->{status} eq 'failed' && $j->{error} =~ /could not start/, 'missing program: failed, "could not start"', $json->encode($j // {}));
+}
+
+# --- 409, 429, long poll ---------------------------------------------------
+{
+	unlink $gate;
+	my ($id1, $id2, $id3, $id4) = (uuid(), uuid(), uuid(), uuid());
+	my ($s1) = post_restart($a, $id1, 'gate1');
+	my ($s2) = post_restart($a, $id2, 'gate2');
+	ok($s1 == 202 && $s2 == 202, 'jobs of two services run concurrently');
+	my ($s, $j) = post_restart($a, $id3, 'gate1');
+	ok($s == 409 && $j->{error} eq 'service_busy', 'another id for a busy service: 409 service_busy');
+	($s, $j) = post_restart($a, $id4, 'gate3');
+	ok($s == 429 && $j->{error} eq 'too_many_jobs', 'over max_jobs: 429 too_many_jobs');
+	my $t0 = time;
+	($s, $j) = get_job($a, $id1, 1);
+	my $dt = time - $t0;
+	ok($s == 200 && $j->{status} eq 'running' && $dt >= 0.9 && $dt < 5, "wait=1 on a running job answers running after ~1 s ($dt s)");
+	# long poll: answer as soon as the job finishes
+	my $pid = fork;
+	if ($pid == 0)
+	{
+		my $t = time;
+		my ($s, $j) = get_job($a, $id1, 20);
+		spew("$tmp/poll", sprintf("%d %s %.3f\n", $s, $j->{status} // '', time - $t));
+		POSIX::_exit(0);
+	}
+	wait_until(sub { slurp($a->{log}) =~ /GET \/v1\/restarts\/$id1\?*.*\n.*GET/s || 1 }, 1);
+	spew($gate, "open\n");
+	my $t1 = time;
+	waitpid($pid, 0);
+	my ($ps, $pst, $pdt) = split ' ', slurp("$tmp/poll");
+	ok($ps == 200 && $pst eq 'completed' && time - $t1 < 5, "long poll returns completed as soon as the job finishes (${pdt} s)");
+	wait_job($a, $id2);
+	($s, $j) = post_restart($a, $id3, 'gate1');
+	ok($s == 202, 'service free again after its job finished: 202');
+	wait_job($a, $id3);
+}
+
+# --- long poll on a slow step measures the wake-up -------------------------------
+{
+	my $id = uuid();
+	post_restart($a, $id, 'slow');
+	my $t0 = time;
+	my ($s, $j) = get_job($a, $id, 20);
+	my $dt = time - $t0;
+	ok($s == 200 && $j->{status} eq 'completed' && $dt > 1 && $dt < 6, "wait=20 on a 1.5 s job returns when it completes ($dt s)");
+}
+
+# --- timeout kills the whole process group -----------------------------------
+{
+	my $id = uuid();
+	unlink "$pids.hang";
+	my $t0 = time;
+	post_restart($a, $id, 'hang');
+	my $j = wait_job($a, $id, 20);
+	my $dt = time - $t0;
+	my @p = split /\n/, slurp("$pids.hang");
+	ok($j->{status} eq 'failed' && $j->{steps}[0]{timed_out} && $j->{error} =~ /step 1 timed out after 1 s/
+		&& $j->{signal} == 9 && !defined $j->{exit_code},
+		"step timeout: failed, timed_out, killed by SIGKILL after the grace period ($dt s)", $json->encode($j // {}));
+	ok(@p == 3 && wait_until(sub { !grep { !pid_gone($_) } @p }, 5), 'every process of the timed-out step group is gone', "@p");
+}
+
+# --- output bound ------------------------------------------------------------
+{
+	my $id = uuid();
+	post_restart($a, $id, 'noisy');
+	my $j = wait_job($a, $id);
+	ok($j->{status} eq 'completed' && length($j->{output}) <= 4096 && $j->{output_truncated}
+		&& $j->{output} =~ /END-MARKER\n$/ && $j->{output} =~ /error output/,
+		'output is bounded to output_tail, keeps the tail, marks truncation', length($j->{output}));
+}
+
+# --- a step leaving a background child ---------------------------------------------
+{
+	for my $case (['bg', "$pids.bg", 'in the step group (killed with it)', 0],
+		['bgsession', "$pids.bgs", 'in its own session (drain deadline)', 1])
+	{
+		my ($svc, $pf, $what, $session) = @$case;
+		my $id = uuid();
+		my $t0 = time;
+		post_restart($a, $id, $svc);
+		my $j = wait_job($a, $id, 10);
+		my $dt = time - $t0;
+		my ($child) = split /\n/, slurp($pf);
+		my $alive = $child && !pid_gone($child);
+		ok($j->{status} eq 'completed' && $dt < 5 && $j->{output} =~ /left a background child/
+			&& ($session ? $alive && $dt > 0.9 : wait_until(sub { pid_gone($child) }, 5)),
+			sprintf('a background child %s holding the pipe does not hang the job (%.2f s)', $what, $dt),
+			$json->encode($j // {}));
+		kill 'KILL', $child if $child;
+	}
+}
+
+# --- retention ------------------------------------------------------------------
+{
+	my $b = start_agent(services => $services, retention => 2);
+	my @ids = map { uuid() } 1 .. 4;
+	for my $id (@ids) { post_restart($b, $id, 'ok'); wait_job($b, $id); }
+	my @files = glob("$b->{dir}/state/jobs/*.json");
+	my ($s) = get_job($b, $ids[0]);
+	my ($s2) = get_job($b, $ids[3]);
+	ok(@files == 2 && $s == 404 && $s2 == 200, 'retention_max_jobs prunes the oldest finished jobs from disk and memory');
+	stop_agent($b);
+}
+
+# --- SIGTERM during a job ---------------------------------------------------------
+{
+	my $b = start_agent(services => $services);
+	unlink $gate;
+	my $id = uuid();
+	post_restart($b, $id, 'gate2');
+	wait_until(sub { slurp($b->{log}) =~ /step 1\/1 started/ }, 5);
+	my $stopped = stop_agent($b, 'TERM');
+	ok($stopped && $b->{status} == 0 && slurp($b->{log}) =~ /restart-agent stopped/, 'SIGTERM stops the agent cleanly during a job');
+	my $rec = eval { decode_json(slurp("$b->{dir}/state/jobs/$id.json")) } // {};
+	ok(($rec->{status} // '') eq 'failed' && ($rec->{error} // '') =~ /agent was stopped/, 'the interrupted job is journaled as failed');
+}
+
+# --- kill -9 during a job, restart: failed, never re-run ------------------------------
+{
+	unlink $gate, "$count.gate", "$pids.gate";
+	my $b = start_agent(services => $services);
+	my $id = uuid();
+	my $body = restart_body($id, 'gate1');
+	my ($s) = post_restart($b, $id, 'gate1', body => $body);
+	ok($s == 202 && wait_until(sub { -s "$pids.gate" }, 10), 'job started before the agent is killed');
+	stop_agent($b, 'KILL');
+	kill 'KILL', split /\n/, slurp("$pids.gate");
+	my $c = start_agent(services => $services, dir => $b->{dir});
+	my ($s2, $j) = get_job($c, $id);
+	ok($s2 == 200 && $j->{status} eq 'failed' && $j->{error} eq 'agent restarted during the job' && $j->{finished_at},
+		'after kill -9 and restart the job is reported failed ("agent restarted during the job")', $json->encode($j // {}));
+	($s2, $j) = post_restart($c, $id, 'gate1', body => $body);
+	ok($s2 == 200 && $j->{status} eq 'failed', 'replaying its request answers 200 failed');
+	spew($gate, "open\n");
+	my $id2 = uuid();
+	post_restart($c, $id2, 'gate1');
+	wait_job($c, $id2);
+	ok(lines("$count.gate") == 2, 'the interrupted job was never run again (one run per request id)');
+	stop_agent($c);
+}
+
+# --- unix socket ------------------------------------------------------------------------
+{
+	my $sock = "$tmp/agent.sock";
+	my $b = start_agent(services => $services, listen => "unix:$sock");
+	my $out = `curl -s --unix-socket $sock http://localhost/healthz`;
+	ok($b->{port} && $out =~ /"status":"ok"/, 'listening on a unix socket', $out);
+	my @st = stat($sock);
+	ok(@st && ($st[2] & 0777) == 0660, 'unix socket has mode 0660');
+	stop_agent($b);
+}
+
+# --- secrets rotation ---------------------------------------------------------------------
+{
+	my $b = start_agent(services => $services, secrets => "$SECRET\n$SECRET2\n");
+	my $id = uuid();
+	my $ts = int(time);
+	my $body = restart_body($id, 'ok');
+	my ($s) = post_restart($b, $id, 'ok', ts => $ts, body => $body, sig => sign($SECRET2, $id, $ts, $body));
+	ok($s == 202, 'with two secrets configured, a request signed with the second one is accepted');
+	my $id2 = uuid();
+	$body = restart_body($id2, 'noisy');
+	my $bogus = 'whsec_' . MIME::Base64::encode_base64('z' x 32, '');
+	($s) = post_restart($b, $id2, 'noisy', ts => $ts, body => $body,
+		sig => sign($bogus, $id2, $ts, $body) . ' v2,ignored ' . sign($SECRET, $id2, $ts, $body));
+	ok($s == 202, 'any listed v1 signature may match; other versions are ignored');
+	wait_job($b, $id);
+	wait_job($b, $id2);
+	stop_agent($b);
+}
+
+# --- configuration errors -----------------------------------------------------------------
+{
+	my $d = tempdir("badconf-XXXXXX", DIR => $tmp);
+	spew("$d/secrets", "$SECRET\n");
+	spew("$d/a.conf", "listen = \"127.0.0.1:1\";\nsecrets_file = \"secrets\";\nstate_dir = \"$d\";\nservices = { x = ( { argv = [\"bin/true\"]; } ); };\n");
+	my $out = `$bin --check-config --config $d/a.conf 2>&1`;
+	ok(($? >> 8 == 1 && $out =~ m{a\.conf:4: services\.x\[0\]\.argv: .*absolute}) ? 1 : 0, 'bad config refused with file, line, key and reason', $out);
+	$out = `$bin --check-config --config $root/restart-agent.conf.example 2>&1`;
+	ok(scalar($out =~ /secrets_file|configuration ok/), '--check-config on the shipped example reports the missing secret or ok', $out);
+}
+
+# --- TLS with a throwaway CA --------------------------------------------------------------
+{
+	my $d = tempdir("tls-XXXXXX", DIR => $tmp);
+	my $q = "2>>$d/openssl.log";
+	system("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=test-ca "
+		. "-keyout $d/ca.key -out $d/ca.pem $q >/dev/null") == 0
+		and system("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=127.0.0.1 "
+		. "-keyout $d/server.key -out $d/server.csr $q >/dev/null") == 0
+		and spew("$d/ext", "subjectAltName=IP:127.0.0.1\n")
+		and system("openssl x509 -req -in $d/server.csr -CA $d/ca.pem -CAkey $d/ca.key -CAcreateserial -days 2 "
+		. "-extfile $d/ext -out $d/server.pem $q >/dev/null") == 0
+		or ok(0, 'throwaway CA created with openssl', slurp("$d/openssl.log"));
+	my $http = HTTP::Tiny->new(timeout => 20, verify_SSL => 1, SSL_options => { SSL_ca_file => "$d/ca.pem" });
+	my $b = start_agent(services => $services, tls => { cert => "$d/server.pem", key => "$d/server.key" }, http => $http);
+	my ($s, $j) = req($b, 'GET', '/healthz', unsigned => 1);
+	ok($b->{port} && $s == 200 && $j->{status} eq 'ok', 'TLS: healthz over HTTPS verified against the throwaway CA', slurp($b->{log}));
+	my $id = uuid();
+	($s, $j) = post_restart($b, $id, 'ok');
+	ok($s == 202, 'TLS: signed POST over HTTPS: 202');
+	($s, $j) = get_job($b, $id, 10);
+	ok($s == 200 && $j->{status} eq 'completed', 'TLS: long poll over HTTPS: completed');
+	my $plain = HTTP::Tiny->new(timeout => 5)->get("http://127.0.0.1:$b->{port}/healthz");
+	ok(!$plain->{success}, 'TLS: plain HTTP is refused');
+	my $untrusted = HTTP::Tiny->new(timeout => 5, verify_SSL => 1)->get("https://127.0.0.1:$b->{port}/healthz");
+	ok(!$untrusted->{success}, 'TLS: a client not trusting the CA fails');
+	stop_agent($b);
+}
+
+# --- final checks ----------------------------------------------------------------------
+{
+	my $ok = stop_agent($a);
+	ok($ok && $a->{status} == 0, 'agent stops cleanly on SIGTERM (exit 0)', slurp($a->{log}));
+	my @bad = grep { /ERROR: AddressSanitizer|runtime error:|LeakSanitizer/ } map { split /\n/, slurp($_) } glob("$tmp/*/agent.log");
+	ok(!@bad, 'no sanitizer reports in any agent log', join("\n", @bad[0 .. ($#bad < 20 ? $#bad : 20)]));
+	my @lines = split /\n/, slurp($a->{log});
+	ok(scalar(grep { /^request POST \/v1\/restarts from 127\.0\.0\.1 id=\S+: 202/ } @lines)
+		&& scalar(grep { /^job \S+: completed$/ } @lines), 'one log line per request and per job state change');
+}
+
+print "# $passed passed, $failed failed\n";
+exit($failed ? 1 : 0);

@@ -1,0 +1,287 @@
+/*
+ * Unit tests of config.c: every refused configuration names the file, the
+ * line or key, and the reason.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "agent.h"
+
+static char dir[] = "/tmp/ra-config-test-XXXXXX";
+static char path[512];
+static char err[1024];
+
+#define GOOD_SECRET "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+#define BASE "listen = \"127.0.0.1:8750\";\nsecrets_file = \"secrets\";\nstate_dir = \"/tmp/x\";\n"
+#define SVC "services = { web = ( { argv = [\"/bin/true\"]; } ); };\n"
+
+/* Write text to name inside the test directory. */
+static void
+write_file(const char *name, const char *text)
+{
+	char		p[600];
+	FILE	   *f;
+
+	snprintf(p, sizeof(p), "%s/%s", dir, name);
+	f = fopen(p, "w");
+	assert_non_null(f);
+	fputs(text, f);
+	fchmod(fileno(f), 0600);
+	fclose(f);
+}
+
+/* Load text as the configuration; returns the result (and fills err). */
+static agent_config *
+load(const char *text)
+{
+	write_file("agent.conf", text);
+	err[0] = '\0';
+	return config_load(path, err, sizeof(err));
+}
+
+/* Assert that text is refused with a message containing each fragment. */
+static void
+refused(const char *text, const char *frag1, const char *frag2)
+{
+	agent_config *cfg = load(text);
+
+	if (cfg != NULL)
+		fail_msg("configuration accepted:\n%s", text);
+	if (strstr(err, frag1) == NULL || (frag2 && strstr(err, frag2) == NULL))
+		fail_msg("message \"%s\" lacks \"%s\" / \"%s\"", err, frag1, frag2 ? frag2 : "");
+	if (strstr(err, path) != path && strstr(err, dir) == NULL)
+		fail_msg("message \"%s\" does not name the file", err);
+}
+
+static int
+setup(void **state)
+{
+	(void) state;
+	assert_non_null(mkdtemp(dir));
+	snprintf(path, sizeof(path), "%s/agent.conf", dir);
+	write_file("secrets", "# comment\n\n" GOOD_SECRET "\n");
+	unsetenv("CREDENTIALS_DIRECTORY");
+	return 0;
+}
+
+static int
+teardown(void **state)
+{
+	char		p[600];
+
+	(void) state;
+	snprintf(p, sizeof(p), "%s/agent.conf", dir);
+	unlink(p);
+	snprintf(p, sizeof(p), "%s/secrets", dir);
+	unlink(p);
+	snprintf(p, sizeof(p), "%s/secrets2", dir);
+	unlink(p);
+	rmdir(dir);
+	return 0;
+}
+
+static void
+test_valid(void **state)
+{
+	agent_config *cfg;
+
+	(void) state;
+	cfg = load(BASE "limits = { max_jobs = 2; };\n"
+			   "services = { mqtt-subscriber = ( { argv = [\"/usr/bin/git\", \"pull\"]; cwd = \"/opt\"; timeout = 12;"
+			   " env = { HOME = \"/root\"; }; }, { argv = [\"/bin/true\"]; } ); };\n");
+	if (cfg == NULL)
+		fail_msg("%s", err);
+	assert_string_equal(cfg->listen_host, "127.0.0.1");
+	assert_int_equal(cfg->listen_port, 8750);
+	assert_int_equal(cfg->nsecrets, 1);
+	assert_int_equal(cfg->max_jobs, 2);
+	assert_int_equal(cfg->max_body, 16384);
+	assert_int_equal(cfg->output_tail, 65536);
+	assert_int_equal(cfg->nservices, 1);
+	assert_string_equal(cfg->services[0].name, "mqtt-subscriber");
+	assert_int_equal(cfg->services[0].nsteps, 2);
+	assert_string_equal(cfg->services[0].steps[0].argv[1], "pull");
+	assert_int_equal(cfg->services[0].steps[0].timeout, 12);
+	assert_string_equal(cfg->services[0].steps[0].env[0].value, "/root");
+	assert_string_equal(cfg->services[0].steps[1].cwd, "/");
+	assert_int_equal(cfg->services[0].steps[1].timeout, 300);
+	assert_non_null(config_find_service(cfg, "mqtt-subscriber"));
+	assert_null(config_find_service(cfg, "other"));
+	config_free(cfg);
+}
+
+static void
+test_unix_and_ipv6_listen(void **state)
+{
+	agent_config *cfg;
+
+	(void) state;
+	cfg = load("listen = \"unix:/run/ra.sock\";\nsecrets_file = \"secrets\";\nstate_dir = \"/tmp/x\";\n" SVC);
+	assert_non_null(cfg);
+	assert_string_equal(cfg->listen_unix, "/run/ra.sock");
+	config_free(cfg);
+	cfg = load("listen = \"[::1]:9000\";\nsecrets_file = \"secrets\";\nstate_dir = \"/tmp/x\";\n" SVC);
+	assert_non_null(cfg);
+	assert_string_equal(cfg->listen_host, "::1");
+	config_free(cfg);
+}
+
+static void
+test_credentials_directory(void **state)
+{
+	agent_config *cfg;
+	char		expect[600];
+
+	(void) state;
+	write_file("secrets2", GOOD_SECRET "\n");
+	setenv("CREDENTIALS_DIRECTORY", dir, 1);
+	cfg = load("listen = \"127.0.0.1:1\";\nsecrets_file = \"secrets2\";\nstate_dir = \"/tmp/x\";\n" SVC);
+	unsetenv("CREDENTIALS_DIRECTORY");
+	if (cfg == NULL)
+		fail_msg("%s", err);
+	snprintf(expect, sizeof(expect), "%s/secrets2", dir);
+	assert_string_equal(cfg->secrets_file, expect);
+	config_free(cfg);
+}
+
+static void
+test_syntax_error(void **state)
+{
+	(void) state;
+	refused(BASE "services = = 3;\n" SVC, ":4: syntax error", NULL);
+}
+
+static void
+test_missing_file(void **state)
+{
+	agent_config *cfg;
+
+	(void) state;
+	cfg = config_load("/nonexistent/agent.conf", err, sizeof(err));
+	assert_null(cfg);
+	assert_non_null(strstr(err, "/nonexistent/agent.conf"));
+}
+
+static void
+test_missing_listen(void **state)
+{
+	(void) state;
+	refused("secrets_file = \"secrets\";\nstate_dir = \"/tmp/x\";\n" SVC, "listen: missing", NULL);
+}
+
+static void
+test_bad_listen(void **state)
+{
+	(void) state;
+	refused("listen = \"127.0.0.1:99999\";\nsecrets_file = \"secrets\";\nstate_dir = \"/tmp/x\";\n" SVC,
+			":1: listen:", "port");
+	refused("listen = \"localhost\";\nsecrets_file = \"secrets\";\nstate_dir = \"/tmp/x\";\n" SVC,
+			":1: listen:", "host:port");
+	refused("listen = 8750;\n" SVC, ":1: listen:", "string");
+}
+
+static void
+test_unknown_key(void **state)
+{
+	(void) state;
+	refused(BASE "limts = { max_jobs = 2; };\n" SVC, ":4: limts:", "unknown key");
+	refused(BASE "limits = { max_job = 2; };\n" SVC, ":4: limits.max_job:", "unknown key");
+	refused(BASE "services = { web = ( { argv = [\"/bin/true\"]; tmeout = 3; } ); };\n",
+			":4: services.web[0].tmeout:", "unknown key");
+}
+
+static void
+test_limits(void **state)
+{
+	(void) state;
+	refused(BASE "limits = { max_jobs = 0; };\n" SVC, ":4: limits.max_jobs:", "between");
+	refused(BASE "limits = { max_body = \"big\"; };\n" SVC, ":4: limits.max_body:", "integer");
+	refused(BASE "limits = { max_wait = 100; connection_timeout = 60; };\n" SVC,
+			"limits.connection_timeout:", "max_wait");
+}
+
+static void
+test_state_dir(void **state)
+{
+	(void) state;
+	refused("listen = \"127.0.0.1:1\";\nsecrets_file = \"secrets\";\nstate_dir = \"relative\";\n" SVC,
+			":3: state_dir:", "absolute");
+}
+
+static void
+test_services(void **state)
+{
+	(void) state;
+	refused(BASE, "services: missing", NULL);
+	refused(BASE "services = { };\n", ":4: services:", "at least one");
+	refused(BASE "services = { web = ( ); };\n", ":4: services.web:", "1..32 steps");
+	refused(BASE "services = { web = (\n { argv = [\"bin/true\"]; } ); };\n",
+			":5: services.web[0].argv:", "absolute");
+	refused(BASE "services = { web = (\n { cwd = \"/\"; } ); };\n", "services.web[0].argv:", "missing");
+	refused(BASE "services = { web = ( { argv = [\"/bin/true\"]; cwd = \"tmp\"; } ); };\n",
+			":4: services.web[0].cwd:", "absolute");
+	refused(BASE "services = { web = ( { argv = [\"/bin/true\"]; timeout = 0; } ); };\n",
+			":4: services.web[0].timeout:", "between");
+	refused(BASE "services = { web = ( { argv = [\"/bin/true\"]; env = { X = 1; }; } ); };\n",
+			":4: services.web[0].env:", "string");
+	refused(BASE "services = { web = ( { argv = [\"/bin/true\"]; env = ( \"X=1\" ); } ); };\n",
+			":4: services.web[0].env:", "group");
+	refused(BASE "services = { web = ( { argv = []; } ); };\n",
+			":4: services.web[0].argv:", "1..256");
+}
+
+static void
+test_secrets(void **state)
+{
+	(void) state;
+	write_file("secrets2", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\nnot-a-secret\n");
+	refused("listen = \"127.0.0.1:1\";\nsecrets_file = \"secrets2\";\nstate_dir = \"/tmp/x\";\n" SVC,
+			"secrets2:2:", "whsec_");
+	write_file("secrets2", "# only a comment\n");
+	refused("listen = \"127.0.0.1:1\";\nsecrets_file = \"secrets2\";\nstate_dir = \"/tmp/x\";\n" SVC,
+			":2: secrets_file:", "no secret");
+	refused("listen = \"127.0.0.1:1\";\nsecrets_file = \"nope\";\nstate_dir = \"/tmp/x\";\n" SVC,
+			":2: secrets_file:", "cannot open");
+	write_file("secrets2", "whsec_YWJj\n");
+	refused("listen = \"127.0.0.1:1\";\nsecrets_file = \"secrets2\";\nstate_dir = \"/tmp/x\";\n" SVC,
+			"secrets2:1:", "24..64");
+}
+
+static void
+test_tls_pair(void **state)
+{
+	(void) state;
+	refused(BASE "tls_cert = \"/etc/hostname\";\n" SVC, "tls_key:", "together");
+	refused(BASE "tls_cert = \"/nonexistent.pem\";\ntls_key = \"/nonexistent.key\";\n" SVC,
+			":4: tls_cert:", "cannot read");
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_valid),
+		cmocka_unit_test(test_unix_and_ipv6_listen),
+		cmocka_unit_test(test_credentials_directory),
+		cmocka_unit_test(test_syntax_error),
+		cmocka_unit_test(test_missing_file),
+		cmocka_unit_test(test_missing_listen),
+		cmocka_unit_test(test_bad_listen),
+		cmocka_unit_test(test_unknown_key),
+		cmocka_unit_test(test_limits),
+		cmocka_unit_test(test_state_dir),
+		cmocka_unit_test(test_services),
+		cmocka_unit_test(test_secrets),
+		cmocka_unit_test(test_tls_pair),
+	};
+
+	return cmocka_run_group_tests_name("config", tests, setup, teardown);
+}

@@ -1,0 +1,203 @@
+/*
+ * Unit tests of request.c, util.c and tail.c: body validation, ids, time
+ * stamps, the wait value, job paths, and the bounded output tail.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "agent.h"
+
+#define ID "0b7e8f5a-1c2d-4e3f-8a9b-0c1d2e3f4a5b"
+
+/* Parse body; returns success and leaves the reason in err. */
+static bool
+parse(const char *body, restart_request *req, char *err)
+{
+	return request_parse_restart(body, strlen(body), req, err, 256);
+}
+
+static void
+test_valid_body(void **state)
+{
+	restart_request req;
+	char		err[256];
+
+	(void) state;
+	assert_true(parse("{\"request_id\":\"" ID "\",\"service\":\"mqtt-subscriber\","
+					  "\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00.123456Z\",\"extra\":[1]}",
+					  &req, err));
+	assert_string_equal(req.request_id, ID);
+	assert_string_equal(req.service, "mqtt-subscriber");
+	assert_false(req.has_requested_by);
+	assert_true(parse("{\"request_id\":\"" ID "\",\"service\":\"s\",\"requested_by\":\"" ID "\","
+					  "\"requested_at\":\"2026-11-26T05:00:00+01:00\"}", &req, err));
+	assert_true(req.has_requested_by);
+	assert_string_equal(req.requested_by, ID);
+}
+
+static void
+test_bad_bodies(void **state)
+{
+	restart_request req;
+	char		err[256];
+	static const char *const bad[] = {
+		"",
+		"[]",
+		"null",
+		"{\"request_id\":\"" ID "\"",
+		"{\"service\":\"s\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "\",\"service\":\"s\",\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "\",\"service\":\"s\",\"requested_by\":null}",
+		"{\"request_id\":\"0B7E8F5A-1C2D-4E3F-8A9B-0C1D2E3F4A5B\",\"service\":\"s\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "x\",\"service\":\"s\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":42,\"service\":\"s\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "\",\"service\":\"\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "\",\"service\":\"s\\u0000x\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "\",\"service\":\"s\",\"requested_by\":\"bob\",\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "\",\"service\":\"s\",\"requested_by\":null,\"requested_at\":\"yesterday\"}",
+		"{\"request_id\":\"" ID "\",\"service\":\"s\",\"requested_by\":null,\"requested_at\":12}",
+		"{\"request_id\":\"" ID "\",\"request_id\":\"" ID "\",\"service\":\"s\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+		"{\"request_id\":\"" ID "\",\"service\":\"0123456789012345678901234567890123456789012345678901234567890123456789\",\"requested_by\":null,\"requested_at\":\"2026-11-26T05:00:00Z\"}",
+	};
+
+	(void) state;
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+	{
+		err[0] = '\0';
+		if (parse(bad[i], &req, err))
+			fail_msg("accepted: %s", bad[i]);
+		assert_true(err[0] != '\0');
+	}
+}
+
+static void
+test_uuid(void **state)
+{
+	(void) state;
+	assert_true(util_is_uuid(ID, 36));
+	assert_false(util_is_uuid("0b7e8f5a-1c2d-4e3f-8a9b-0c1d2e3f4a5", 35));
+	assert_false(util_is_uuid("0b7e8f5a1c2d-4e3f-8a9b-0c1d2e3f4a5bb", 36));
+	assert_false(util_is_uuid("0b7e8f5a-1c2d-4e3f-8a9b-0c1d2e3f4a5G", 36));
+}
+
+static void
+test_rfc3339(void **state)
+{
+	int64_t		us;
+	char		buf[64];
+
+	(void) state;
+	assert_true(util_is_rfc3339("2026-11-26T05:00:00Z"));
+	assert_true(util_is_rfc3339("2026-11-26T05:00:00.1Z"));
+	assert_true(util_is_rfc3339("2026-11-26 05:00:00.123456+00:00"));
+	assert_false(util_is_rfc3339("2026-11-26T05:00:00"));
+	assert_false(util_is_rfc3339("2026-11-26T05:00:00.Z"));
+	assert_false(util_is_rfc3339("2026-11-26T05:00:00+0000"));
+	assert_false(util_is_rfc3339("2026-11-26T05:00:00Zjunk"));
+	util_format_time(1764133200123456LL, buf, sizeof(buf));
+	assert_string_equal(buf, "2025-11-26T05:00:00.123456Z");
+	assert_true(util_parse_time(buf, &us));
+	assert_int_equal(us, 1764133200123456LL);
+	assert_false(util_parse_time("2025-11-26T05:00:00Z", &us));
+}
+
+static void
+test_wait(void **state)
+{
+	int			w;
+
+	(void) state;
+	assert_true(request_parse_wait(NULL, 30, &w));
+	assert_int_equal(w, 0);
+	assert_true(request_parse_wait("10", 30, &w));
+	assert_int_equal(w, 10);
+	assert_true(request_parse_wait("999", 30, &w));
+	assert_int_equal(w, 30);
+	assert_false(request_parse_wait("", 30, &w));
+	assert_false(request_parse_wait("-1", 30, &w));
+	assert_false(request_parse_wait("1.5", 30, &w));
+	assert_false(request_parse_wait("99999999999", 30, &w));
+}
+
+static void
+test_job_path(void **state)
+{
+	char		id[UUID_TEXT_LEN + 1];
+	bool		is_job;
+
+	(void) state;
+	assert_true(request_parse_job_path("/v1/restarts/" ID, id, &is_job));
+	assert_true(is_job);
+	assert_string_equal(id, ID);
+	assert_false(request_parse_job_path("/v1/restarts/../etc/passwd", id, &is_job));
+	assert_true(is_job);
+	assert_string_equal(id, "");
+	assert_false(request_parse_job_path("/v1/restarts/", id, &is_job));
+	assert_false(is_job);
+	assert_false(request_parse_job_path("/v1/restarts", id, &is_job));
+	assert_false(is_job);
+}
+
+static void
+test_tail(void **state)
+{
+	tail_buffer tb;
+	size_t		len;
+	char	   *s;
+
+	(void) state;
+	assert_true(tail_init(&tb, 8));
+	tail_append(&tb, "abc", 3);
+	s = tail_to_utf8(&tb, &len);
+	assert_string_equal(s, "abc");
+	assert_false(tb.truncated);
+	free(s);
+	tail_append(&tb, "defghij", 7);
+	s = tail_to_utf8(&tb, &len);
+	assert_string_equal(s, "cdefghij");
+	assert_true(tb.truncated);
+	free(s);
+	tail_append(&tb, "0123456789XYZ", 13);
+	s = tail_to_utf8(&tb, &len);
+	assert_string_equal(s, "56789XYZ");
+	free(s);
+	tail_free(&tb);
+}
+
+static void
+test_utf8(void **state)
+{
+	size_t		len;
+	char	   *s;
+
+	(void) state;
+	s = tail_sanitize_utf8("ok \xc3\xa9 \xff \xc3 \xed\xa0\x80 \xf0\x9f\x98\x80", 18, &len);
+	assert_string_equal(s, "ok \xc3\xa9 \xef\xbf\xbd \xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd \xf0\x9f\x98\x80");
+	free(s);
+	s = tail_sanitize_utf8("a\0b", 3, &len);
+	assert_int_equal(len, 5);
+	free(s);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_valid_body),
+		cmocka_unit_test(test_bad_bodies),
+		cmocka_unit_test(test_uuid),
+		cmocka_unit_test(test_rfc3339),
+		cmocka_unit_test(test_wait),
+		cmocka_unit_test(test_job_path),
+		cmocka_unit_test(test_tail),
+		cmocka_unit_test(test_utf8),
+	};
+
+	return cmocka_run_group_tests_name("request", tests, NULL, NULL);
+}

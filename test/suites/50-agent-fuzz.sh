@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Agent fuzzing: build the libFuzzer targets (clang, ASan+UBSan) and run
+# each for a short while on a copy of the committed corpus
+# (agent/fuzz/corpus/*).  RA_FUZZ_SECONDS sets the time per target.
+set -uo pipefail
+cd "${RW_BUILD_DIR:-$(pwd)}"
+secs=${RA_FUZZ_SECONDS:-25}
+as_user() {
+	if [ "$(id -u)" -eq 0 ] && [ -n "${RW_RUN_AS:-}" ]; then runuser -u "$RW_RUN_AS" -- "$@"; else "$@"; fi
+}
+work=$(mktemp -d /tmp/ra-fuzz.XXXXXX)
+chmod 777 "$work"
+trap 'rm -rf "$work"' EXIT
+if ! as_user make -s -C agent fuzz >"$work/build.log" 2>&1; then
+	cat "$work/build.log"
+	echo "not ok - agent fuzz: build the libFuzzer targets"
+	exit 1
+fi
+echo "ok - agent fuzz: build the libFuzzer targets"
+status=0
+for target in verify request; do
+	mkdir -p "$work/$target"
+	chmod 777 "$work/$target"
+	(cd "$work" && as_user "$RW_BUILD_DIR/agent/fuzz/fuzz_$target" -max_total_time="$secs" -timeout=10 \
+		-rss_limit_mb=2048 -print_final_stats=1 "$work/$target" "$RW_BUILD_DIR/agent/fuzz/corpus/$target") \
+		>"$work/$target.log" 2>&1
+	rc=$?
+	runs=$(sed -nE 's/^stat::number_of_executed_units: *([0-9]+).*/\1/p' "$work/$target.log")
+	if [ "$rc" -eq 0 ]; then
+		echo "ok - agent fuzz: fuzz_$target ran ${secs}s (${runs:-?} inputs) without a crash"
+	else
+		status=1
+		tail -40 "$work/$target.log" | sed 's/^/# /'
+		echo "not ok - agent fuzz: fuzz_$target found a problem (exit $rc)"
+	fi
+done
+exit "$status"
