@@ -12,6 +12,7 @@
  */
 #include "postgres.h"
 
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 #include "restart_worker.h"
@@ -113,12 +114,14 @@ guc_define_limits(void)
 
 /*
  * Define every setting and reserve the prefix.  Called from _PG_init, also
- * when the library is loaded without preloading, so that SHOW works.
+ * when the library is loaded without preloading, so that SHOW works; the
+ * settings fixed at server start can only be defined while preloading.
  */
 void
 restart_worker_guc_init(void)
 {
-	guc_define_connection();
+	if (process_shared_preload_libraries_in_progress)
+		guc_define_connection();
 	guc_define_timing();
 	guc_define_limits();
 #if PG_VERSION_NUM >= 150000

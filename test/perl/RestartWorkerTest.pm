@@ -26,6 +26,9 @@ our @EXPORT = qw(
 # The signing secret shared by the tests' agents and the registry.
 our $SECRET = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
 
+# The database the helpers use (the worker's, restart_worker.database).
+our $DB = 'postgres';
+
 my @agents;
 
 sub slurp
@@ -193,6 +196,7 @@ sub new_node
 	$node->init(%{ $o{init} // {} });
 	$node->append_conf('postgresql.conf', <<"CONF");
 shared_preload_libraries = 'restart_worker'
+restart_worker.database = '$DB'
 restart_worker.retry_base = '100ms'
 restart_worker.retry_max = '1s'
 restart_worker.connect_timeout = '2s'
@@ -202,7 +206,12 @@ log_min_messages = 'info'
 @{[ $o{conf} // '' ]}
 CONF
 	$node->start;
-	$node->safe_psql('postgres', 'CREATE EXTENSION restart_worker') unless $o{no_extension};
+	if ($DB ne 'postgres')
+	{
+		$node->safe_psql('postgres', "CREATE DATABASE $DB");
+		$node->restart;    # the worker found no database at its first start
+	}
+	$node->safe_psql($DB, 'CREATE EXTENSION restart_worker') unless $o{no_extension};
 	return $node;
 }
 
@@ -210,12 +219,12 @@ CONF
 sub setup_registry
 {
 	my ($node, $agent_name, $url, %services) = @_;
-	$node->safe_psql('postgres',
+	$node->safe_psql($DB,
 		"SELECT restart_worker.register_agent('$agent_name', '$url', '$SECRET')");
 	for my $s (sort keys %services)
 	{
 		my $extra = $services{$s} ? ", $services{$s}" : '';
-		$node->safe_psql('postgres',
+		$node->safe_psql($DB,
 			"SELECT restart_worker.register_service('$s', '$agent_name', p_cooldown => '0'$extra)");
 	}
 }
@@ -224,7 +233,7 @@ sub setup_registry
 sub request_restart
 {
 	my ($node, $service) = @_;
-	return $node->safe_psql('postgres',
+	return $node->safe_psql($DB,
 		"SELECT id FROM public.request_service_restart('$service')");
 }
 
@@ -236,7 +245,7 @@ sub wait_status
 	my $end = time + ($timeout // $PostgreSQL::Test::Utils::timeout_default);
 	while (time < $end)
 	{
-		my $s = $node->safe_psql('postgres',
+		my $s = $node->safe_psql($DB,
 			"SELECT status FROM public.service_restart_requests WHERE id = '$id'");
 		return 1 if $s =~ /^(?:$status)$/;
 		sleep 0.05;
@@ -248,7 +257,7 @@ sub wait_status
 sub row_of
 {
 	my ($node, $id) = @_;
-	my $json = $node->safe_psql('postgres',
+	my $json = $node->safe_psql($DB,
 		"SELECT row_to_json(r) FROM public.service_restart_requests r WHERE id = '$id'");
 	require JSON::PP;
 	return JSON::PP::decode_json($json);
