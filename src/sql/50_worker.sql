@@ -21,7 +21,7 @@ RETURN pg_catalog.json_build_object(
 	'service', p_row.service_name,
 	'requested_by', p_row.requested_by,
 	'requested_at', pg_catalog.to_char(p_row.requested_at AT TIME ZONE 'UTC',
-									   'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))::text;
+									   'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))::pg_catalog.text;
 
 -- Text to jsonb, or NULL if it is not JSON (an answer from something else than an agent).
 CREATE FUNCTION restart_worker.try_jsonb(p_text text)
@@ -227,7 +227,7 @@ AS $$
 BEGIN
 	PERFORM pg_catalog.pg_notify('restart_worker',
 		pg_catalog.json_build_object('id', NEW.id, 'service_name', NEW.service_name,
-									 'status', NEW.status)::text);
+									 'status', NEW.status)::pg_catalog.text);
 	RETURN NULL;
 END;
 $$;
