@@ -8,6 +8,7 @@
  */
 #include <ctype.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -57,24 +58,34 @@ util_format_time(int64_t usec, char *buf, size_t bufsize)
 
 /*
  * Parse a time stamp written by util_format_time() (used when the journal
- * is read back).  Returns false if the text has any other shape.
+ * is read back).  Returns false if the text has any other shape or a field
+ * is out of range, so that every accepted value formats back identically.
  */
 bool
 util_parse_time(const char *text, int64_t *usec)
 {
+	static const char shape[] = "dddd-dd-ddTdd:dd:dd.ddddddZ";
 	struct tm	tm;
 	int			frac;
-	int			n = 0;
+	time_t		secs;
 
+	if (strlen(text) != sizeof(shape) - 1)
+		return false;
+	for (size_t i = 0; i < sizeof(shape) - 1; i++)
+		if (shape[i] == 'd' ? !isdigit((unsigned char) text[i]) : text[i] != shape[i])
+			return false;
 	memset(&tm, 0, sizeof(tm));
-	if (strlen(text) != 27 ||
-		sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2d.%6dZ%n",
-			   &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
-			   &tm.tm_min, &tm.tm_sec, &frac, &n) != 7 || n != 27)
+	sscanf(text, "%4d-%2d-%2dT%2d:%2d:%2d.%6dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+		   &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &frac);
+	if (tm.tm_year < 1970 || tm.tm_mon < 1 || tm.tm_mon > 12 || tm.tm_mday < 1 ||
+		tm.tm_mday > 31 || tm.tm_hour > 23 || tm.tm_min > 59 || tm.tm_sec > 59)
 		return false;
 	tm.tm_year -= 1900;
 	tm.tm_mon -= 1;
-	*usec = (int64_t) timegm(&tm) * 1000000 + frac;
+	secs = timegm(&tm);
+	if (secs <= 0 || tm.tm_mday != atoi(text + 8))
+		return false;			/* e.g. February 30th */
+	*usec = (int64_t) secs * 1000000 + frac;
 	return true;
 }
 

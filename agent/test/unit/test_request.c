@@ -105,6 +105,10 @@ test_rfc3339(void **state)
 	assert_true(util_parse_time(buf, &us));
 	assert_int_equal(us, 1764133200123456LL);
 	assert_false(util_parse_time("2025-11-26T05:00:00Z", &us));
+	assert_false(util_parse_time("2026-02-30T05:00:00.000000Z", &us));
+	assert_false(util_parse_time("+026-11-26T05:00:00.000000Z", &us));
+	assert_false(util_parse_time("1969-12-31T23:59:59.000000Z", &us));
+	assert_false(util_parse_time("2026-11-26T24:00:00.000000Z", &us));
 }
 
 static void
