@@ -220,6 +220,7 @@ worker_loop(void)
 	TimestampTz last_poll = 0;
 	bool		need_claim = true;
 	bool		recover = true;
+	bool		extension_seen = false;
 	bool		more = false;
 
 	for (;;)
@@ -243,12 +244,14 @@ worker_loop(void)
 			need_claim = true;
 		if (need_claim && rw_dispatch_free_slots() > 0)
 		{
-			if (worker_claim(recover, &next_due, &more))
-				recover = false;
+			/* Recovery goes on until every left-over request was taken. */
+			extension_seen = worker_claim(recover, &next_due, &more);
+			if (extension_seen)
+				recover = recover && more;
 			last_poll = now;
 			need_claim = false;
 		}
-		rw_status_set_state(recover ? RW_STATE_NO_EXTENSION :
+		rw_status_set_state(!extension_seen ? RW_STATE_NO_EXTENSION :
 							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
 
 		if (worker_wait(&set, worker_wait_timeout(next_due, last_poll)))
