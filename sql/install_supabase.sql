@@ -12,6 +12,13 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon, authentic
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON FUNCTIONS TO anon, authenticated, service_role;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON SEQUENCES TO anon, authenticated, service_role;
 ALTER DEFAULT PRIVILEGES GRANT ALL ON FUNCTIONS TO anon;
+-- Supabase also gives its dashboard roles everything; a trigger of theirs on our tables
+-- would run as the extension's owner.
+CREATE ROLE dashboard_user NOLOGIN;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO dashboard_user;
+ALTER DEFAULT PRIVILEGES GRANT ALL ON FUNCTIONS TO dashboard_user;
+ALTER DEFAULT PRIVILEGES GRANT ALL ON SCHEMAS TO dashboard_user;
+ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO dashboard_user;
 
 CREATE EXTENSION restart_worker;
 
@@ -25,8 +32,17 @@ SELECT r.rolname AS role,
 	   has_schema_privilege(r.rolname, 'restart_worker', 'USAGE') AS registry,
 	   has_function_privilege(r.rolname, 'restart_worker.register_agent(text,text,text)', 'EXECUTE') AS admin
 	FROM pg_roles r
-	WHERE r.rolname IN ('anon', 'authenticated', 'service_role', 'authenticator')
+	WHERE r.rolname IN ('anon', 'authenticated', 'service_role', 'authenticator', 'dashboard_user')
 	ORDER BY r.rolname;
+
+-- Nobody but the owner holds TRIGGER or REFERENCES on the tables, nor anything at all
+-- except the privileges granted above.
+SELECT c.oid::regclass::text AS object, a.grantee::regrole::text AS grantee,
+	   string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type) AS privileges
+	FROM pg_class c, aclexplode(c.relacl) a
+	WHERE (c.relnamespace = 'restart_worker'::regnamespace OR c.oid = 'service_restart_requests'::regclass)
+	  AND c.relkind = 'r' AND a.grantee <> c.relowner
+	GROUP BY 1, 2 ORDER BY 1, 2;
 
 -- No function of the extension is executable by anon, whatever the defaults said.
 SELECT p.oid::regprocedure AS executable_by_anon

@@ -55,6 +55,7 @@ CREATE TABLE restart_worker.services (
 	deadline	interval NOT NULL DEFAULT '15 minutes' CHECK (deadline > '0'),
 	max_attempts integer CHECK (max_attempts BETWEEN 1 AND 100),
 	description text NOT NULL DEFAULT '',
+	last_requested_at timestamptz,
 	created_at	timestamptz NOT NULL DEFAULT now(),
 	updated_at	timestamptz NOT NULL DEFAULT now()
 );
@@ -62,6 +63,8 @@ COMMENT ON TABLE restart_worker.services IS
 	'Services that may be restarted, the agent that restarts each, and its limits.';
 COMMENT ON COLUMN restart_worker.services.max_attempts IS
 	'Calls to the agent before the request fails; NULL means the GUC restart_worker.max_attempts.';
+COMMENT ON COLUMN restart_worker.services.last_requested_at IS
+	'When the latest request was accepted; written with every request so that concurrent callers conflict on this row.';
 COMMENT ON COLUMN restart_worker.services.deadline IS
 	'Time from the request to its end; a request past it fails with "timed out".';
 

@@ -1,24 +1,29 @@
 -- The public request API: request_service_restart() and the list of restartable services.
 
 -- The caller as PostgREST presents it: the role the statement runs as (SET ROLE, or the
--- session user of a plain connection), the JWT role and the JWT subject. A setting that
--- reads '' counts as missing; the legacy request.jwt.claim.* settings are honoured.
+-- session user of a plain connection), the JWT role and the JWT subject. The claims are
+-- read only for the roles PostgREST switches to; any other role could set them itself.
+-- A setting that reads '' counts as missing; the legacy request.jwt.claim.* settings are
+-- honoured.
 CREATE FUNCTION restart_worker.caller(
 	OUT db_role text, OUT jwt_role text, OUT sub text)
 LANGUAGE plpgsql STABLE
 SET search_path = ''
 AS $$
 DECLARE
-	v_raw		text := nullif(current_setting('request.jwt.claims', true), '');
-	v_claims	jsonb;
+	v_raw		pg_catalog.text := nullif(current_setting('request.jwt.claims', true), '');
+	v_claims	pg_catalog.jsonb;
 BEGIN
 	db_role := current_setting('role');
 	IF db_role = 'none' THEN
 		db_role := session_user;
 	END IF;
+	IF db_role NOT IN ('anon', 'authenticated', 'service_role') THEN
+		RETURN;
+	END IF;
 	IF v_raw IS NOT NULL THEN
 		BEGIN
-			v_claims := v_raw::jsonb;
+			v_claims := v_raw::pg_catalog.jsonb;
 		EXCEPTION
 			WHEN invalid_text_representation THEN
 				RAISE EXCEPTION 'request.jwt.claims is not valid JSON'
@@ -61,18 +66,20 @@ $$;
 -- Request a restart of a service: check who asks, the service, the active request and the
 -- cooldown, then insert the request. The worker is woken when the transaction commits.
 -- Callers are serialised per service by a row lock on the registry entry, so that of
--- sessions asking at the same instant exactly one inserts and the others see its row.
+-- sessions asking at the same instant exactly one inserts and the others see its row
+-- (READ COMMITTED) or fail to serialise (40001, with a transaction-wide snapshot).
 CREATE FUNCTION public.request_service_restart(p_service_name text)
 RETURNS public.service_restart_requests
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-	v_caller	record;
-	v_by		uuid;
+	v_caller	pg_catalog.record;
+	v_by		pg_catalog.uuid;
 	v_service	restart_worker.services;
 	v_active	public.service_restart_requests;
-	v_last		timestamptz;
+	v_last		pg_catalog.timestamptz;
+	v_now		pg_catalog.timestamptz;
 	v_row		public.service_restart_requests;
 BEGIN
 	v_caller := restart_worker.caller();
@@ -90,7 +97,7 @@ BEGIN
 			RAISE EXCEPTION 'JWT claim "sub" is not a user id'
 				USING ERRCODE = 'insufficient_privilege';
 		END IF;
-		v_by := v_caller.sub::uuid;
+		v_by := v_caller.sub::pg_catalog.uuid;
 	END IF;
 
 	PERFORM restart_worker.check_service_name(p_service_name);
@@ -105,6 +112,10 @@ BEGIN
 			USING ERRCODE = 'invalid_parameter_value';
 	END IF;
 
+	-- The time of the request is taken after the lock, not at the start of the
+	-- transaction: a long transaction must not backdate it past the cooldown.
+	v_now := clock_timestamp();
+
 	SELECT * INTO v_active FROM public.service_restart_requests r
 		WHERE r.service_name = p_service_name
 		  AND r.status IN ('pending', 'dispatching', 'running');
@@ -118,7 +129,7 @@ BEGIN
 	SELECT max(r.requested_at) INTO v_last FROM public.service_restart_requests r
 		WHERE r.service_name = p_service_name
 		  AND r.dispatched_at IS NOT NULL
-		  AND r.requested_at > now() - v_service.cooldown;
+		  AND r.requested_at > v_now - v_service.cooldown;
 	IF v_last IS NOT NULL THEN
 		RAISE EXCEPTION 'service "%" was restarted less than % ago', p_service_name, v_service.cooldown
 			USING ERRCODE = 'PT429',
@@ -130,11 +141,11 @@ BEGIN
 
 	BEGIN
 		INSERT INTO public.service_restart_requests
-			(service_name, requested_by, requested_by_role, deadline_at)
+			(service_name, requested_by, requested_by_role, requested_at, next_attempt_at, deadline_at)
 		VALUES (p_service_name, v_by,
 				CASE WHEN v_caller.db_role = 'authenticated' THEN v_caller.db_role
 					 ELSE coalesce(v_caller.jwt_role, v_caller.db_role) END,
-				now() + v_service.deadline)
+				v_now, v_now, v_now + v_service.deadline)
 		RETURNING * INTO v_row;
 	EXCEPTION
 		WHEN unique_violation THEN
@@ -143,6 +154,11 @@ BEGIN
 					  DETAIL = format('Another request for service "%s" was made at the same time.',
 									  p_service_name);
 	END;
+
+	-- Touching the registry row makes a caller whose snapshot predates this request
+	-- (REPEATABLE READ, SERIALIZABLE) fail with 40001 at its FOR UPDATE instead of
+	-- missing this request and its cooldown.
+	UPDATE restart_worker.services SET last_requested_at = v_now WHERE name = p_service_name;
 	RETURN v_row;
 END;
 $$;

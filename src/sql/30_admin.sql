@@ -105,7 +105,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-	v_services	text;
+	v_services	pg_catalog.text;
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'agent name');
 	SELECT string_agg(name, ', ' ORDER BY name) INTO v_services
@@ -253,7 +253,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-	v_caller	record;
+	v_caller	pg_catalog.record;
 BEGIN
 	v_caller := restart_worker.caller();
 	IF v_caller.db_role = 'anon' OR v_caller.jwt_role = 'anon' THEN
@@ -265,7 +265,7 @@ BEGIN
 		RAISE EXCEPTION 'cancelling needs a user id (JWT claim "sub")'
 			USING ERRCODE = 'insufficient_privilege';
 	END IF;
-	RETURN restart_worker.cancel(p_request_id, v_caller.sub::uuid, 'user ' || v_caller.sub);
+	RETURN restart_worker.cancel(p_request_id, v_caller.sub::pg_catalog.uuid, 'user ' || v_caller.sub);
 END;
 $$;
 COMMENT ON FUNCTION public.cancel_service_restart(uuid) IS

@@ -12,7 +12,7 @@ SET search_path = ''
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_role, 'role');
-	IF p_role::text = 'anon' THEN
+	IF p_role::pg_catalog.text = 'anon' THEN
 		RAISE EXCEPTION 'anon may not request restarts' USING ERRCODE = 'insufficient_privilege';
 	END IF;
 	EXECUTE format('GRANT EXECUTE ON FUNCTION public.request_service_restart(text) TO %s', p_role);
@@ -38,7 +38,9 @@ END;
 $$;
 
 -- Let a role administer restart_worker: the registry, the admin functions, and every
--- row of every table (row level security policies included).
+-- row of every table. Row level security lets in whoever may execute register_agent(),
+-- so the grants alone decide, and pg_dump carries them over. No TRIGGER or REFERENCES:
+-- a trigger of an admin would run as the owner of the SECURITY DEFINER functions.
 CREATE FUNCTION restart_worker.grant_admin(p_role regrole)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -46,24 +48,15 @@ SET search_path = ''
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_role, 'role');
-	IF p_role::text IN ('anon', 'authenticated') THEN
+	IF p_role::pg_catalog.text IN ('anon', 'authenticated') THEN
 		RAISE EXCEPTION '% may not administer restart_worker', p_role
 			USING ERRCODE = 'insufficient_privilege';
 	END IF;
 	PERFORM restart_worker.grant_requester(p_role);
 	EXECUTE format('GRANT USAGE ON SCHEMA restart_worker TO %s', p_role);
-	EXECUTE format('GRANT ALL ON ALL TABLES IN SCHEMA restart_worker TO %s', p_role);
+	EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA restart_worker TO %s', p_role);
 	EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA restart_worker TO %s', p_role);
-	EXECUTE format('GRANT ALL ON TABLE public.service_restart_requests TO %s', p_role);
-	EXECUTE format('DROP POLICY IF EXISTS %I ON public.service_restart_requests', 'admin_' || p_role::text);
-	EXECUTE format('CREATE POLICY %I ON public.service_restart_requests TO %s USING (true) WITH CHECK (true)',
-				   'admin_' || p_role::text, p_role);
-	EXECUTE format('DROP POLICY IF EXISTS %I ON restart_worker.agents', 'admin_' || p_role::text);
-	EXECUTE format('CREATE POLICY %I ON restart_worker.agents TO %s USING (true) WITH CHECK (true)',
-				   'admin_' || p_role::text, p_role);
-	EXECUTE format('DROP POLICY IF EXISTS %I ON restart_worker.services', 'admin_' || p_role::text);
-	EXECUTE format('CREATE POLICY %I ON restart_worker.services TO %s USING (true) WITH CHECK (true)',
-				   'admin_' || p_role::text, p_role);
+	EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE public.service_restart_requests TO %s', p_role);
 END;
 $$;
 
@@ -71,36 +64,66 @@ $$;
 CREATE POLICY read_requests ON public.service_restart_requests
 	FOR SELECT USING (true);
 
--- Start from nothing: no PUBLIC grants, and none of the default grants Supabase's
--- API roles receive on new objects.
+-- Admins (see grant_admin) may read and write every row of every table.
+CREATE POLICY admin_requests ON public.service_restart_requests
+	USING (pg_catalog.has_function_privilege(
+		'restart_worker.register_agent(pg_catalog.text,pg_catalog.text,pg_catalog.text)'::pg_catalog.regprocedure, 'EXECUTE'))
+	WITH CHECK (pg_catalog.has_function_privilege(
+		'restart_worker.register_agent(pg_catalog.text,pg_catalog.text,pg_catalog.text)'::pg_catalog.regprocedure, 'EXECUTE'));
+CREATE POLICY admin_agents ON restart_worker.agents
+	USING (pg_catalog.has_function_privilege(
+		'restart_worker.register_agent(pg_catalog.text,pg_catalog.text,pg_catalog.text)'::pg_catalog.regprocedure, 'EXECUTE'))
+	WITH CHECK (pg_catalog.has_function_privilege(
+		'restart_worker.register_agent(pg_catalog.text,pg_catalog.text,pg_catalog.text)'::pg_catalog.regprocedure, 'EXECUTE'));
+CREATE POLICY admin_services ON restart_worker.services
+	USING (pg_catalog.has_function_privilege(
+		'restart_worker.register_agent(pg_catalog.text,pg_catalog.text,pg_catalog.text)'::pg_catalog.regprocedure, 'EXECUTE'))
+	WITH CHECK (pg_catalog.has_function_privilege(
+		'restart_worker.register_agent(pg_catalog.text,pg_catalog.text,pg_catalog.text)'::pg_catalog.regprocedure, 'EXECUTE'));
+
+-- Start from nothing: whatever default privileges gave anyone on the new objects (Supabase
+-- grants anon, authenticated, service_role and postgres everything in public) is revoked
+-- from every grantee but the owner; then each API role gets exactly what it needs.
 DO $$
 DECLARE
-	v_role		text;
-	v_fn		regprocedure;
-	v_tab		regclass;
+	v_kind		pg_catalog.text;
+	v_object	pg_catalog.text;
+	v_grantee	pg_catalog.text;
 BEGIN
-	FOR v_role IN
-		SELECT 'PUBLIC' UNION ALL
-		SELECT quote_ident(rolname) FROM pg_catalog.pg_roles
-		WHERE rolname IN ('anon', 'authenticated', 'service_role')
+	FOR v_kind, v_object, v_grantee IN
+		SELECT 'TABLE', c.oid::pg_catalog.regclass::pg_catalog.text, a.grantee::pg_catalog.regrole::pg_catalog.text
+		FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+		WHERE (c.relnamespace = 'restart_worker'::pg_catalog.regnamespace
+			   OR c.oid = 'public.service_restart_requests'::pg_catalog.regclass)
+		  AND a.grantee <> c.relowner AND a.grantee <> 0
+		UNION
+		SELECT 'FUNCTION', p.oid::pg_catalog.regprocedure::pg_catalog.text, a.grantee::pg_catalog.regrole::pg_catalog.text
+		FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+		WHERE (p.pronamespace = 'restart_worker'::pg_catalog.regnamespace
+			   OR p.oid IN ('public.request_service_restart(pg_catalog.text)'::pg_catalog.regprocedure,
+							'public.cancel_service_restart(pg_catalog.uuid)'::pg_catalog.regprocedure,
+							'public.list_restartable_services()'::pg_catalog.regprocedure))
+		  AND a.grantee <> p.proowner AND a.grantee <> 0
+		UNION
+		SELECT 'SCHEMA', 'restart_worker', a.grantee::pg_catalog.regrole::pg_catalog.text
+		FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+		WHERE n.nspname = 'restart_worker' AND a.grantee <> n.nspowner AND a.grantee <> 0
 	LOOP
-		FOR v_fn IN
-			SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-			WHERE p.pronamespace = 'restart_worker'::regnamespace
-			   OR p.oid IN ('public.request_service_restart(text)'::regprocedure,
-							'public.cancel_service_restart(uuid)'::regprocedure,
-							'public.list_restartable_services()'::regprocedure)
-		LOOP
-			EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %s', v_fn, v_role);
-		END LOOP;
-		FOR v_tab IN
-			SELECT c.oid::regclass FROM pg_catalog.pg_class c
-			WHERE c.relnamespace = 'restart_worker'::regnamespace AND c.relkind = 'r'
-			UNION ALL SELECT 'public.service_restart_requests'::regclass
-		LOOP
-			EXECUTE format('REVOKE ALL ON TABLE %s FROM %s', v_tab, v_role);
-		END LOOP;
+		EXECUTE format('REVOKE ALL ON %s %s FROM %s', v_kind, v_object, v_grantee);
 	END LOOP;
+
+	-- Functions are executable by PUBLIC unless revoked.
+	FOR v_object IN
+		SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text FROM pg_catalog.pg_proc p
+		WHERE p.pronamespace = 'restart_worker'::pg_catalog.regnamespace
+		   OR p.oid IN ('public.request_service_restart(pg_catalog.text)'::pg_catalog.regprocedure,
+						'public.cancel_service_restart(pg_catalog.uuid)'::pg_catalog.regprocedure,
+						'public.list_restartable_services()'::pg_catalog.regprocedure)
+	LOOP
+		EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', v_object);
+	END LOOP;
+	REVOKE ALL ON TABLE public.service_restart_requests FROM PUBLIC;
+	REVOKE ALL ON ALL TABLES IN SCHEMA restart_worker FROM PUBLIC;
 
 	IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'authenticated') THEN
 		PERFORM restart_worker.grant_requester('authenticated');
