@@ -34,6 +34,20 @@
 #define WEBHOOK_ID_MAX 255
 #define TIMESTAMP_TOLERANCE 300
 
+/*
+ * Bounds that make the largest job record fit the journal's file size
+ * limit: a control byte of output is written as "\u0001" (6 bytes), so
+ * the output tail, the step argvs and the error can grow sixfold in JSON.
+ */
+#define OUTPUT_TAIL_MAX (1024 * 1024)
+#define STEPS_MAX 32
+#define STEP_ARGV_BYTES_MAX 4096
+#define JOURNAL_FILE_MAX (64 * 1024 * 1024)
+#define JOURNAL_RECORD_MAX \
+	(6 * (OUTPUT_TAIL_MAX + STEPS_MAX * (STEP_ARGV_BYTES_MAX + 512) + 4096) + 65536)
+_Static_assert(JOURNAL_RECORD_MAX < JOURNAL_FILE_MAX,
+			   "the largest job record must fit the journal's file size limit");
+
 /* ---------- log.c ---------- */
 extern void log_msg(const char *fmt,...) __attribute__((format(printf, 1, 2)));
 extern void log_sanitize(const char *in, size_t inlen, char *out, size_t outsize);
@@ -209,6 +223,8 @@ typedef struct job
 	tail_buffer output;
 	char	   *error;
 	const config_service *svc;	/* NULL for jobs loaded from the journal */
+	bool		unreadable;		/* stands for a journal record that could not
+								 * be read: the id stays taken */
 } job;
 
 typedef enum jobs_submit_result

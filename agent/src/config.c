@@ -51,7 +51,7 @@ static const config_limit limit_defs[] = {
 	LIMIT(max_body, 16384, 256, 1048576),
 	LIMIT(max_jobs, 4, 1, 256),
 	LIMIT(max_wait, 30, 0, 3600),
-	LIMIT(output_tail, 65536, 0, 16777216),
+	LIMIT(output_tail, 65536, 0, OUTPUT_TAIL_MAX),
 	LIMIT(kill_grace, 5, 1, 600),
 	LIMIT(connection_limit, 64, 1, 10000),
 	LIMIT(per_ip_connection_limit, 16, 0, 10000),
@@ -319,6 +319,7 @@ config_parse_argv(config_ctx *ctx, const config_setting_t *a, const char *key,
 				  config_step *step)
 {
 	int			n;
+	size_t		bytes = 0;
 
 	if (a == NULL)
 		return config_fail(ctx, NULL, key, "missing (each step needs argv = [\"/absolute/program\", ...])");
@@ -338,6 +339,8 @@ config_parse_argv(config_ctx *ctx, const config_setting_t *a, const char *key,
 			return config_fail(ctx, a, key, "element %d must be a string", i);
 		step->argv[i] = strdup(config_setting_get_string(e));
 		step->argc++;
+		if ((bytes += strlen(step->argv[i]) + 1) > STEP_ARGV_BYTES_MAX)
+			return config_fail(ctx, a, key, "must be at most %d bytes in all", STEP_ARGV_BYTES_MAX);
 		json_array_append_new(step->argv_json, json_string(step->argv[i]));
 	}
 	if (step->argv[0][0] != '/')
@@ -414,8 +417,8 @@ config_parse_services(config_ctx *ctx, const config_setting_t *root)
 		snprintf(key, sizeof(key), "services.%s", name);
 		if (strlen(name) > SERVICE_NAME_MAX)
 			return config_fail(ctx, s, key, "service names are at most %d characters", SERVICE_NAME_MAX);
-		if (config_setting_type(s) != CONFIG_TYPE_LIST || ns < 1 || ns > 32)
-			return config_fail(ctx, s, key, "must be a list of 1..32 steps ( { argv = [...]; }, ... )");
+		if (config_setting_type(s) != CONFIG_TYPE_LIST || ns < 1 || ns > STEPS_MAX)
+			return config_fail(ctx, s, key, "must be a list of 1..%d steps ( { argv = [...]; }, ... )", STEPS_MAX);
 		svc->name = strdup(name);
 		svc->steps = calloc(ns, sizeof(config_step));
 		cfg->nservices++;

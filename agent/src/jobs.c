@@ -354,11 +354,16 @@ jobs_runner(void *arg)
 }
 
 /*
- * Check whether a request repeats the fields a job was created with.
+ * Check whether a request repeats the fields a job was created with.  A
+ * stand-in for an unreadable journal record matches any request of its
+ * id: its fields are unknown, and what matters is that it never runs
+ * again.
  */
 static bool
 jobs_same_request(const job *j, const restart_request *req)
 {
+	if (j->unreadable)
+		return true;
 	return strcmp(j->service, req->service) == 0 &&
 		strcmp(j->requested_at, req->requested_at) == 0 &&
 		j->has_requested_by == req->has_requested_by &&

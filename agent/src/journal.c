@@ -23,8 +23,6 @@
 
 #include "agent.h"
 
-#define JOURNAL_FILE_MAX (64 * 1024 * 1024)
-
 static int	journal_dirfd = -1;
 static int	journal_lockfd = -1;
 
@@ -293,43 +291,120 @@ journal_job_from_json(json_t *obj, size_t output_tail)
 }
 
 /*
- * Read and parse one journal file; NULL (and a log line) if it is
- * unreadable, too large or not a job object.
+ * Stand in for a record that cannot be read back: a failed job holding
+ * only the id taken from the file name, so that the id is never forgotten
+ * and never runs again (fail closed).  Its time stamps are the file's
+ * modification time, or now when even that is unknown.
+ */
+static job *
+journal_unreadable_job(const char *name, const struct stat *st, const char *why)
+{
+	job		   *j = job_alloc(0);
+	int64_t		when = util_now_usec();
+
+	log_msg("journal: %s: %s; the id stays taken and is reported as a failed job",
+			name, why);
+	if (j == NULL)
+		return NULL;
+	if (st != NULL && st->st_mtim.tv_sec > 0)
+		when = (int64_t) st->st_mtim.tv_sec * 1000000 + st->st_mtim.tv_nsec / 1000;
+	memcpy(j->id, name, UUID_TEXT_LEN);
+	j->id[UUID_TEXT_LEN] = '\0';
+	j->status = JOB_FAILED;
+	j->accepted_at = j->started_at = j->finished_at = when;
+	j->error = strdup("journal record unreadable");
+	j->unreadable = true;
+	return j;
+}
+
+/*
+ * Parse the open journal file f into a job; NULL if it is not a job
+ * object of the id its name says.
+ */
+static job *
+journal_parse_file(FILE *f, const char *name, size_t output_tail)
+{
+	json_error_t jerr;
+	json_t	   *obj = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
+	job		   *j = obj ? journal_job_from_json(obj, output_tail) : NULL;
+
+	json_decref(obj);
+	if (j != NULL && strncmp(name, j->id, UUID_TEXT_LEN) != 0)
+	{
+		job_free(j);
+		j = NULL;
+	}
+	return j;
+}
+
+/*
+ * Read and parse one journal file.  A record that is unreadable, too
+ * large or not a job object becomes a failed stand-in job (see
+ * journal_unreadable_job); NULL only when memory runs out.
  */
 static job *
 journal_read_one(const char *name, size_t output_tail)
 {
-	int			fd = openat(journal_dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	int			fd = openat(journal_dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
 	struct stat st;
-	json_error_t jerr;
-	json_t	   *obj = NULL;
 	job		   *j = NULL;
 	FILE	   *f;
 
-	if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > JOURNAL_FILE_MAX)
+	if (fd < 0 || fstat(fd, &st) != 0)
 	{
-		log_msg("journal: skipping %s: not a readable regular file of sane size", name);
 		if (fd >= 0)
 			close(fd);
-		return NULL;
+		return journal_unreadable_job(name, NULL, strerror(errno));
 	}
-	f = fdopen(fd, "r");
-	if (f != NULL)
-		obj = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
-	if (f != NULL)
-		fclose(f);
-	else
-		close(fd);
-	if (obj != NULL)
-		j = journal_job_from_json(obj, output_tail);
-	json_decref(obj);
-	if (j == NULL || strncmp(name, j->id, UUID_TEXT_LEN) != 0)
+	if (!S_ISREG(st.st_mode) || st.st_size > JOURNAL_FILE_MAX)
 	{
-		log_msg("journal: skipping %s: not a valid job record", name);
-		job_free(j);
+		close(fd);
+		return journal_unreadable_job(name, &st, "not a regular file of sane size");
+	}
+	if ((f = fdopen(fd, "r")) == NULL)
+	{
+		close(fd);
 		return NULL;
 	}
-	return j;
+	j = journal_parse_file(f, name, output_tail);
+	fclose(f);
+	return j ? j : journal_unreadable_job(name, &st, "not a valid job record");
+}
+
+/*
+ * Append a job to a growing array; false when memory runs out.
+ */
+static bool
+journal_push(job ***jobs, int *n, int *cap, job *j)
+{
+	if (*n == *cap)
+	{
+		int			newcap = *cap ? *cap * 2 : 64;
+		job		  **p = realloc(*jobs, newcap * sizeof(job *));
+
+		if (p == NULL)
+			return false;
+		*jobs = p;
+		*cap = newcap;
+	}
+	(*jobs)[(*n)++] = j;
+	return true;
+}
+
+/*
+ * Give up loading the journal: free what was loaded and return -1, so
+ * that the agent refuses to start rather than forget an id.
+ */
+static int
+journal_load_fail(DIR *d, job **jobs, int n, job *extra)
+{
+	log_msg("journal: cannot read the job records: %s", strerror(errno ? errno : ENOMEM));
+	for (int i = 0; i < n; i++)
+		job_free(jobs[i]);
+	free(jobs);
+	job_free(extra);
+	closedir(d);
+	return -1;
 }
 
 /*
@@ -351,7 +426,7 @@ journal_load(job ***jobs_out, size_t output_tail)
 	if (d == NULL)
 		return -1;
 	rewinddir(d);
-	while ((de = readdir(d)) != NULL)
+	for (errno = 0; (de = readdir(d)) != NULL; errno = 0)
 	{
 		size_t		len = strlen(de->d_name);
 		job		   *j;
@@ -361,17 +436,15 @@ journal_load(job ***jobs_out, size_t output_tail)
 			unlinkat(journal_dirfd, de->d_name, 0);
 			continue;
 		}
-		if (len != UUID_TEXT_LEN + 5 || strcmp(de->d_name + UUID_TEXT_LEN, ".json") != 0)
+		if (len != UUID_TEXT_LEN + 5 || strcmp(de->d_name + UUID_TEXT_LEN, ".json") != 0 ||
+			!util_is_uuid(de->d_name, UUID_TEXT_LEN))
 			continue;
-		if ((j = journal_read_one(de->d_name, output_tail)) == NULL)
-			continue;
-		if (n == cap)
-		{
-			cap = cap ? cap * 2 : 64;
-			jobs = realloc(jobs, cap * sizeof(job *));
-		}
-		jobs[n++] = j;
+		if ((j = journal_read_one(de->d_name, output_tail)) == NULL ||
+			!journal_push(&jobs, &n, &cap, j))
+			return journal_load_fail(d, jobs, n, j);
 	}
+	if (errno != 0)
+		return journal_load_fail(d, jobs, n, NULL);
 	closedir(d);
 	*jobs_out = jobs;
 	return n;

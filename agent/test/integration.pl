@@ -89,13 +89,15 @@ sub start_agent
 	chmod 0600, "$dir/secrets";
 	my $listen = $o{listen} // '127.0.0.1:0';
 	my $tls = $o{tls} ? "tls_cert = \"$o{tls}{cert}\";\ntls_key = \"$o{tls}{key}\";\n" : '';
+	my %limits = (max_body => 1024, max_jobs => 2, max_wait => 20, output_tail => 4096, kill_grace => 1,
+		connection_timeout => 30, retention_max_jobs => $o{retention} // 1000, %{ $o{limits} // {} });
+	my $limits = join ' ', map { "$_ = $limits{$_};" } sort keys %limits;
 	spew("$dir/agent.conf", <<"CONF");
 listen = "$listen";
 $tls
 secrets_file = "secrets";
 state_dir = "$dir/state";
-limits = { max_body = 1024; max_jobs = 2; max_wait = 20; output_tail = 4096; kill_grace = 1;
-           connection_timeout = 30; retention_max_jobs = @{[ $o{retention} // 1000 ]}; };
+limits = { $limits };
 services = {
 $o{services}
 };
@@ -211,6 +213,8 @@ my $services = <<"SVC";
   bgsession = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bgs"; BG_SESSION = "1"; }; } );
   slow = ( { argv = ["$steps/sleep.sh", "1.5"]; } );
   missing = ( { argv = ["/nonexistent/program"]; } );
+  counted = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.journal"; }; } );
+  ctl = ( { argv = ["$steps/ctl.sh", "1048576"]; } );
 SVC
 
 my $a = start_agent(services => $services);
@@ -459,6 +463,41 @@ my $okid = uuid();
 	my ($s2) = get_job($b, $ids[3]);
 	ok(@files == 2 && $s == 404 && $s2 == 200, 'retention_max_jobs prunes the oldest finished jobs from disk and memory');
 	stop_agent($b);
+}
+
+# --- the journal fails closed: an id on disk is never forgotten -------------------
+{
+	my $d = tempdir("journal-XXXXXX", DIR => $tmp);
+	mkdir "$d/state";
+	mkdir "$d/state/jobs";
+	my ($garbage, $huge) = (uuid(), uuid());
+	spew("$d/state/jobs/$garbage.json", "{\"request_id\": \"$garbage\", garbage");
+	open(my $fh, '>', "$d/state/jobs/$huge.json") or die;
+	truncate($fh, 65 * 1024 * 1024) or die;
+	close $fh;
+	my $b = start_agent(services => $services, dir => $d, limits => { output_tail => 1048576 });
+	my ($s, $j) = post_restart($b, $garbage, 'counted');
+	ok($s == 200 && $j->{status} eq 'failed' && $j->{error} eq 'journal record unreadable' && !-e "$count.journal",
+		'an unparsable journal record still holds its id: POST answers 200 failed, nothing runs', $json->encode($j // {}));
+	($s, $j) = get_job($b, $huge);
+	ok($s == 200 && $j->{status} eq 'failed' && $j->{error} eq 'journal record unreadable',
+		'an oversized journal record still holds its id: GET answers 200 failed', $json->encode($j // {}));
+	# the largest record (output_tail at its maximum, all control bytes) loads back
+	my $id = uuid();
+	($s) = post_restart($b, $id, 'ctl');
+	$j = wait_job($b, $id, 30);
+	ok($s == 202 && $j->{status} eq 'completed' && length($j->{output}) == 1048576,
+		'a job with 1 MiB of control-byte output completes', $j->{status} // '');
+	stop_agent($b);
+	my $size = -s "$d/state/jobs/$id.json";
+	my $c = start_agent(services => $services, dir => $d, limits => { output_tail => 1048576 });
+	($s, $j) = get_job($c, $id);
+	ok($size > 6_000_000 && $s == 200 && $j->{status} eq 'completed' && !defined $j->{error}
+		&& length($j->{output}) == 1048576, "the largest record ($size bytes) loads back after a restart",
+		slurp($c->{log}));
+	($s, $j) = post_restart($c, $garbage, 'counted');
+	ok($s == 200 && $j->{status} eq 'failed' && !-e "$count.journal", 'and after another restart the unreadable id still never runs');
+	stop_agent($c);
 }
 
 # --- SIGTERM during a job ---------------------------------------------------------

@@ -208,6 +208,33 @@ test_limits(void **state)
 			"limits.connection_timeout:", "max_wait");
 }
 
+/*
+ * The largest job record must fit the journal: output_tail is capped at
+ * 1 MiB and a step's argv at 4096 bytes, so that a record written with a
+ * sixfold JSON escape of each still loads back at start.
+ */
+static void
+test_record_bounds(void **state)
+{
+	agent_config *cfg;
+	char		text[8192];
+	char		arg[4100];
+
+	(void) state;
+	refused(BASE "limits = { output_tail = 1048577; };\n" SVC, ":4: limits.output_tail:", "between");
+	refused(BASE "limits = { output_tail = 16777216; };\n" SVC, ":4: limits.output_tail:", "between");
+	cfg = load(BASE "limits = { output_tail = 1048576; };\n" SVC);
+	if (cfg == NULL)
+		fail_msg("%s", err);
+	assert_int_equal(cfg->output_tail, 1048576);
+	config_free(cfg);
+	memset(arg, 'a', 4090);
+	arg[4090] = '\0';
+	snprintf(text, sizeof(text), BASE "services = { web = ( { argv = [\"/bin/true\", \"%s\"]; } ); };\n", arg);
+	refused(text, ":4: services.web[0].argv:", "4096 bytes");
+	assert_true(JOURNAL_RECORD_MAX < JOURNAL_FILE_MAX);
+}
+
 static void
 test_state_dir(void **state)
 {
@@ -277,6 +304,7 @@ main(void)
 		cmocka_unit_test(test_bad_listen),
 		cmocka_unit_test(test_unknown_key),
 		cmocka_unit_test(test_limits),
+		cmocka_unit_test(test_record_bounds),
 		cmocka_unit_test(test_state_dir),
 		cmocka_unit_test(test_services),
 		cmocka_unit_test(test_secrets),
