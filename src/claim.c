@@ -9,16 +9,22 @@
  * answers are retried, backoff, deadline, lease) is in SQL, in
  * src/sql/50_worker.sql; answers are parsed there with jsonb.
  *
- * The worker commits asynchronously (synchronous_commit = off, set in
- * src/worker.c): a claim or an outcome lost in a crash is redone with the
- * same request id, and the agent answers a repeated id with the existing
- * job, so nothing runs twice.
+ * Outcomes are committed asynchronously (synchronous_commit = off, set in
+ * src/worker.c): an outcome lost in a crash is redone with the same request
+ * id, and the agent answers a repeated id with the existing job, so nothing
+ * runs twice.  A claim commits synchronously: once a request may be sent,
+ * its row must never be found pending (cancellable) again after a crash.
+ *
+ * An error in these transactions (a bad answer the SQL did not expect, a
+ * missing privilege, a lock timeout) is logged and the transaction rolled
+ * back; the worker goes on instead of exiting and restarting in a loop.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "miscadmin.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -56,6 +62,23 @@ claim_end(void)
 	CommitTransactionCommand();
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * After an error in a short transaction: log it, roll the transaction back
+ * and go back to the caller's memory context, so that the worker can go on.
+ */
+static void
+claim_recover(MemoryContext cxt)
+{
+	HOLD_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
+	EmitErrorReport();
+	AbortCurrentTransaction();
+	FlushErrorState();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	RESUME_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
 }
 
 /*
@@ -123,6 +146,8 @@ claim_copy_rows(MemoryContext cxt)
 		row->key = isnull ? NULL : DatumGetByteaPCopy(d);
 		row->body = SPI_getvalue(tup, desc, 4);
 		row->deadline = DatumGetTimestampTz(SPI_getbinval(tup, desc, 5, &isnull));
+		d = SPI_getbinval(tup, desc, 6, &isnull);
+		row->maybe_sent = isnull || DatumGetBool(d);
 		rows = lappend(rows, row);
 	}
 	MemoryContextSwitchTo(old);
@@ -130,37 +155,33 @@ claim_copy_rows(MemoryContext cxt)
 }
 
 /*
- * Claim up to limit due requests, except those in flight (exclude, a list
- * of id strings), and find when the next one is due.  After a restart
- * (recover) every dispatching or running request is taken over.  Returns
- * false, claiming nothing, if the extension does not exist.
- * *more says whether the claim was cut short by the limit.
+ * The claim proper, in its own transaction; see rw_claim().  The claim
+ * commits synchronously: the calls start right after it.
  */
-bool
-rw_claim(int limit, List *exclude, bool recover, List **rows,
-		 TimestampTz *next_due, bool *more)
+static RwClaimResult
+claim_run(int limit, List *exclude, bool recover, List **rows,
+		  TimestampTz *next_due, bool *more, MemoryContext cxt)
 {
-	MemoryContext cxt = CurrentMemoryContext;
 	Oid			types[4] = {INT4OID, TEXTOID, INT4OID, BOOLOID};
 	Datum		values[4];
 	List	   *excl;
 	ListCell   *lc;
 	bool		isnull;
+	Datum		d;
 
-	*rows = NIL;
-	*next_due = 0;
-	*more = false;
 	claim_begin("restart_worker: claim due requests");
 	if (!claim_extension_exists())
 	{
 		claim_end();
-		return false;
+		return RW_CLAIM_NO_EXTENSION;
 	}
+	if (SPI_execute("SET LOCAL synchronous_commit = on", false, 0) != SPI_OK_UTILITY)
+		elog(ERROR, "restart_worker: could not set synchronous_commit");
 	values[0] = Int32GetDatum(limit);
 	values[1] = claim_ids_array(exclude);
 	values[2] = Int32GetDatum(claim_lease_ms());
 	values[3] = BoolGetDatum(recover);
-	if (SPI_execute_with_args("SELECT id::text, url, key, body, deadline_at"
+	if (SPI_execute_with_args("SELECT id::text, url, key, body, deadline_at, maybe_sent"
 							  " FROM restart_worker.worker_claim($1, $2::uuid[], $3, $4)",
 							  4, types, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "restart_worker: claim failed");
@@ -174,13 +195,44 @@ rw_claim(int limit, List *exclude, bool recover, List **rows,
 	if (SPI_execute_with_args("SELECT restart_worker.worker_next_due($1::uuid[])",
 							  1, types + 1, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "restart_worker: next due look-up failed");
-	{
-		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-
-		*next_due = isnull ? 0 : DatumGetTimestampTz(d);
-	}
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	*next_due = isnull ? 0 : DatumGetTimestampTz(d);
 	claim_end();
-	return true;
+	return RW_CLAIM_OK;
+}
+
+/*
+ * Claim up to limit due requests, except those in flight (exclude, a list
+ * of id strings), and find when the next one is due.  After a restart
+ * (recover) every dispatching or running request is taken over.  Claims
+ * nothing if the extension does not exist, or if the claim failed (the
+ * error is logged).  *more says whether the claim was cut short by the
+ * limit.
+ */
+RwClaimResult
+rw_claim(int limit, List *exclude, bool recover, List **rows,
+		 TimestampTz *next_due, bool *more)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile RwClaimResult result = RW_CLAIM_ERROR;
+
+	*rows = NIL;
+	*next_due = 0;
+	*more = false;
+	PG_TRY();
+	{
+		result = claim_run(limit, exclude, recover, rows, next_due, more, cxt);
+	}
+	PG_CATCH();
+	{
+		claim_recover(cxt);
+		*rows = NIL;
+		*next_due = 0;
+		*more = false;
+		result = RW_CLAIM_ERROR;
+	}
+	PG_END_TRY();
+	return result;
 }
 
 /*
@@ -204,24 +256,21 @@ claim_outcome(const char *action)
 }
 
 /*
- * Record the outcome of one call in its own transaction and say what to do
- * next.  For a retry, *next_at is when the request is due again.  If the
- * extension is gone, the request is forgotten.
+ * The recording proper, in its own transaction; see rw_record().
  */
-RwOutcome
-rw_record(RwCall *call, TimestampTz *next_at)
+static RwOutcome
+claim_record_run(RwCall *call, TimestampTz *next_at)
 {
-	Oid			types[8] = {TEXTOID, INT4OID, TEXTOID, TEXTOID,
-	INT4OID, INT4OID, INT4OID, INT4OID};
-	Datum		values[8];
-	char		nulls[8];
-	bool		answered = call->http_status != 0;
+	Oid			types[10] = {TEXTOID, TEXTOID, INT4OID, TEXTOID, BOOLOID,
+	BOOLOID, INT4OID, INT4OID, INT4OID, INT4OID};
+	Datum		values[10];
+	char		nulls[10];
+	bool		answered = call->kind == RW_CALL_ANSWER;
 	bool		isnull;
 	char	   *action;
 	RwOutcome	outcome;
 	Datum		d;
 
-	*next_at = 0;
 	memset(nulls, ' ', sizeof(nulls));
 	claim_begin("restart_worker: record an agent's answer");
 	if (!claim_extension_exists())
@@ -230,31 +279,58 @@ rw_record(RwCall *call, TimestampTz *next_at)
 		return RW_OUTCOME_DONE;
 	}
 	values[0] = CStringGetTextDatum(call->id);
-	values[1] = Int32GetDatum((int32) call->http_status);
+	values[1] = CStringGetTextDatum(rw_http_kind_name(call->kind));
+	values[2] = Int32GetDatum((int32) call->http_status);
 	if (!answered)
-		nulls[1] = 'n';
-	if (answered && call->resp &&
-		pg_verifymbstr(call->resp, call->resp_len, true))
-		values[2] = CStringGetTextDatum(call->resp);
-	else
 		nulls[2] = 'n';
-	values[3] = CStringGetTextDatum(call->error);
-	if (answered)
+	if (answered && call->resp != NULL && call->resp_len > 0 &&
+		pg_verifymbstr(call->resp, call->resp_len, true))
+		values[3] = PointerGetDatum(cstring_to_text_with_len(call->resp, call->resp_len));
+	else
 		nulls[3] = 'n';
-	values[4] = Int32GetDatum(rw_max_attempts);
-	values[5] = Int32GetDatum(rw_retry_base);
-	values[6] = Int32GetDatum(rw_retry_max);
-	values[7] = Int32GetDatum(claim_lease_ms());
+	values[4] = BoolGetDatum(call->sent);
+	values[5] = BoolGetDatum(call->maybe_sent);
+	values[6] = Int32GetDatum(rw_max_attempts);
+	values[7] = Int32GetDatum(rw_retry_base);
+	values[8] = Int32GetDatum(rw_retry_max);
+	values[9] = Int32GetDatum(claim_lease_ms());
 	if (SPI_execute_with_args("SELECT action, next_at FROM restart_worker.worker_record("
-							  "$1::uuid, $2, $3, $4, $5, $6, $7, $8)",
-							  8, types, values, nulls, false, 1) != SPI_OK_SELECT ||
+							  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+							  10, types, values, nulls, false, 1) != SPI_OK_SELECT ||
 		SPI_processed != 1)
 		elog(ERROR, "restart_worker: recording an outcome failed");
 	action = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	if (!isnull)
 		*next_at = DatumGetTimestampTz(d);
-	outcome = claim_outcome(action);
+	outcome = strcmp(action, "locked") == 0 ? RW_OUTCOME_LOCKED : claim_outcome(action);
 	claim_end();
+	return outcome;
+}
+
+/*
+ * Record the outcome of one call in its own transaction and say what to do
+ * next.  For a retry, *next_at is when the request is due again.  If the
+ * extension is gone, the request is forgotten.  If recording fails, the
+ * error is logged and the request is left to its lease.
+ */
+RwOutcome
+rw_record(RwCall *call, TimestampTz *next_at)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile RwOutcome outcome = RW_OUTCOME_ERROR;
+
+	*next_at = 0;
+	PG_TRY();
+	{
+		outcome = claim_record_run(call, next_at);
+	}
+	PG_CATCH();
+	{
+		claim_recover(cxt);
+		*next_at = 0;
+		outcome = RW_OUTCOME_ERROR;
+	}
+	PG_END_TRY();
 	return outcome;
 }

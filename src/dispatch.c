@@ -15,6 +15,7 @@
 #include "postgres.h"
 
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "restart_worker.h"
 
@@ -113,13 +114,17 @@ rw_dispatch_start(RwClaimed *row)
 	rw_status_set_in_flight(dispatch_in_flight);
 	strlcpy(call->id, row->id, sizeof(call->id));
 	call->deadline = row->deadline;
+	call->maybe_sent = row->maybe_sent;
 	call->following = false;
+	call->record_at = 0;
+	call->record_tries = 0;
 	if (row->url == NULL || row->key == NULL ||
 		VARSIZE_ANY_EXHDR(row->key) > (int) sizeof(call->key))
 	{
 		call->url = MemoryContextStrdup(dispatch_cxt, "");
 		call->body = MemoryContextStrdup(dispatch_cxt, "");
-		rw_http_fail(call, "the service or its agent is no longer registered");
+		rw_http_fail(call, RW_CALL_UNREGISTERED,
+					 "the service or its agent is no longer registered");
 		return;
 	}
 	call->url = MemoryContextStrdup(dispatch_cxt, row->url);
@@ -130,38 +135,87 @@ rw_dispatch_start(RwClaimed *row)
 }
 
 /*
- * Record the outcome of every finished call and move each request on: a
- * running job is followed with a long-poll, anything else frees its slot.
- * Lowers *next_at to the earliest retry put back.  Returns true if a slot
- * was freed.
+ * Record the outcome of one finished call and move its request on: a
+ * running job is followed with a long-poll, a locked row is recorded again
+ * a little later, anything else frees the slot.  Lowers *next_at to the
+ * earliest retry put back.  Returns true if the slot was freed.
+ */
+static bool
+dispatch_record(RwCall *call, TimestampTz *next_at)
+{
+	TimestampTz at = 0;
+
+	call->record_at = 0;
+	switch (rw_record(call, &at))
+	{
+		case RW_OUTCOME_FOLLOW:
+			/* A job that runs: follow it; a retried POST finds it. */
+			call->following = true;
+			call->maybe_sent = true;
+			call->record_tries = 0;
+			rw_http_start(call);
+			return false;
+		case RW_OUTCOME_LOCKED:
+			/* Never wait for a row lock: try again, less and less often. */
+			call->record_tries++;
+			call->record_at = GetCurrentTimestamp() +
+				(TimestampTz) Min(100L << Min(call->record_tries, 6), 5000L) * 1000;
+			return false;
+		case RW_OUTCOME_RETRY:
+			if (at != 0 && (*next_at == 0 || at < *next_at))
+				*next_at = at;
+			break;
+		case RW_OUTCOME_DONE:
+		case RW_OUTCOME_ERROR:
+			break;
+	}
+	dispatch_release(call);
+	return true;
+}
+
+/*
+ * Record the outcome of every finished call, and again those whose row was
+ * locked when they are due.  Lowers *next_at to the earliest retry put
+ * back.  Returns true if a slot was freed.
  */
 bool
 rw_dispatch_finish(TimestampTz *next_at)
 {
 	RwCall	   *call;
 	bool		freed = false;
+	TimestampTz now = GetCurrentTimestamp();
+	int			i;
 
 	while ((call = rw_http_next_done()) != NULL)
+		freed |= dispatch_record(call, next_at);
+	for (i = 0; i < RW_MAX_SLOTS; i++)
 	{
-		TimestampTz at = 0;
-
-		switch (rw_record(call, &at))
-		{
-			case RW_OUTCOME_FOLLOW:
-				call->following = true;
-				rw_http_start(call);
-				break;
-			case RW_OUTCOME_RETRY:
-				if (at != 0 && (*next_at == 0 || at < *next_at))
-					*next_at = at;
-				/* FALLTHROUGH */
-			case RW_OUTCOME_DONE:
-				dispatch_release(call);
-				freed = true;
-				break;
-		}
+		call = &dispatch_slots[i];
+		if (call->in_use && call->record_at != 0 && call->record_at <= now)
+			freed |= dispatch_record(call, next_at);
 	}
 	return freed;
+}
+
+/*
+ * When the earliest outcome that found its row locked is to be recorded
+ * again, or 0 if there is none.
+ */
+TimestampTz
+rw_dispatch_next_record(void)
+{
+	TimestampTz next = 0;
+	int			i;
+
+	for (i = 0; i < RW_MAX_SLOTS; i++)
+	{
+		RwCall	   *call = &dispatch_slots[i];
+
+		if (call->in_use && call->record_at != 0 &&
+			(next == 0 || call->record_at < next))
+			next = call->record_at;
+	}
+	return next;
 }
 
 /*

@@ -229,6 +229,8 @@ http_set_transport(CURL *easy, RwCall *call, const char *url)
 	curl_easy_setopt(easy, CURLOPT_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
 	curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
+	/* Never through a proxy named in the postmaster's environment. */
+	curl_easy_setopt(easy, CURLOPT_PROXY, "");
 	curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) rw_connect_timeout);
@@ -245,12 +247,14 @@ http_set_transport(CURL *easy, RwCall *call, const char *url)
  * it could start.  rw_http_next_done() returns it.
  */
 void
-rw_http_fail(RwCall *call, const char *why)
+rw_http_fail(RwCall *call, RwCallKind kind, const char *why)
 {
 	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
 	strlcpy(call->error, why, sizeof(call->error));
 	call->http_status = 0;
+	call->kind = kind;
+	call->sent = false;
 	http_failed_starts = lappend(http_failed_starts, call);
 	MemoryContextSwitchTo(old);
 }
@@ -267,9 +271,14 @@ rw_http_start(RwCall *call)
 	char	   *url;
 	const char *body = call->following ? "" : call->body;
 
+	if (call->resp)
+		free(call->resp);
+	call->resp = NULL;
 	call->resp_len = 0;
 	call->resp_too_big = false;
 	call->http_status = 0;
+	call->kind = RW_CALL_ANSWER;
+	call->sent = false;
 	call->error[0] = '\0';
 
 	easy = curl_easy_init();
@@ -278,7 +287,7 @@ rw_http_start(RwCall *call)
 	{
 		if (easy)
 			curl_easy_cleanup(easy);
-		rw_http_fail(call, "could not prepare the call");
+		rw_http_fail(call, RW_CALL_PREPARE, "could not prepare the call");
 		return false;
 	}
 	url = http_call_url(call);
@@ -419,26 +428,130 @@ rw_http_timer_event(void)
 }
 
 /*
- * Fill in the outcome of a finished transfer: the HTTP status, or why
- * there is none.
+ * The name of a kind of outcome, as src/sql/50_worker.sql knows it.
+ */
+const char *
+rw_http_kind_name(RwCallKind kind)
+{
+	switch (kind)
+	{
+		case RW_CALL_ANSWER:
+			return "answer";
+		case RW_CALL_CONNECT:
+			return "connect";
+		case RW_CALL_TIMEOUT:
+			return "timeout";
+		case RW_CALL_NETWORK:
+			return "network";
+		case RW_CALL_PREPARE:
+			return "prepare";
+		case RW_CALL_TLS:
+			return "tls";
+		case RW_CALL_TOO_LARGE:
+			return "too_large";
+		case RW_CALL_PROTOCOL:
+			return "protocol";
+		case RW_CALL_UNREGISTERED:
+			return "unregistered";
+	}
+	return "protocol";
+}
+
+/*
+ * Sort a transfer that ended without an answer by what may help: only a
+ * failure to connect, a timeout or a lost connection may succeed later;
+ * TLS failures, oversized and malformed answers will not.
+ */
+static RwCallKind
+http_classify(CURLcode rc, bool too_big)
+{
+	if (too_big)
+		return RW_CALL_TOO_LARGE;
+	switch (rc)
+	{
+		case CURLE_COULDNT_RESOLVE_HOST:
+		case CURLE_COULDNT_RESOLVE_PROXY:
+		case CURLE_COULDNT_CONNECT:
+			return RW_CALL_CONNECT;
+		case CURLE_OPERATION_TIMEDOUT:
+			return RW_CALL_TIMEOUT;
+		case CURLE_SEND_ERROR:
+		case CURLE_RECV_ERROR:
+		case CURLE_GOT_NOTHING:
+		case CURLE_PARTIAL_FILE:
+			return RW_CALL_NETWORK;
+		case CURLE_PEER_FAILED_VERIFICATION:
+		case CURLE_SSL_CONNECT_ERROR:
+		case CURLE_SSL_CERTPROBLEM:
+		case CURLE_SSL_CIPHER:
+		case CURLE_SSL_CACERT_BADFILE:
+		case CURLE_SSL_ISSUER_ERROR:
+		case CURLE_SSL_CRL_BADFILE:
+		case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+		case CURLE_SSL_INVALIDCERTSTATUS:
+		case CURLE_USE_SSL_FAILED:
+			return RW_CALL_TLS;
+		default:
+			return RW_CALL_PROTOCOL;
+	}
+}
+
+/*
+ * Fill in the outcome of a finished transfer: the HTTP status, or the kind
+ * of failure, and whether any of the request was sent (if not, the agent
+ * certainly did not get it).
  */
 static void
 http_outcome(RwCall *call, CURLcode rc)
 {
 	long		code = 0;
+	long		request_size = 0;
 
+	curl_easy_getinfo((CURL *) call->easy, CURLINFO_REQUEST_SIZE, &request_size);
+	call->sent = request_size > 0;
 	if (rc == CURLE_OK)
+	{
 		curl_easy_getinfo((CURL *) call->easy, CURLINFO_RESPONSE_CODE, &code);
-	call->http_status = code;
-	if (rc == CURLE_OK)
+		call->http_status = code;
+		call->kind = RW_CALL_ANSWER;
 		call->error[0] = '\0';
-	else if (call->resp_too_big)
-		snprintf(call->error, sizeof(call->error),
-				 "the agent's answer is larger than restart_worker.max_response_size");
-	else if (call->error[0] == '\0')
+		return;
+	}
+	call->http_status = 0;
+	call->kind = http_classify(rc, call->resp_too_big);
+	if (call->kind == RW_CALL_CONNECT)
+		call->sent = false;
+	if (call->error[0] == '\0')
 		strlcpy(call->error, curl_easy_strerror(rc), sizeof(call->error));
-	if (rc != CURLE_OK)
-		RW_COUNT(call_errors);
+	RW_COUNT(call_errors);
+}
+
+/*
+ * Log a call that got no usable answer, with the details that are kept out
+ * of the request's row: the agent's URL, libcurl's error, the status and
+ * the start of the body.
+ */
+static void
+http_log_outcome(RwCall *call)
+{
+	if (call->kind != RW_CALL_ANSWER)
+		ereport(LOG,
+				(errmsg("restart_worker: request %s: call to agent %s failed (%s): %s",
+						call->id, call->url, rw_http_kind_name(call->kind),
+						call->error)));
+	else if (call->http_status != 200 && call->http_status != 202)
+	{
+		char		excerpt[201];
+		int			n = (int) Min(call->resp_len, sizeof(excerpt) - 1);
+		int			i;
+
+		for (i = 0; i < n; i++)
+			excerpt[i] = (call->resp[i] >= 0x20 && call->resp[i] < 0x7f) ? call->resp[i] : '?';
+		excerpt[n] = '\0';
+		ereport(LOG,
+				(errmsg("restart_worker: request %s: agent %s answered HTTP %ld: %s",
+						call->id, call->url, call->http_status, excerpt)));
+	}
 }
 
 /*
@@ -457,6 +570,7 @@ rw_http_next_done(void)
 
 		http_failed_starts = list_delete_first(http_failed_starts);
 		RW_COUNT(call_errors);
+		http_log_outcome(call);
 		return call;
 	}
 	while ((msg = curl_multi_info_read(http_multi, &left)) != NULL)
@@ -468,6 +582,7 @@ rw_http_next_done(void)
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &call);
 		http_outcome(call, msg->data.result);
 		http_release(call);
+		http_log_outcome(call);
 		return call;
 	}
 	return NULL;

@@ -113,6 +113,25 @@ extern bool restart_worker_sign(const unsigned char *key, int keylen,
 								char *out, size_t outsize);
 
 /*
+ * How a call ended, as far as the transport knows: with an answer (whose
+ * HTTP status and body src/sql/50_worker.sql judges), or the kind of
+ * failure.  Only the kind reaches the request's row; the details go to the
+ * server log.
+ */
+typedef enum RwCallKind
+{
+	RW_CALL_ANSWER = 0,			/* an HTTP answer */
+	RW_CALL_CONNECT,			/* could not resolve or connect: nothing sent */
+	RW_CALL_TIMEOUT,			/* timed out */
+	RW_CALL_NETWORK,			/* connection lost while sending or receiving */
+	RW_CALL_PREPARE,			/* could not set the call up: nothing sent */
+	RW_CALL_TLS,				/* TLS handshake or verification failed */
+	RW_CALL_TOO_LARGE,			/* answer over restart_worker.max_response_size */
+	RW_CALL_PROTOCOL,			/* anything else: not an HTTP answer we take */
+	RW_CALL_UNREGISTERED		/* the service or its agent is gone */
+} RwCallKind;
+
+/*
  * One request in flight: the call to its agent being made, and what is
  * needed to make the next one.  Owned by src/dispatch.c.
  */
@@ -126,6 +145,9 @@ typedef struct RwCall
 	unsigned char key[64];		/* signing key */
 	int			keylen;
 	TimestampTz deadline;		/* deadline_at of the request */
+	bool		maybe_sent;		/* an earlier call may have reached the agent */
+	TimestampTz record_at;		/* outcome to record again then (row locked) */
+	int			record_tries;	/* times recording found the row locked */
 	/* the transfer (src/http.c) */
 	void	   *easy;			/* CURL * */
 	void	   *headers;		/* struct curl_slist * */
@@ -133,14 +155,17 @@ typedef struct RwCall
 	size_t		resp_len;
 	bool		resp_too_big;
 	long		http_status;	/* 0 = no answer */
-	char		error[256];		/* why there is no answer */
+	RwCallKind	kind;			/* how the call ended */
+	bool		sent;			/* some of the request was sent */
+	char		error[256];		/* why there is no answer, for the log */
 } RwCall;
 
 /* src/http.c */
 extern void rw_http_init(void);
 extern void rw_http_configure(void);
 extern bool rw_http_start(RwCall *call);
-extern void rw_http_fail(RwCall *call, const char *why);
+extern void rw_http_fail(RwCall *call, RwCallKind kind, const char *why);
+extern const char *rw_http_kind_name(RwCallKind kind);
 extern void rw_http_abort(RwCall *call);
 extern long rw_http_timeout(void);
 extern void rw_http_add_sockets(WaitEventSet *set);
@@ -158,17 +183,28 @@ typedef struct RwClaimed
 	bytea	   *key;
 	char	   *body;
 	TimestampTz deadline;
+	bool		maybe_sent;		/* an earlier call may have reached the agent */
 } RwClaimed;
 
 typedef enum RwOutcome
 {
 	RW_OUTCOME_DONE,			/* terminal state recorded (or row gone) */
 	RW_OUTCOME_FOLLOW,			/* running: follow it with GET ?wait */
-	RW_OUTCOME_RETRY			/* put back until next_attempt_at */
+	RW_OUTCOME_RETRY,			/* put back until next_attempt_at */
+	RW_OUTCOME_LOCKED,			/* row locked by someone: record again later */
+	RW_OUTCOME_ERROR			/* could not record (logged): the lease brings
+								 * the request back */
 } RwOutcome;
 
-extern bool rw_claim(int limit, List *exclude, bool recover, List **rows,
-					 TimestampTz *next_due, bool *more);
+typedef enum RwClaimResult
+{
+	RW_CLAIM_OK,
+	RW_CLAIM_NO_EXTENSION,		/* the extension does not exist */
+	RW_CLAIM_ERROR				/* the claim failed (logged): try again later */
+} RwClaimResult;
+
+extern RwClaimResult rw_claim(int limit, List *exclude, bool recover, List **rows,
+							  TimestampTz *next_due, bool *more);
 extern RwOutcome rw_record(RwCall *call, TimestampTz *next_at);
 
 /* src/dispatch.c */
@@ -178,6 +214,7 @@ extern int	rw_dispatch_in_flight(void);
 extern List *rw_dispatch_ids(void);
 extern void rw_dispatch_start(RwClaimed *row);
 extern bool rw_dispatch_finish(TimestampTz *next_at);
+extern TimestampTz rw_dispatch_next_record(void);
 extern void rw_dispatch_abort_all(void);
 
 /* src/status.c */

@@ -139,9 +139,13 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 	long		timeout;
 	long		curl_ms = rw_http_timeout();
 
+	TimestampTz record_at = rw_dispatch_next_record();
+
 	timeout = worker_ms_until(last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC, now);
 	if (next_due != 0 && rw_dispatch_free_slots() > 0)
 		timeout = Min(timeout, worker_ms_until(next_due, now));
+	if (record_at != 0)
+		timeout = Min(timeout, worker_ms_until(record_at, now));
 	if (curl_ms >= 0)
 		timeout = Min(timeout, curl_ms);
 	return timeout;
@@ -150,28 +154,45 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 /*
  * Claim as many due requests as there are free slots and start their
  * calls.  Returns false if the extension does not exist (yet, or any
- * more); calls in flight are then abandoned.
+ * more); calls in flight are then abandoned.  A claim that failed (the
+ * error is logged) is tried again later, less and less often, so that a
+ * persistent error (say, a role without privileges) neither stops nor
+ * restarts the worker in a loop.
  */
 static bool
 worker_claim(bool recover, TimestampTz *next_due, bool *more)
 {
+	static int	failures = 0;
 	List	   *rows;
 	ListCell   *lc;
+	RwClaimResult result;
 
-	if (!rw_claim(rw_dispatch_free_slots(), rw_dispatch_ids(), recover,
-				  &rows, next_due, more))
+	result = rw_claim(rw_dispatch_free_slots(), rw_dispatch_ids(), recover,
+					  &rows, next_due, more);
+	if (result == RW_CLAIM_NO_EXTENSION)
 	{
 		rw_dispatch_abort_all();
 		rw_status_set_state(RW_STATE_NO_EXTENSION);
 		return false;
 	}
+	if (result == RW_CLAIM_ERROR)
+	{
+		failures++;
+		*next_due = GetCurrentTimestamp() +
+			(TimestampTz) Min(1000L << Min(failures - 1, 6), 60000L) * 1000;
+		return true;
+	}
+	failures = 0;
 	rw_status_note_poll(list_length(rows));
 	foreach(lc, rows)
 		rw_dispatch_start((RwClaimed *) lfirst(lc));
 
-	/* Due rows left behind without the limit are locked by someone: look again soon. */
+	/*
+	 * Due rows left behind without the limit are locked by someone (they
+	 * are skipped, never waited for): look again in a second.
+	 */
 	if (!*more && *next_due != 0 && *next_due <= GetCurrentTimestamp())
-		*next_due = GetCurrentTimestamp() + 50 * 1000;
+		*next_due = GetCurrentTimestamp() + USECS_PER_SEC;
 	return true;
 }
 
@@ -282,8 +303,13 @@ restart_worker_main(Datum main_arg)
 	restart_worker_wake_publish();
 	rw_status_worker_started();
 
-	/* Outcomes lost in a crash are redone with the same id: see src/claim.c. */
-	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	/*
+	 * Outcomes lost in a crash are redone with the same id; claims commit
+	 * synchronously with SET LOCAL (see src/claim.c), which is why this is
+	 * a session setting.  The worker never waits long for a lock.
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("application_name", "restart_worker", PGC_USERSET, PGC_S_OVERRIDE);
 
 	rw_http_init();

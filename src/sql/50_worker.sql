@@ -4,6 +4,35 @@
 -- The worker (src/worker.c) runs each of these in its own short transaction and never
 -- holds a transaction across a call to an agent. The policy lives here so that it reads
 -- in one place: which answers are retried, the backoff, the deadline, the lease.
+--
+-- The states of a request, and what the worker does with each:
+--
+--   pending      The request certainly never reached its agent: not yet tried, or every
+--                call so far failed before anything was sent (could not connect, TLS
+--                handshake, the agent's own 429 too_many_jobs or 500 internal_error,
+--                which say that nothing ran). It can be cancelled; it does not start the
+--                service's cooldown. Due at next_attempt_at.
+--   dispatching  A call may have reached the agent: a call is in flight, or one ended
+--                without a certain answer (timed out or connection lost after the request
+--                was sent, 5xx from something in between) and the same request id is sent
+--                again at next_attempt_at. It cannot be cancelled. The claim that makes a
+--                row dispatching commits synchronously, before any byte is sent, so a crash
+--                can never bring a request that may have been sent back to pending.
+--   running      The agent accepted the job (dispatched_at); the worker follows it with
+--                long-polls. next_attempt_at is the lease, or the next retry of a call that
+--                failed.
+--   completed, failed, cancelled   Terminal.
+--
+-- Every call is made with the request id as webhook-id, so the agent recognises a repeated
+-- call and never runs the steps twice. Only calls that may succeed later are retried
+-- (could not connect, timeout, a dropped connection, 5xx, 429), up to the service's
+-- maximum attempts while the agent has not accepted the job, and until the deadline in
+-- every case; any other answer fails the request at once. Failed requests that may have
+-- reached the agent say so in error ("...; the agent may have received the request").
+--
+-- error holds only fixed texts of the worker, plus the error code and message of a
+-- well-formed error object of the agent (shortened) and the job's own error text: never
+-- a host, a port, a URL or raw text from the network. The worker logs those details.
 
 -- Active requests by deadline: the worker fails those past it, and wakes when one is due.
 CREATE INDEX service_restart_requests_deadline
@@ -38,6 +67,114 @@ EXCEPTION
 END;
 $$;
 
+-- A time stamp of a job object: NULL for JSON null or a missing key, the time for an
+-- RFC 3339 string; anything else raises an error (caught by parse_job()).
+CREATE FUNCTION restart_worker.job_time(p_value jsonb)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+SET search_path = ''
+AS $$
+BEGIN
+	IF p_value IS NULL OR pg_catalog.jsonb_typeof(p_value) = 'null' THEN
+		RETURN NULL;
+	END IF;
+	IF pg_catalog.jsonb_typeof(p_value) <> 'string'
+		OR (p_value #>> '{}') !~ '^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$' THEN
+		RAISE EXCEPTION 'not an RFC 3339 time stamp';
+	END IF;
+	RETURN (p_value #>> '{}')::pg_catalog.timestamptz;
+END;
+$$;
+
+-- A text field of a job object: NULL for JSON null or a missing key, the string, shortened
+-- to p_max characters; anything else raises an error (caught by parse_job()).
+CREATE FUNCTION restart_worker.job_text(p_value jsonb, p_max integer)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+BEGIN
+	IF p_value IS NULL OR pg_catalog.jsonb_typeof(p_value) = 'null' THEN
+		RETURN NULL;
+	END IF;
+	IF pg_catalog.jsonb_typeof(p_value) <> 'string' THEN
+		RAISE EXCEPTION 'not a string';
+	END IF;
+	RETURN pg_catalog.left(p_value #>> '{}', p_max);
+END;
+$$;
+
+-- The fields of a job object the worker records, checked: the answer must be an object
+-- for request p_id with a known status, time stamps, an integer exit code and text output
+-- and error. status is NULL when the answer is not such a job; nothing raises an error,
+-- so that an odd answer fails its request instead of the worker.
+CREATE FUNCTION restart_worker.parse_job(p_id uuid, p_answer jsonb,
+	OUT status text, OUT started_at timestamptz, OUT finished_at timestamptz,
+	OUT exit_code integer, OUT output text, OUT error text)
+LANGUAGE plpgsql STABLE
+SET search_path = ''
+AS $$
+BEGIN
+	IF pg_catalog.jsonb_typeof(p_answer) IS DISTINCT FROM 'object'
+		OR pg_catalog.jsonb_typeof(p_answer -> 'request_id') IS DISTINCT FROM 'string'
+		OR (p_answer ->> 'request_id') IS DISTINCT FROM p_id::pg_catalog.text
+		OR pg_catalog.jsonb_typeof(p_answer -> 'status') IS DISTINCT FROM 'string'
+		OR (p_answer ->> 'status') NOT IN ('running', 'completed', 'failed') THEN
+		RETURN;
+	END IF;
+	started_at := restart_worker.job_time(p_answer -> 'started_at');
+	finished_at := restart_worker.job_time(p_answer -> 'finished_at');
+	IF p_answer -> 'exit_code' IS NOT NULL AND pg_catalog.jsonb_typeof(p_answer -> 'exit_code') <> 'null' THEN
+		IF (p_answer -> 'exit_code')::pg_catalog.numeric
+			<> pg_catalog.trunc((p_answer -> 'exit_code')::pg_catalog.numeric) THEN
+			RAISE EXCEPTION 'exit_code is not an integer';
+		END IF;
+		exit_code := (p_answer -> 'exit_code')::pg_catalog.int4;
+	END IF;
+	output := restart_worker.job_text(p_answer -> 'output', 1048576);
+	error := restart_worker.job_text(p_answer -> 'error', 1000);
+	status := p_answer ->> 'status';
+EXCEPTION
+	WHEN others THEN
+		status := NULL;
+		started_at := NULL;
+		finished_at := NULL;
+		exit_code := NULL;
+		output := NULL;
+		error := NULL;
+END;
+$$;
+
+-- What a well-formed error object of the agent says, for error: " <code>: <message>"
+-- with the message shortened, or '' when the answer is no such object (then nothing of it
+-- is quoted).
+CREATE FUNCTION restart_worker.agent_reason(p_answer jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = ''
+RETURN CASE
+	WHEN pg_catalog.jsonb_typeof(p_answer) = 'object'
+		AND pg_catalog.jsonb_typeof(p_answer -> 'error') = 'string'
+		AND (p_answer ->> 'error') ~ '^[a-z][a-z_]{0,39}$'
+		AND pg_catalog.jsonb_typeof(p_answer -> 'message') = 'string'
+	THEN ' ' || (p_answer ->> 'error') || ': '
+		|| pg_catalog.left(pg_catalog.regexp_replace(p_answer ->> 'message', '[[:cntrl:]]', ' ', 'g'), 200)
+	ELSE ''
+END;
+
+-- The error of a request that timed out, after its last error, saying whether the agent
+-- may have received it (p_status dispatching) or was running it.
+CREATE FUNCTION restart_worker.timeout_error(p_status text, p_last_error text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = ''
+RETURN 'timed out'
+	|| CASE p_status
+		WHEN 'dispatching' THEN '; the agent may have received the request'
+		WHEN 'running' THEN ' (the job was still running on the agent)'
+		ELSE '' END
+	|| coalesce(' (last error: ' || p_last_error || ')', '');
+
 -- End a request: set its terminal status and the fields that come with it.
 CREATE FUNCTION restart_worker.finish(p_id uuid, p_status text, p_error text)
 RETURNS void
@@ -51,29 +188,37 @@ BEGIN ATOMIC
 END;
 
 -- Claim up to p_limit due requests for the worker, except those it has in flight
--- (p_exclude): pending ones become dispatching (one attempt more), and dispatching or
--- running ones whose lease expired are taken over. After a restart (p_recover) every
--- dispatching or running request is taken over at once: it is driven on with the same
--- id, and the agent answers with the existing job. Requests past their deadline fail.
--- The lease (next_attempt_at) only says when a request is due again if the worker
--- forgets it; the worker keeps what it has in flight in memory.
+-- (p_exclude): pending ones become dispatching (one attempt more), dispatching ones due
+-- for another attempt and running ones whose lease expired are taken again. After a
+-- restart (p_recover) every dispatching or running request is taken over at once: it is
+-- driven on with the same id, and the agent answers with the existing job. Requests past
+-- their deadline fail. Rows locked by someone else are skipped, never waited for.
+-- maybe_sent says whether an earlier call may have reached the agent (the row was not
+-- pending). The worker keeps what it has in flight in memory; the lease only matters if
+-- it forgets a request.
 CREATE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
-RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz)
+RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
+			   maybe_sent boolean)
 LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 AS $$
 BEGIN
+	WITH late AS (
+		SELECT q.id FROM public.service_restart_requests q
+		WHERE q.status IN ('pending', 'dispatching', 'running')
+		  AND q.deadline_at <= pg_catalog.now()
+		  AND NOT (q.id = ANY (p_exclude))
+		FOR UPDATE SKIP LOCKED)
 	UPDATE public.service_restart_requests r
 		SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
-			error = 'timed out' || coalesce(' (last error: ' || r.error || ')', '')
-		WHERE r.status IN ('pending', 'dispatching', 'running')
-		  AND r.deadline_at <= pg_catalog.now()
-		  AND NOT (r.id = ANY (p_exclude));
+			error = restart_worker.timeout_error(r.status, r.error)
+		FROM late
+		WHERE r.id = late.id;
 
 	RETURN QUERY
 	WITH due AS (
-		SELECT q.id FROM public.service_restart_requests q
+		SELECT q.id, q.status AS old_status FROM public.service_restart_requests q
 		WHERE q.status IN ('pending', 'dispatching', 'running')
 		  AND (q.next_attempt_at <= pg_catalog.now() OR (p_recover AND q.status <> 'pending'))
 		  AND NOT (q.id = ANY (p_exclude))
@@ -90,8 +235,10 @@ BEGIN
 			WHERE q.id = due.id
 			RETURNING q.*)
 	SELECT c.id, a.url, pg_catalog.decode(pg_catalog.substr(a.secret, 7), 'base64'),
-		   restart_worker.call_body(c::public.service_restart_requests), c.deadline_at
+		   restart_worker.call_body(c::public.service_restart_requests), c.deadline_at,
+		   d.old_status <> 'pending'
 	FROM claimed c
+	JOIN due d ON d.id = c.id
 	LEFT JOIN restart_worker.services s ON s.name = c.service_name
 	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
 END;
@@ -111,19 +258,117 @@ RETURN least(
 	 WHERE q.status IN ('pending', 'dispatching', 'running') AND NOT (q.id = ANY (p_exclude))
 	 ORDER BY q.deadline_at LIMIT 1));
 
+-- How a call without a usable answer went, from the worker's kind of failure (src/http.c)
+-- or the HTTP status and body of the answer: the text for error, whether it may succeed
+-- later (retry), and whether this call may have made the agent run something
+-- (maybe_sent; p_sent says whether any byte of the request was sent).
+CREATE FUNCTION restart_worker.classify(p_kind text, p_http integer, p_answer jsonb,
+	p_sent boolean, OUT reason text, OUT retry boolean, OUT maybe_sent boolean)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = ''
+AS $$
+DECLARE
+	v_agent		text := restart_worker.agent_reason(p_answer);
+BEGIN
+	retry := false;
+	maybe_sent := p_sent;
+	IF p_kind = 'answer' THEN
+		IF p_http = 429 OR p_http BETWEEN 500 AND 599 THEN
+			reason := pg_catalog.format('the agent could not take the request: HTTP %s%s', p_http, v_agent);
+			retry := true;
+			-- The agent's own answers that say nothing ran.
+			maybe_sent := NOT ((p_http = 429 AND p_answer ->> 'error' = 'too_many_jobs')
+							   OR (p_http = 500 AND p_answer ->> 'error' = 'internal_error'))
+						  OR v_agent = '';
+		ELSIF p_http BETWEEN 400 AND 499 THEN
+			reason := pg_catalog.format('agent refused the request: HTTP %s%s', p_http, v_agent);
+			maybe_sent := false;
+		ELSE
+			reason := pg_catalog.format('invalid answer from the agent (HTTP %s)', p_http);
+		END IF;
+		RETURN;
+	END IF;
+	CASE p_kind
+		WHEN 'connect' THEN
+			reason := 'could not connect to the agent';
+			retry := true;
+			maybe_sent := false;
+		WHEN 'timeout' THEN
+			reason := 'timed out waiting for the agent';
+			retry := true;
+		WHEN 'network' THEN
+			reason := 'the connection to the agent was lost';
+			retry := true;
+		WHEN 'prepare' THEN
+			reason := 'could not prepare the call to the agent';
+			retry := true;
+			maybe_sent := false;
+		WHEN 'tls' THEN
+			reason := 'TLS verification of the agent failed';
+			maybe_sent := false;
+		WHEN 'too_large' THEN
+			reason := 'invalid answer from the agent (larger than restart_worker.max_response_size)';
+		WHEN 'unregistered' THEN
+			reason := 'the service or its agent is no longer registered';
+			maybe_sent := false;
+		ELSE
+			reason := 'invalid answer from the agent';
+	END CASE;
+END;
+$$;
+
+-- Copy a job object the agent answered with (see parse_job()) to the request, and say
+-- what the worker does next: follow a running job, or the terminal status it reached.
+CREATE FUNCTION restart_worker.record_job(p_row public.service_restart_requests,
+	p_status text, p_started_at timestamptz, p_finished_at timestamptz,
+	p_exit_code integer, p_output text, p_error text, p_lease_ms integer)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $$
+BEGIN
+	UPDATE public.service_restart_requests
+		SET dispatched_at = coalesce(dispatched_at, pg_catalog.now()),
+			started_at = coalesce(p_started_at, started_at),
+			output = p_output,
+			exit_code = p_exit_code,
+			status = CASE WHEN p_status = 'running' THEN 'running' ELSE status END,
+			error = NULL,
+			next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
+			updated_at = pg_catalog.now()
+		WHERE id = p_row.id;
+	IF p_status <> 'running' THEN
+		UPDATE public.service_restart_requests
+			SET status = p_status, error = p_error,
+				completed_at = coalesce(p_finished_at, pg_catalog.now()),
+				updated_at = pg_catalog.now()
+			WHERE id = p_row.id;
+		RETURN p_status;
+	ELSIF p_row.deadline_at <= pg_catalog.now() THEN
+		PERFORM restart_worker.finish(p_row.id, 'failed', restart_worker.timeout_error('running', NULL));
+		RETURN 'failed';
+	END IF;
+	RETURN 'follow';
+END;
+$$;
+
 -- Record the outcome of one call to an agent and say what the worker does next:
 --   'follow'    the job is running: ask again with a long-poll;
---   'retry'     put back until next_at (could not connect, timeout, 5xx, 429);
+--   'retry'     put back until next_at (could not connect, timeout, lost connection,
+--               5xx, 429);
 --   'completed' or 'failed': the request ended;
+--   'locked'    someone holds the row: the worker records the outcome again later;
 --   'gone'      the request is no longer the worker's (deleted, or ended elsewhere).
--- p_http is the HTTP status (NULL without an answer, then p_error says why), p_body the
--- answer. A job object in a 200/202 answer is copied to the row; other 4xx answers fail
--- the request at once with the agent's reason. A request that never reached its agent
--- fails after its maximum attempts; any request fails past its deadline.
+-- p_kind is 'answer' when the agent answered (p_http, p_body), else the kind of failure
+-- (see classify()); p_sent whether any of this call's request was sent; p_maybe_sent
+-- whether an earlier call may have reached the agent. A job object in a 200/202 answer is
+-- copied to the row; any other answer that cannot succeed later fails the request at
+-- once. A request the agent never accepted fails after its maximum attempts; any request
+-- fails past its deadline.
 CREATE FUNCTION restart_worker.worker_record(
-	p_id uuid, p_http integer, p_body text, p_error text,
-	p_max_attempts integer, p_retry_base_ms integer, p_retry_max_ms integer,
-	p_lease_ms integer,
+	p_id uuid, p_kind text, p_http integer, p_body text, p_sent boolean,
+	p_maybe_sent boolean, p_max_attempts integer, p_retry_base_ms integer,
+	p_retry_max_ms integer, p_lease_ms integer,
 	OUT action text, OUT next_at timestamptz)
 LANGUAGE plpgsql VOLATILE
 SET search_path = ''
@@ -132,63 +377,53 @@ DECLARE
 	v_row		public.service_restart_requests;
 	v_max		integer;
 	v_answer	jsonb := restart_worker.try_jsonb(p_body);
-	v_job		text;
-	v_reason	text;
+	v_job		record;
+	v_how		record;
+	v_uncertain	boolean;
+	v_note		text := '';
 	v_delay		double precision;
 BEGIN
-	SELECT * INTO v_row FROM public.service_restart_requests r
-		WHERE r.id = p_id AND r.status IN ('dispatching', 'running')
-		FOR UPDATE;
+	BEGIN
+		SELECT * INTO v_row FROM public.service_restart_requests r
+			WHERE r.id = p_id AND r.status IN ('dispatching', 'running')
+			FOR UPDATE NOWAIT;
+	EXCEPTION
+		WHEN lock_not_available THEN
+			action := 'locked';
+			RETURN;
+	END;
 	IF NOT FOUND THEN
 		action := 'gone';
 		RETURN;
 	END IF;
 
-	IF p_http IN (200, 202) AND pg_catalog.jsonb_typeof(v_answer) = 'object'
-		AND v_answer ->> 'status' IN ('running', 'completed', 'failed') THEN
-		v_job := v_answer ->> 'status';
-		UPDATE public.service_restart_requests
-			SET dispatched_at = coalesce(dispatched_at, pg_catalog.now()),
-				started_at = coalesce((v_answer ->> 'started_at')::timestamptz, started_at),
-				output = v_answer ->> 'output',
-				exit_code = (v_answer ->> 'exit_code')::integer,
-				status = CASE WHEN v_job = 'running' THEN 'running' ELSE status END,
-				error = NULL,
-				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
-				updated_at = pg_catalog.now()
-			WHERE id = p_id;
-		IF v_job <> 'running' THEN
-			UPDATE public.service_restart_requests
-				SET status = v_job, error = v_answer ->> 'error',
-					completed_at = coalesce((v_answer ->> 'finished_at')::timestamptz, pg_catalog.now()),
-					updated_at = pg_catalog.now()
-				WHERE id = p_id;
-			action := v_job;
-		ELSIF v_row.deadline_at <= pg_catalog.now() THEN
-			PERFORM restart_worker.finish(p_id, 'failed', 'timed out (the job was still running on the agent)');
-			action := 'failed';
-		ELSE
-			action := 'follow';
+	IF p_kind = 'answer' AND p_http IN (200, 202) THEN
+		SELECT * INTO v_job FROM restart_worker.parse_job(p_id, v_answer);
+		IF v_job.status IS NOT NULL THEN
+			action := restart_worker.record_job(v_row, v_job.status, v_job.started_at,
+				v_job.finished_at, v_job.exit_code, v_job.output, v_job.error, p_lease_ms);
+			RETURN;
 		END IF;
-		RETURN;
+		RAISE LOG 'restart_worker: request %: the agent answered HTTP % with no valid job object: %',
+			p_id, p_http, pg_catalog.left(coalesce(p_body, '(no text)'), 200);
 	END IF;
 
-	IF p_http IS NULL THEN
-		v_reason := coalesce(p_error, 'no answer from the agent');
-	ELSE
-		v_reason := pg_catalog.format('HTTP %s from the agent: %s', p_http,
-			coalesce(v_answer ->> 'message', v_answer ->> 'error',
-					 pg_catalog.left(p_body, 200), 'no message'));
+	SELECT * INTO v_how FROM restart_worker.classify(p_kind, p_http, v_answer, p_sent);
+	v_uncertain := v_row.dispatched_at IS NULL AND (p_maybe_sent OR v_how.maybe_sent);
+	IF v_uncertain THEN
+		v_note := '; the agent may have received the request';
 	END IF;
 
-	IF p_http IS NOT NULL AND p_http BETWEEN 400 AND 499 AND p_http <> 429 THEN
-		PERFORM restart_worker.finish(p_id, 'failed', 'agent refused the request: ' || v_reason);
+	IF NOT v_how.retry THEN
+		PERFORM restart_worker.finish(p_id, 'failed', v_how.reason || v_note);
 		action := 'failed';
 		RETURN;
 	END IF;
 
 	IF v_row.deadline_at <= pg_catalog.now() THEN
-		PERFORM restart_worker.finish(p_id, 'failed', 'timed out (last error: ' || v_reason || ')');
+		PERFORM restart_worker.finish(p_id, 'failed', restart_worker.timeout_error(
+			CASE WHEN v_row.dispatched_at IS NOT NULL THEN 'running'
+				 WHEN v_uncertain THEN 'dispatching' ELSE 'pending' END, v_how.reason));
 		action := 'failed';
 		RETURN;
 	END IF;
@@ -198,7 +433,7 @@ BEGIN
 	v_max := coalesce(v_max, p_max_attempts);
 	IF v_row.dispatched_at IS NULL AND v_row.attempts >= v_max THEN
 		PERFORM restart_worker.finish(p_id, 'failed',
-			pg_catalog.format('gave up after %s attempts: %s', v_row.attempts, v_reason));
+			pg_catalog.format('gave up after %s attempts: %s%s', v_row.attempts, v_how.reason, v_note));
 		action := 'failed';
 		RETURN;
 	END IF;
@@ -209,8 +444,9 @@ BEGIN
 	next_at := least(pg_catalog.now() + pg_catalog.make_interval(secs => v_delay / 1000.0),
 					 v_row.deadline_at);
 	UPDATE public.service_restart_requests
-		SET status = CASE WHEN dispatched_at IS NULL THEN 'pending' ELSE 'running' END,
-			error = v_reason, next_attempt_at = next_at, updated_at = pg_catalog.now()
+		SET status = CASE WHEN dispatched_at IS NOT NULL THEN 'running'
+						  WHEN v_uncertain THEN 'dispatching' ELSE 'pending' END,
+			error = v_how.reason, next_attempt_at = next_at, updated_at = pg_catalog.now()
 		WHERE id = p_id;
 	action := 'retry';
 END;

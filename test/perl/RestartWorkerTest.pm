@@ -20,7 +20,7 @@ use PostgreSQL::Test::Utils;
 our @EXPORT = qw(
 	$SECRET agent_binary start_agent stop_agent restart_agent wait_for
 	new_node setup_registry request_restart wait_status row_of slurp spew count_lines
-	unresponsive_listener free_port
+	unresponsive_listener free_port fake_agent fake_calls job_json
 );
 
 # The signing secret shared by the tests' agents and the registry.
@@ -185,6 +185,95 @@ sub unresponsive_listener
 	close $s;
 	push @agents, { pid => $pid, name => 'unresponsive' };
 	return ($pid, $port);
+}
+
+# A stand-in for a misbehaving agent, for tests only (the real agent is the peer of every
+# test of the happy path).  $answer->($method, $path, $id, $n) is called for the n-th
+# request (from 1; $id is the request id from the body or the path) and returns
+# [status, body] to answer with, or undef to read the request and never answer.  Every
+# request is logged as "METHOD PATH ID" in $fake->{log}; see fake_calls().  Returns a
+# hash with pid, port, url, log.
+sub fake_agent
+{
+	my (%o) = @_;
+	my $name = $o{name} // 'fake';
+	my $log = "$PostgreSQL::Test::Utils::tmp_check/$name.calls";
+	unlink $log;
+	my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 64,
+		ReuseAddr => 1) or die "listen: $!";
+	my $port = $s->sockport;
+	my $pid = fork;
+	die "fork: $!" unless defined $pid;
+	if ($pid == 0)
+	{
+		my (@held, $n);
+		while (my $c = $s->accept)
+		{
+			my ($method, $path, $body) = _fake_read_request($c);
+			next unless defined $method;
+			my $id = $path =~ m{/v1/restarts/([0-9a-f-]{36})} ? $1
+			  : $body =~ /"request_id"\s*:\s*"([0-9a-f-]{36})"/ ? $1 : '';
+			$n++;
+			open(my $fh, '>>', $log) or die;
+			print $fh "$method $path $id\n";
+			close $fh;
+			my $r = $o{answer}->($method, $path, $id, $n);
+			if (!defined $r) { push @held, $c; next; }
+			my ($code, $text) = @$r;
+			$text //= '';
+			print $c "HTTP/1.1 $code Whatever\r\nContent-Type: application/json\r\n"
+			  . "Content-Length: " . length($text) . "\r\nConnection: close\r\n\r\n$text";
+			close $c;
+		}
+		exit 0;
+	}
+	close $s;
+	my $a = { pid => $pid, name => $name, port => $port, log => $log,
+		url => "http://127.0.0.1:$port" };
+	push @agents, $a;
+	return $a;
+}
+
+# Read one HTTP request (headers and a Content-Length body) from a socket.
+sub _fake_read_request
+{
+	my ($c) = @_;
+	my $buf = '';
+	while ($buf !~ /\r\n\r\n/)
+	{
+		my $r = sysread($c, $buf, 65536, length $buf);
+		return unless $r;
+	}
+	my ($head, $body) = split /\r\n\r\n/, $buf, 2;
+	my ($method, $path) = $head =~ /^(\S+) (\S+)/;
+	my $len = $head =~ /^content-length:\s*(\d+)/mi ? $1 : 0;
+	while (length($body) < $len)
+	{
+		my $r = sysread($c, $body, $len - length($body), length $body);
+		last unless $r;
+	}
+	return ($method, $path, $body);
+}
+
+# The requests a fake agent got, as "METHOD PATH ID" lines.
+sub fake_calls
+{
+	my ($fake) = @_;
+	return grep { length } split /\n/, slurp($fake->{log});
+}
+
+# A job object as the agent would answer it, with fields overridden by %o.
+sub job_json
+{
+	my ($id, %o) = @_;
+	require JSON::PP;
+	my %job = (request_id => $id, service => 'svc', requested_by => undef,
+		requested_at => '2026-11-26T05:00:00.000000Z', status => 'completed',
+		accepted_at => '2026-11-26T05:00:00.100000Z', started_at => '2026-11-26T05:00:00.100000Z',
+		finished_at => '2026-11-26T05:00:01.000000Z', exit_code => 0, signal => undef,
+		steps => [], output => "fake output\n", output_truncated => JSON::PP::false(),
+		error => undef, %o);
+	return JSON::PP->new->canonical->encode(\%job);
 }
 
 # A new cluster with the worker preloaded and quick retries for tests; extra settings

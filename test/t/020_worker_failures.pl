@@ -48,7 +48,8 @@ $id = request_restart($node, 'gone_svc');
 ok(wait_status($node, $id, 'failed'), 'a request to an agent that never answers fails');
 $row = row_of($node, $id);
 is($row->{attempts}, 3, 'after the maximum attempts');
-like($row->{error}, qr/gave up after 3 attempts/, "error says so: $row->{error}");
+is($row->{error}, 'gave up after 3 attempts: could not connect to the agent',
+	'error says so, without host or port');
 ok(!defined $row->{dispatched_at}, 'never dispatched, so no cooldown');
 is($node->safe_psql('postgres', "SELECT count(*) FROM public.request_service_restart('gone_svc')"),
 	'1', 'a new request for the service is accepted at once');
@@ -79,7 +80,8 @@ $node->safe_psql('postgres', "SELECT restart_worker.register_service('flaky_svc'
 $id = request_restart($node, 'flaky_svc');
 ok(wait_status($node, $id, 'failed'), 'a call with a wrong signature fails');
 $row = row_of($node, $id);
-like($row->{error}, qr/401/, "error names the refusal: $row->{error}");
+like($row->{error}, qr/^agent refused the request: HTTP 401 invalid_signature: /,
+	"error gives the agent's reason: $row->{error}");
 is($row->{attempts}, 1, 'not retried');
 is(count_lines($count), 1, 'nothing ran');
 

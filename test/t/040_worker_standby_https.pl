@@ -80,8 +80,12 @@ $node->reload;
 $node->poll_query_until('rwdb', "SELECT current_setting('restart_worker.ca_file') LIKE '%other_ca.crt'");
 $id = request_restart($node, 'svc');
 ok(wait_status($node, $id, 'failed'), 'with a CA that did not sign the certificate the request fails');
-like(row_of($node, $id)->{error}, qr/gave up after 2 attempts: .*(SSL|certificate)/i,
-	'because the certificate is not trusted');
+my $row = row_of($node, $id);
+is($row->{error}, 'TLS verification of the agent failed',
+	'because the certificate is not trusted (no host in the error)');
+is($row->{attempts}, 1, 'a TLS failure is not retried');
+ok($node->log_contains("request $id: call to agent https://127\\.0\\.0\\.1:\\d+ failed \\(tls\\)"),
+	'the details are in the server log');
 
 # ---- DROP EXTENSION, CREATE EXTENSION, DROP DATABASE ----
 my $pid = $node->safe_psql('rwdb', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'");
