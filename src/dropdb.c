@@ -16,9 +16,13 @@
 
 #include <signal.h>
 
+#include "access/xact.h"
+#include "catalog/pg_database.h"
+#include "commands/dbcommands.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "tcop/utility.h"
+#include "utils/acl.h"
 
 #include "restart_worker.h"
 
@@ -49,8 +53,35 @@ dropdb_stop_worker(void)
 }
 
 /*
+ * Whether a DROP DATABASE of the worker's database will get past the checks
+ * that come before its wait for other sessions: run at top level outside a
+ * transaction block, by the owner (or a superuser) of a database that
+ * exists.  Only then is the worker stopped; anyone else gets the usual
+ * error from DROP DATABASE, and the worker goes on.
+ */
+static bool
+dropdb_will_proceed(DropdbStmt *stmt, ProcessUtilityContext context)
+{
+	Oid			dboid;
+
+	if (restart_worker_shared == NULL || rw_database == NULL ||
+		strcmp(stmt->dbname, rw_database) != 0)
+		return false;
+	if (context != PROCESS_UTILITY_TOPLEVEL || IsTransactionBlock())
+		return false;
+	dboid = get_database_oid(stmt->dbname, true);
+	if (!OidIsValid(dboid))
+		return false;
+#if PG_VERSION_NUM >= 160000
+	return object_ownercheck(DatabaseRelationId, dboid, GetUserId());
+#else
+	return pg_database_ownercheck(dboid, GetUserId());
+#endif
+}
+
+/*
  * ProcessUtility hook: before DROP DATABASE of the worker's database, stop
- * the worker; then run the statement as usual.
+ * the worker if the statement will proceed; then run it as usual.
  */
 static void
 dropdb_process_utility(PlannedStmt *pstmt, const char *queryString,
@@ -60,9 +91,8 @@ dropdb_process_utility(PlannedStmt *pstmt, const char *queryString,
 {
 	Node	   *parsetree = pstmt->utilityStmt;
 
-	if (IsA(parsetree, DropdbStmt) && restart_worker_shared != NULL &&
-		rw_database != NULL &&
-		strcmp(((DropdbStmt *) parsetree)->dbname, rw_database) == 0)
+	if (IsA(parsetree, DropdbStmt) &&
+		dropdb_will_proceed((DropdbStmt *) parsetree, context))
 		dropdb_stop_worker();
 
 	if (prev_process_utility)

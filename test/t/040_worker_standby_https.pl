@@ -99,7 +99,17 @@ ok(wait_status($node, $id, 'completed'), 'after DROP and CREATE EXTENSION reques
 is($node->safe_psql('rwdb', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
 	$pid, 'served by the same worker');
 
-my ($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE rwdb');
+# DROP DATABASE that will fail anyway leaves the worker alone: by a role that does not
+# own the database, or inside a transaction block.
+$node->safe_psql('postgres', 'CREATE ROLE alice LOGIN');
+my ($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE rwdb', extra_params => ['-U', 'alice']);
+like($err, qr/must be owner of database rwdb/, 'a role that does not own the database may not drop it');
+($ret, $out, $err) = $node->psql('postgres', "BEGIN;\nDROP DATABASE rwdb;\nROLLBACK;");
+like($err, qr/cannot run inside a transaction block/, 'DROP DATABASE in a transaction block fails');
+is($node->safe_psql('rwdb', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
+	$pid, 'and neither stopped the worker');
+
+($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE rwdb');
 is($ret, 0, "DROP DATABASE of the worker's database succeeds") or diag $err;
 ok($node->log_contains('restart_worker: waiting \d+ s before connecting to database "rwdb" again')
 	|| wait_for(sub { $node->log_contains('restart_worker: waiting \d+ s before connecting') }, 60),
