@@ -39,12 +39,14 @@ sub wait_new_worker
 		"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND pid <> $old");
 }
 
-# Run one gated request through a disruption; returns its row.
+# Run one gated request through a disruption (and $prepare before the request is made);
+# returns its row.
 sub through
 {
-	my ($what, $disrupt) = @_;
+	my ($what, $disrupt, $prepare) = @_;
 	unlink $gate;
 	my $before = count_lines($count);
+	$prepare->() if $prepare;
 	my $id = request_restart($node, 'gated_svc');
 	$disrupt->($id);
 	spew($gate, '');
@@ -67,18 +69,20 @@ through('kill -9 while the job runs', sub {
 	ok(wait_new_worker($pid), 'a new worker starts');
 });
 
-# kill -9 while dispatching: the agent is stopped (SIGSTOP), so the POST hangs in
-# flight; the worker dies; the agent resumes and the new worker sends the same id again.
+# kill -9 while dispatching: the agent is stopped (SIGSTOP) before the request is made,
+# so the POST hangs in flight; the worker dies; the agent resumes and the new worker
+# sends the same id again.
 through('kill -9 while dispatching', sub {
 	my ($id) = @_;
-	kill 'STOP', $agent->{pid};
 	ok(wait_status($node, $id, 'dispatching'), 'the call is in flight');
+	ok($node->poll_query_until('postgres',
+		"SELECT in_flight = 1 FROM restart_worker.status()"), 'the worker holds the call');
 	my $pid = worker_pid();
 	kill 'KILL', $pid;
 	ok(wait_new_worker($pid), 'a new worker starts');
 	kill 'CONT', $agent->{pid};
 	ok(wait_status($node, $id, 'running'), 'the job runs');
-});
+}, sub { kill 'STOP', $agent->{pid}; });
 
 # Immediate stop of Postgres mid-job, then start: the request is driven on.
 my $row = through('immediate stop and start mid-job', sub {
