@@ -1,0 +1,71 @@
+# Row locks held by someone else never freeze the worker: a due request locked in an open
+# transaction is skipped (others are dispatched meanwhile) and taken once the lock is
+# gone; an outcome whose row is locked is recorded once the lock is gone, while other
+# requests go on.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $gate = "$tmp/locks.gate";
+
+my $agent = start_agent(
+	name => 'agent_locks',
+	services => <<"SVC");
+quick = ( { argv = [ "/bin/sh", "-c", "echo quick" ]; } );
+other = ( { argv = [ "/bin/sh", "-c", "echo other" ]; } );
+gated = ( { argv = [ "/bin/sh", "-c",
+  "i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done; echo gated" ]; } );
+SVC
+
+my $node = new_node('locks');
+setup_registry($node, 'host1', $agent->{url}, quick => '', other => '', gated => '');
+
+# A pending request (agent down) locked by an admin: the worker skips it.
+stop_agent($agent);
+my $locked = request_restart($node, 'quick');
+ok($node->poll_query_until('postgres',
+	"SELECT status = 'pending' AND attempts >= 3 FROM public.service_restart_requests WHERE id = '$locked'"),
+	'with the agent down the request waits, pending');
+my $admin = $node->background_psql('postgres');
+# Lock it while it is pending (not while the worker has it in flight).
+ok(wait_for(sub {
+	$admin->query_safe('BEGIN');
+	my $s = $admin->query_safe(
+		"SELECT status FROM public.service_restart_requests WHERE id = '$locked' FOR UPDATE");
+	return 1 if $s =~ /pending/;
+	$admin->query_safe('ROLLBACK');
+	return 0;
+}, 60), 'an admin locks the pending request in an open transaction');
+restart_agent($agent);
+my $id = request_restart($node, 'other');
+ok(wait_status($node, $id, 'completed'), 'another request completes while one row is locked');
+is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_requests WHERE id = '$locked'"),
+	'pending', 'the locked request was skipped');
+$admin->query_safe('COMMIT');
+ok(wait_status($node, $locked, 'completed'), 'once the lock is gone it completes');
+
+# A running job whose row is locked when its outcome comes back.
+unlink $gate;
+my $gated = request_restart($node, 'gated');
+ok(wait_status($node, $gated, 'running'), 'the gated job runs');
+$admin->query_safe('BEGIN');
+$admin->query_safe("SELECT 1 FROM public.service_restart_requests WHERE id = '$gated' FOR UPDATE");
+spew($gate, '');
+ok(wait_for(sub { slurp("$agent->{dir}/state/jobs/$gated.json") =~ /"status"\s*:\s*"completed"/ }, 60),
+	'the job ends on the agent');
+$id = request_restart($node, 'quick');
+ok(wait_status($node, $id, 'completed'), 'another request completes while the outcome waits');
+is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_requests WHERE id = '$gated'"),
+	'running', 'the locked row was not waited for');
+$admin->query_safe('COMMIT');
+$admin->quit;
+ok(wait_status($node, $gated, 'completed'), 'once the lock is gone the outcome is recorded');
+
+$node->stop;
+done_testing();
