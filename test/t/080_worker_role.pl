@@ -1,0 +1,43 @@
+# A worker role without privileges: the worker logs the error and tries again later; it
+# neither exits nor restarts in a loop, and carries on once the role is granted.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $agent = start_agent(
+	name => 'agent_role',
+	services => qq{svc = ( { argv = [ "/bin/sh", "-c", "echo as a plain role" ]; } );});
+
+my $node = new_node('role');
+setup_registry($node, 'host1', $agent->{url}, svc => '');
+$node->safe_psql('postgres', 'CREATE ROLE rw_worker LOGIN');
+$node->append_conf('postgresql.conf', "restart_worker.role = 'rw_worker'");
+$node->restart;
+
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'"),
+	'the worker runs as the role');
+my $pid = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'");
+my $id = request_restart($node, 'svc');
+ok(wait_for(sub { $node->log_contains('permission denied') }, 60),
+	'the missing privilege is logged');
+is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_requests WHERE id = '$id'"),
+	'pending', 'the request waits');
+is($node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
+	$pid, 'the worker did not exit');
+
+$node->safe_psql('postgres', "SELECT restart_worker.grant_admin('rw_worker')");
+ok(wait_status($node, $id, 'completed'), 'once granted the request completes');
+is($node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
+	$pid, 'served by the same worker');
+
+$node->stop;
+done_testing();
