@@ -10,12 +10,23 @@
  * validate (request.c), then submit or look up the job (jobs.c).  Each
  * request is logged in one line when its answer is queued.
  *
+ * libmicrohttpd's connection timeout only measures idle time, so a client
+ * trickling a byte now and then could hold a connection and its thread
+ * forever.  A watchdog thread therefore gives every phase of a connection
+ * (receiving a request, sending an answer, waiting for the next request)
+ * at most connection_timeout seconds in all, and shuts down the socket of
+ * a connection that overstays; only the agent's own work on a complete
+ * request (a long poll) is exempt.  A chunked body over max_body is
+ * discarded for at most HTTP_DISCARD_MAX more bytes, then the connection
+ * is closed.
+ *
  *-------------------------------------------------------------------------
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +39,9 @@
 #include <microhttpd.h>
 
 #include "agent.h"
+
+#define HTTP_DISCARD_MAX (64 * 1024)
+#define HTTP_WATCHDOG_TICK_MSEC 200
 
 typedef enum http_route
 {
@@ -45,8 +59,20 @@ typedef struct http_req
 	http_route	route;
 	char	   *body;
 	size_t		len;
+	size_t		received;		/* body bytes received, kept or not */
 	bool		too_large;
 } http_req;
+
+/* A connection as the watchdog sees it (MHD's socket context). */
+typedef struct http_conn
+{
+	struct http_conn *prev;
+	struct http_conn *next;
+	int			fd;
+	bool		busy;			/* the agent is working on a whole request */
+	bool		cut;			/* the watchdog has shut it down */
+	int64_t		since;			/* start of the current phase (monotonic ms) */
+} http_conn;
 
 typedef struct http_header_count
 {
@@ -60,6 +86,130 @@ static const agent_config *http_cfg;
 static char *http_tls_cert;
 static char *http_tls_key;
 static size_t http_tls_key_len;
+
+static pthread_mutex_t http_conn_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t http_conn_cond = PTHREAD_COND_INITIALIZER;
+static http_conn *http_conns;
+static bool http_watchdog_running;
+static bool http_watchdog_stop;
+static pthread_t http_watchdog_tid;
+
+/*
+ * Return the watchdog's record of a connection (NULL if it has none).
+ */
+static http_conn *
+http_conn_of(struct MHD_Connection *c)
+{
+	const union MHD_ConnectionInfo *ci =
+		MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+
+	return ci ? (http_conn *) ci->socket_context : NULL;
+}
+
+/*
+ * Mark a connection busy (the agent works on a complete request: no
+ * deadline) or not (a new phase with a fresh deadline starts now).
+ */
+static void
+http_conn_set_busy(struct MHD_Connection *c, bool busy)
+{
+	http_conn  *hc = http_conn_of(c);
+
+	if (hc == NULL)
+		return;
+	pthread_mutex_lock(&http_conn_lock);
+	hc->busy = busy;
+	hc->since = util_monotonic_msec();
+	pthread_mutex_unlock(&http_conn_lock);
+}
+
+/*
+ * MHD's connection notifier: track each connection from its start (before
+ * any byte is read, so the TLS handshake and the headers count too) until
+ * MHD is about to close its socket.
+ */
+static void
+http_notify_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+					   enum MHD_ConnectionNotificationCode toe)
+{
+	http_conn  *hc = *socket_context;
+	const union MHD_ConnectionInfo *ci;
+
+	(void) cls;
+	pthread_mutex_lock(&http_conn_lock);
+	if (toe == MHD_CONNECTION_NOTIFY_STARTED &&
+		(ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD)) != NULL &&
+		(hc = calloc(1, sizeof(http_conn))) != NULL)
+	{
+		hc->fd = ci->connect_fd;
+		hc->since = util_monotonic_msec();
+		hc->next = http_conns;
+		if (http_conns)
+			http_conns->prev = hc;
+		http_conns = hc;
+		*socket_context = hc;
+	}
+	else if (toe == MHD_CONNECTION_NOTIFY_CLOSED && hc != NULL)
+	{
+		if (hc->prev)
+			hc->prev->next = hc->next;
+		else
+			http_conns = hc->next;
+		if (hc->next)
+			hc->next->prev = hc->prev;
+		free(hc);
+		*socket_context = NULL;
+	}
+	pthread_mutex_unlock(&http_conn_lock);
+}
+
+/*
+ * Shut down the sockets of connections whose current phase has lasted
+ * longer than connection_timeout; caller holds http_conn_lock.  The
+ * connection's own thread then sees the end of the stream and MHD closes
+ * it (the descriptor cannot be reused meanwhile: MHD notifies the close,
+ * which takes the lock, before it closes the descriptor).
+ */
+static void
+http_watchdog_scan(void)
+{
+	int64_t		limit = (int64_t) http_cfg->connection_timeout * 1000;
+	int64_t		now = util_monotonic_msec();
+
+	for (http_conn *hc = http_conns; hc; hc = hc->next)
+	{
+		if (hc->busy || hc->cut || now - hc->since < limit)
+			continue;
+		hc->cut = true;
+		shutdown(hc->fd, SHUT_RDWR);
+		log_msg("connection closed: no complete request or answer within connection_timeout (%d s)",
+				http_cfg->connection_timeout);
+	}
+}
+
+/*
+ * Watchdog thread: scan the connections a few times a second until
+ * http_stop().
+ */
+static void *
+http_watchdog_main(void *arg)
+{
+	(void) arg;
+	pthread_mutex_lock(&http_conn_lock);
+	while (!http_watchdog_stop)
+	{
+		struct timespec ts;
+
+		http_watchdog_scan();
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += HTTP_WATCHDOG_TICK_MSEC * 1000000L;
+		ts.tv_sec += ts.tv_nsec / 1000000000L;
+		ts.tv_nsec %= 1000000000L;
+		pthread_cond_timedwait(&http_conn_cond, &http_conn_lock, &ts);
+	}
+	pthread_mutex_unlock(&http_conn_lock);
+	return NULL;
+}
 
 /*
  * Queue a JSON answer (text is malloc'ed and handed to MHD) and write the
@@ -100,6 +250,7 @@ http_send(struct MHD_Connection *c, const http_req *r, unsigned int status,
 		MHD_add_response_header(resp, "Allow", allow);
 	ret = MHD_queue_response(c, status, resp);
 	MHD_destroy_response(resp);
+	http_conn_set_busy(c, false);
 	return ret;
 }
 
@@ -340,24 +491,44 @@ http_begin(struct MHD_Connection *c, const char *url, const char *method, http_r
 
 /*
  * Append a chunk of body, keeping at most max_body bytes; anything beyond
- * only sets too_large.
+ * only sets too_large.  Returns false once more than HTTP_DISCARD_MAX
+ * bytes beyond max_body arrived: the connection is then closed at once
+ * (libmicrohttpd cannot queue an answer in the middle of a body).
  */
-static void
+static bool
 http_collect(http_req *r, const char *data, size_t size)
 {
+	r->received += size;
+	if (r->received > (size_t) http_cfg->max_body + HTTP_DISCARD_MAX)
+		return false;
 	if (r->too_large || r->len + size > (size_t) http_cfg->max_body)
 	{
 		r->too_large = true;
-		return;
+		return true;
 	}
 	if (r->body == NULL && (r->body = malloc(http_cfg->max_body + 1)) == NULL)
 	{
 		r->too_large = true;
-		return;
+		return true;
 	}
 	memcpy(r->body + r->len, data, size);
 	r->len += size;
 	r->body[r->len] = '\0';
+	return true;
+}
+
+/*
+ * Log and close a connection whose body went too far over max_body.
+ */
+static enum MHD_Result
+http_close_oversized(const http_req *r)
+{
+	char		safe_url[80];
+
+	log_sanitize(r->url, strlen(r->url), safe_url, sizeof(safe_url));
+	log_msg("request %s %s: connection closed: body over max_body (%d bytes)",
+			r->route == ROUTE_RESTARTS ? "POST" : "GET", safe_url, http_cfg->max_body);
+	return MHD_NO;
 }
 
 /*
@@ -383,10 +554,12 @@ http_access(void *cls, struct MHD_Connection *c, const char *url,
 	}
 	if (*upload_data_size > 0)
 	{
-		http_collect(r, upload_data, *upload_data_size);
+		bool		keep = http_collect(r, upload_data, *upload_data_size);
+
 		*upload_data_size = 0;
-		return MHD_YES;
+		return keep ? MHD_YES : http_close_oversized(r);
 	}
+	http_conn_set_busy(c, true);
 	if (r->too_large)
 		return http_error(c, r, 413, "payload_too_large", "the body is larger than the agent accepts");
 	if (r->route == ROUTE_RESTARTS)
@@ -404,7 +577,6 @@ http_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 	http_req   *r = *con_cls;
 
 	(void) cls;
-	(void) c;
 	(void) toe;
 	if (r != NULL)
 	{
@@ -412,6 +584,7 @@ http_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 		free(r);
 	}
 	*con_cls = NULL;
+	http_conn_set_busy(c, false);
 }
 
 /*
@@ -595,6 +768,7 @@ http_start(const agent_config *cfg, char *errbuf, size_t errsize)
 								   MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t) cfg->connection_memory_limit,
 								   MHD_OPTION_STRICT_FOR_CLIENT, (int) 1,
 								   MHD_OPTION_NOTIFY_COMPLETED, http_completed, NULL,
+								   MHD_OPTION_NOTIFY_CONNECTION, http_notify_connection, NULL,
 								   /* without TLS, the option list ends here */
 								   cfg->tls_cert ? MHD_OPTION_HTTPS_MEM_CERT : MHD_OPTION_END, http_tls_cert,
 								   MHD_OPTION_HTTPS_MEM_KEY, http_tls_key,
@@ -605,6 +779,12 @@ http_start(const agent_config *cfg, char *errbuf, size_t errsize)
 		close(fd);
 		return false;
 	}
+	if (pthread_create(&http_watchdog_tid, NULL, http_watchdog_main, NULL) != 0)
+	{
+		snprintf(errbuf, errsize, "cannot start the connection watchdog thread");
+		return false;
+	}
+	http_watchdog_running = true;
 	return true;
 }
 
@@ -618,6 +798,15 @@ http_stop(void)
 	if (http_daemon != NULL)
 		MHD_stop_daemon(http_daemon);
 	http_daemon = NULL;
+	if (http_watchdog_running)
+	{
+		pthread_mutex_lock(&http_conn_lock);
+		http_watchdog_stop = true;
+		pthread_cond_signal(&http_conn_cond);
+		pthread_mutex_unlock(&http_conn_lock);
+		pthread_join(http_watchdog_tid, NULL);
+		http_watchdog_running = false;
+	}
 	if (http_tls_key)
 		explicit_bzero(http_tls_key, http_tls_key_len);
 	free(http_tls_key);

@@ -286,6 +286,43 @@ ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit
 	ok($s == 404 && $j->{error} eq 'unknown_service', 'unknown service: 404 unknown_service');
 }
 
+# --- slow and oversized uploads cannot hold a connection ------------------------------
+{
+	my $b = start_agent(services => $services, limits => { max_wait => 0, connection_timeout => 5 });
+	local $SIG{PIPE} = 'IGNORE';
+	my $head = "POST /v1/restarts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n";
+	my %c;
+	for my $case (['headers', "GET /healthz HTTP/1.1\r\nHost: x\r\n", "X-Slow: ", 'y'],
+		['body', $head . sprintf("%x\r\n%s\r\n", 200, '{' x 200), '', "1\r\nx\r\n"],
+		['oversized body', $head . sprintf("%x\r\n%s\r\n", 100000, 'x' x 100000), '', "1\r\nx\r\n"])
+	{
+		my ($name, $first, $second, $drip) = @$case;
+		my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $b->{port}) or die;
+		syswrite($s, $first . $second);
+		$s->blocking(0);
+		$c{$name} = { sock => $s, drip => $drip };
+	}
+	# trickle one byte every 0.2 s on each connection until the agent closes it
+	my $all_closed = wait_until(sub {
+		for my $c (grep { !$_->{closed} } values %c)
+		{
+			my $n = sysread($c->{sock}, my $buf, 65536);
+			$c->{closed} = 1 if (defined $n && $n == 0) || (!defined $n && !$!{EAGAIN});
+			$c->{closed} = 1 if !$c->{closed} && !defined syswrite($c->{sock}, $c->{drip});
+		}
+		sleep 0.2;
+		return !grep { !$_->{closed} } values %c;
+	}, 30);
+	ok($all_closed, 'connections trickling headers or a body, or sending an oversized chunked body, are closed by the agent',
+		join(' ', map { "$_=" . ($c{$_}{closed} ? 'closed' : 'open') } sort keys %c));
+	my $log = slurp($b->{log});
+	ok($log =~ /connection closed: body over max_body/ && $log =~ /connection closed: no complete request or answer within connection_timeout/,
+		'the agent logs why it closed them', $log);
+	my ($s, $j) = req($b, 'GET', '/healthz', unsigned => 1);
+	ok($s == 200, 'the agent still answers afterwards');
+	stop_agent($b);
+}
+
 # --- a job: 202, long poll, replay, conflict --------------------------------
 my $okid = uuid();
 {
