@@ -116,6 +116,7 @@ rw_dispatch_start(RwClaimed *row)
 	call->deadline = row->deadline;
 	call->maybe_sent = row->maybe_sent;
 	call->following = false;
+	call->follow_queued = false;
 	call->record_at = 0;
 	call->record_tries = 0;
 	if (row->url == NULL || row->key == NULL ||
@@ -135,6 +136,67 @@ rw_dispatch_start(RwClaimed *row)
 }
 
 /*
+ * How many long-polls to an agent may be in flight at once: one less than
+ * the connections to it, so that a new request's POST always finds a
+ * connection instead of waiting behind jobs that run long.
+ */
+static int
+dispatch_follow_limit(void)
+{
+	return Max(1, rw_max_connections_per_agent - 1);
+}
+
+/*
+ * How many long-polls to the agent at url are in flight.
+ */
+static int
+dispatch_follows_to(const char *url)
+{
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < RW_MAX_SLOTS; i++)
+	{
+		RwCall	   *call = &dispatch_slots[i];
+
+		if (call->in_use && call->following && call->easy != NULL &&
+			strcmp(call->url, url) == 0)
+			n++;
+	}
+	return n;
+}
+
+/*
+ * Start the long-poll of a running job, or queue it while its agent has as
+ * many long-polls in flight as it may.
+ */
+static void
+dispatch_follow(RwCall *call)
+{
+	call->following = true;
+	call->follow_queued = dispatch_follows_to(call->url) >= dispatch_follow_limit();
+	if (!call->follow_queued)
+		rw_http_start(call);
+}
+
+/*
+ * Start queued long-polls whose agent has room for them again.
+ */
+static void
+dispatch_start_queued_follows(void)
+{
+	int			i;
+
+	for (i = 0; i < RW_MAX_SLOTS; i++)
+	{
+		RwCall	   *call = &dispatch_slots[i];
+
+		if (call->in_use && call->follow_queued)
+			dispatch_follow(call);
+	}
+}
+
+/*
  * Record the outcome of one finished call and move its request on: a
  * running job is followed with a long-poll, a locked row is recorded again
  * a little later, anything else frees the slot.  Lowers *next_at to the
@@ -150,10 +212,9 @@ dispatch_record(RwCall *call, TimestampTz *next_at)
 	{
 		case RW_OUTCOME_FOLLOW:
 			/* A job that runs: follow it; a retried POST finds it. */
-			call->following = true;
 			call->maybe_sent = true;
 			call->record_tries = 0;
-			rw_http_start(call);
+			dispatch_follow(call);
 			return false;
 		case RW_OUTCOME_LOCKED:
 			/* Never wait for a row lock: try again, less and less often. */
@@ -194,6 +255,7 @@ rw_dispatch_finish(TimestampTz *next_at)
 		if (call->in_use && call->record_at != 0 && call->record_at <= now)
 			freed |= dispatch_record(call, next_at);
 	}
+	dispatch_start_queued_follows();
 	return freed;
 }
 

@@ -139,6 +139,7 @@ typedef struct RwCall
 {
 	bool		in_use;
 	bool		following;		/* GET ?wait=N rather than the POST */
+	bool		follow_queued;	/* long-poll waits for a free connection */
 	char		id[37];			/* request id, canonical uuid text */
 	char	   *url;			/* agent base URL */
 	char	   *body;			/* POST body, the same for every attempt */
