@@ -18,8 +18,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "agent.h"
+
+#define JOBS_RETRY_FIRST_MSEC 100
+#define JOBS_RETRY_MAX_MSEC 5000
+#define JOBS_RETRY_WHEN_STOPPING 3
 
 static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t jobs_cond;
@@ -109,20 +114,74 @@ jobs_append(job *j)
 }
 
 /*
- * Render a job and write it to the journal; caller holds the lock.  The
- * status to record is passed explicitly because the final state is
- * written before it is made visible.
+ * Render a job as its journal record (caller frees; NULL when out of
+ * memory); caller holds the lock.  The status is passed explicitly
+ * because the final state is written before it is made visible.
+ */
+static char *
+jobs_render(const job *j, job_status status)
+{
+	json_t	   *obj = report_job(j, status);
+	char	   *text = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
+
+	json_decref(obj);
+	return text;
+}
+
+/*
+ * Render a job and write it to the journal; caller holds the lock.
  */
 static bool
 jobs_journal(const job *j, job_status status)
 {
-	json_t	   *obj = report_job(j, status);
-	char	   *text = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
+	char	   *text = jobs_render(j, status);
 	bool		ok = text != NULL && journal_write(j->id, text);
 
+	if (!ok)
+		log_msg("ERROR: job %s: its state could not be journaled", j->id);
 	free(text);
-	json_decref(obj);
 	return ok;
+}
+
+/*
+ * Tell whether the agent is shutting down.
+ */
+static bool
+jobs_is_stopping(void)
+{
+	bool		stopping;
+
+	pthread_mutex_lock(&jobs_lock);
+	stopping = jobs_stopping;
+	pthread_mutex_unlock(&jobs_lock);
+	return stopping;
+}
+
+/*
+ * Write a runner's record of its job until it is on disk, retrying with a
+ * growing pause (a full disk may be freed); called without the lock, by
+ * the job's runner, the only writer of a running job's record.  Gives up
+ * only when the agent is shutting down: the record on disk then still says
+ * "running", which the next start reports as failed.
+ */
+static bool
+jobs_write_retry(const char *id, const char *text)
+{
+	int			pause = JOBS_RETRY_FIRST_MSEC;
+	int			after_stop = 0;
+
+	while (text == NULL || !journal_write(id, text))
+	{
+		if (jobs_is_stopping() && ++after_stop > JOBS_RETRY_WHEN_STOPPING)
+		{
+			log_msg("ERROR: job %s: giving up journaling its final state (shutting down)", id);
+			return false;
+		}
+		log_msg("ERROR: job %s: cannot journal its final state, retrying in %d ms", id, pause);
+		usleep((useconds_t) pause * 1000);
+		pause = pause * 2 > JOBS_RETRY_MAX_MSEC ? JOBS_RETRY_MAX_MSEC : pause * 2;
+	}
+	return true;
 }
 
 /*
@@ -310,15 +369,25 @@ jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
 }
 
 /*
- * Journal the final state, then make it visible, wake long-poll waiters
- * and prune old jobs.
+ * Journal the final state (retrying until it is on disk), then make it
+ * visible, wake long-poll waiters and prune old jobs.  Until then clients
+ * see the job running.
  */
 static void
 jobs_finish(job *j, job_status final)
 {
+	int64_t		finished_at = util_now_usec();
+	char	   *text;
+
 	pthread_mutex_lock(&jobs_lock);
-	j->finished_at = util_now_usec();
-	jobs_journal(j, final);
+	j->finished_at = finished_at;
+	text = jobs_render(j, final);
+	j->finished_at = 0;
+	pthread_mutex_unlock(&jobs_lock);
+	jobs_write_retry(j->id, text);
+	free(text);
+	pthread_mutex_lock(&jobs_lock);
+	j->finished_at = finished_at;
 	j->status = final;
 	log_msg("job %s: %s%s%s", j->id, job_status_name(final),
 			j->error ? ": " : "", j->error ? j->error : "");

@@ -537,6 +537,26 @@ my $okid = uuid();
 	stop_agent($c);
 }
 
+# --- a failed journal write keeps the job running until its final state is on disk ----
+{
+	my $d = tempdir("diskfull-XXXXXX", DIR => $tmp);
+	my $svc = $services . qq{  blocker = ( { argv = ["$steps/blocker.sh"]; env = { JOBS_DIR = "$d/state/jobs"; }; } );\n};
+	my $b = start_agent(services => $svc, dir => $d);
+	my $id = uuid();
+	my ($s) = post_restart($b, $id, 'blocker');
+	my $blocked = wait_until(sub { slurp($b->{log}) =~ /ERROR: job $id: cannot journal its final state/ }, 10);
+	my (undef, $j) = get_job($b, $id);
+	my $rec = eval { decode_json(slurp("$d/state/jobs/$id.json")) } // {};
+	ok($s == 202 && $blocked && $j->{status} eq 'running' && !defined $j->{finished_at} && $rec->{status} eq 'running',
+		'while the final state cannot be journaled, the job is still reported running', $json->encode($j // {}));
+	rmdir "$d/state/jobs/.$id.tmp" or die "rmdir: $!";
+	$j = wait_job($b, $id, 20);
+	$rec = eval { decode_json(slurp("$d/state/jobs/$id.json")) } // {};
+	ok($j->{status} eq 'completed' && $rec->{status} eq 'completed',
+		'once the journal write succeeds the job is completed, on disk and for clients', $json->encode($rec));
+	stop_agent($b);
+}
+
 # --- SIGTERM during a job ---------------------------------------------------------
 {
 	my $b = start_agent(services => $services);
