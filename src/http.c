@@ -68,6 +68,7 @@ http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socket
 		http_nsockets++;
 	}
 	http_sockets_dirty = true;
+	rw_status_set_sockets(http_nsockets);
 	return 0;
 }
 

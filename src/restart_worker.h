@@ -73,6 +73,9 @@ typedef struct RestartWorkerShared
 	TimestampTz last_wake;
 	TimestampTz last_poll;
 	int			in_flight;
+	int			max_in_flight;	/* high-water mark of in_flight */
+	int			sockets;		/* sockets libcurl has open */
+	int			max_sockets;	/* high-water mark of sockets */
 	RestartWorkerCounters counters;
 
 	/* failed connection attempts in a row (src/worker.c backs off) */
@@ -232,6 +235,7 @@ extern void rw_status_note_poll(int claimed);
 		} \
 	} while (0)
 extern void rw_status_set_in_flight(int n);
+extern void rw_status_set_sockets(int n);
 
 /* src/dropdb.c */
 extern void restart_worker_dropdb_init(void);

@@ -44,6 +44,9 @@ rw_status_worker_started(void)
 	restart_worker_shared->last_wake = 0;
 	restart_worker_shared->last_poll = 0;
 	restart_worker_shared->in_flight = 0;
+	restart_worker_shared->max_in_flight = 0;
+	restart_worker_shared->sockets = 0;
+	restart_worker_shared->max_sockets = 0;
 	memset(&restart_worker_shared->counters, 0, sizeof(RestartWorkerCounters));
 	SpinLockRelease(&restart_worker_shared->mutex);
 }
@@ -78,13 +81,27 @@ rw_status_note_poll(int claimed)
 }
 
 /*
- * The number of calls in flight changed.
+ * The number of calls in flight changed; keep its high-water mark, so that
+ * tests and admins see the peak, not a sample.
  */
 void
 rw_status_set_in_flight(int n)
 {
 	SpinLockAcquire(&restart_worker_shared->mutex);
 	restart_worker_shared->in_flight = n;
+	restart_worker_shared->max_in_flight = Max(restart_worker_shared->max_in_flight, n);
+	SpinLockRelease(&restart_worker_shared->mutex);
+}
+
+/*
+ * The number of sockets libcurl has open changed; keep its high-water mark.
+ */
+void
+rw_status_set_sockets(int n)
+{
+	SpinLockAcquire(&restart_worker_shared->mutex);
+	restart_worker_shared->sockets = n;
+	restart_worker_shared->max_sockets = Max(restart_worker_shared->max_sockets, n);
 	SpinLockRelease(&restart_worker_shared->mutex);
 }
 
@@ -122,15 +139,16 @@ status_put_time(Datum *values, bool *nulls, int i, TimestampTz t)
 
 /*
  * SQL function restart_worker.worker_state(): the worker's pid (NULL when
- * none runs), state, times, calls in flight and counters since it started.
+ * none runs), state, times, calls in flight and counters since it started,
+ * and the high-water marks of calls in flight and sockets.
  * All NULL when the library was not preloaded.
  */
 Datum
 restart_worker_worker_state(PG_FUNCTION_ARGS)
 {
 	TupleDesc	desc;
-	Datum		values[15];
-	bool		nulls[15];
+	Datum		values[18];
+	bool		nulls[18];
 	RestartWorkerShared copy;
 	int			i;
 
@@ -164,5 +182,8 @@ restart_worker_worker_state(PG_FUNCTION_ARGS)
 	values[i++] = Int64GetDatum((int64) copy.counters.retries);
 	values[i++] = Int64GetDatum((int64) copy.counters.completed);
 	values[i++] = Int64GetDatum((int64) copy.counters.failed);
+	values[i++] = Int32GetDatum(copy.max_in_flight);
+	values[i++] = Int32GetDatum(copy.sockets);
+	values[i++] = Int32GetDatum(copy.max_sockets);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }

@@ -485,21 +485,24 @@ CREATE FUNCTION restart_worker.worker_state(
 	OUT last_wake timestamptz, OUT last_poll timestamptz, OUT in_flight integer,
 	OUT commit_wakeups bigint, OUT wakeups bigint, OUT polls bigint, OUT claimed bigint,
 	OUT calls bigint, OUT call_errors bigint, OUT retries bigint,
-	OUT completed bigint, OUT failed bigint)
+	OUT completed bigint, OUT failed bigint,
+	OUT max_in_flight integer, OUT sockets integer, OUT max_sockets integer)
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'restart_worker_worker_state';
 
 -- The worker at a glance: its pid (NULL if it is not running), what it is doing
 -- (stopped, starting, waiting for extension, idle, busy), when it was last woken and
 -- last looked at the queue, the queue depth (pending requests) and the active requests,
--- the calls in flight and counters since it started.
+-- the calls in flight and counters since it started; the most calls in flight and the
+-- sockets to agents (now and at most) since it started.
 CREATE FUNCTION restart_worker.status(
 	OUT pid integer, OUT state text, OUT started_at timestamptz,
 	OUT last_wake timestamptz, OUT last_poll timestamptz,
 	OUT queue_depth bigint, OUT active bigint, OUT in_flight integer,
 	OUT commit_wakeups bigint, OUT wakeups bigint, OUT polls bigint, OUT claimed bigint,
 	OUT calls bigint, OUT call_errors bigint, OUT retries bigint,
-	OUT completed bigint, OUT failed bigint)
+	OUT completed bigint, OUT failed bigint,
+	OUT max_in_flight integer, OUT sockets integer, OUT max_sockets integer)
 LANGUAGE sql STABLE
 SET search_path = ''
 AS $$
@@ -508,6 +511,7 @@ AS $$
 		   (SELECT count(*) FROM public.service_restart_requests q
 			WHERE q.status IN ('pending', 'dispatching', 'running')),
 		   w.in_flight, w.commit_wakeups, w.wakeups, w.polls, w.claimed,
-		   w.calls, w.call_errors, w.retries, w.completed, w.failed
+		   w.calls, w.call_errors, w.retries, w.completed, w.failed,
+		   w.max_in_flight, w.sockets, w.max_sockets
 	FROM restart_worker.worker_state() w;
 $$;
