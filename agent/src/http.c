@@ -459,6 +459,17 @@ http_healthz(struct MHD_Connection *c, const http_req *r)
 }
 
 /*
+ * Refuse a GET that carries a body, before verifying anything: the
+ * signature does not cover the method, so a captured signed POST must not
+ * be replayable as a GET of its job.
+ */
+static enum MHD_Result
+http_get_with_body(struct MHD_Connection *c, const http_req *r)
+{
+	return http_error(c, r, 400, "bad_request", "a GET must have an empty body");
+}
+
+/*
  * First call for a request: route it, answer at once what needs no body,
  * and refuse a declared Content-Length over the limit.
  */
@@ -484,6 +495,8 @@ http_begin(struct MHD_Connection *c, const char *url, const char *method, http_r
 						 "method_not_allowed");
 	}
 	cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+	if (r->route == ROUTE_JOB && cl != NULL && strcmp(cl, "0") != 0)
+		return http_get_with_body(c, r);
 	if (cl != NULL && (strlen(cl) > 9 || atol(cl) > http_cfg->max_body))
 		return http_error(c, r, 413, "payload_too_large", "the body is larger than the agent accepts");
 	return MHD_YES;
@@ -564,6 +577,8 @@ http_access(void *cls, struct MHD_Connection *c, const char *url,
 		return http_error(c, r, 413, "payload_too_large", "the body is larger than the agent accepts");
 	if (r->route == ROUTE_RESTARTS)
 		return http_post_restart(c, r);
+	if (r->received > 0)
+		return http_get_with_body(c, r);
 	return http_get_job(c, url, r);
 }
 

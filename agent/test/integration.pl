@@ -349,6 +349,13 @@ my $okid = uuid();
 	ok($s == 422, 'same id, different service: 422');
 	($s, $j) = post_restart($a, $okid, 'ok', by => uuid());
 	ok($s == 422, 'same id, different requested_by: 422');
+	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => $okid, body => $body, ts => $ts, sig => $sig);
+	ok($s == 400 && $j->{message} =~ /empty body/, 'a captured signed POST replayed as a GET of its job: 400', $json->encode($j // {}));
+	my $sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+	print $sock "GET /v1/restarts/$okid HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nwebhook-id: $okid\r\n"
+		. "webhook-timestamp: $ts\r\nwebhook-signature: $sig\r\n\r\n" . sprintf("%x\r\n%s\r\n0\r\n\r\n", length($body), $body);
+	my $resp = join '', <$sock>;
+	ok($resp =~ m{^HTTP/1\.1 400} && $resp =~ /empty body/, 'the same replay with a chunked body: 400', $resp);
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => uuid());
 	ok($s == 400, 'GET with webhook-id different from the path id: 400');
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => $okid, unsigned => 1);
