@@ -77,6 +77,16 @@ SELECT status, count(*), count(dispatched_at) AS dispatched
 	FROM service_restart_requests WHERE service_name = 'mqtt-subscriber'
 	GROUP BY status ORDER BY status;
 
+-- A request whose call may have reached the agent (sent, then no answer) holds the
+-- cooldown like a dispatched one: its steps may have run.
+SELECT restart_worker.register_service('uncertain-svc', 'host1', '10 minutes');
+SELECT service_name, status FROM request_service_restart('uncertain-svc');
+UPDATE service_restart_requests SET status = 'failed', uncertain_at = now(),
+	error = 'gave up after 5 attempts: timed out waiting for the agent; the agent may have received the request'
+	WHERE service_name = 'uncertain-svc';
+SELECT outcome($$SELECT request_service_restart('uncertain-svc')$$);
+SELECT restart_worker.remove_service('uncertain-svc');
+
 -- A service with no cooldown accepts a request as soon as the last one ended.
 SELECT service_name, status FROM request_service_restart('nocool');
 UPDATE service_restart_requests SET status = 'completed', dispatched_at = now()

@@ -77,6 +77,7 @@ CREATE TABLE public.service_restart_requests (
 	requested_by_role text NOT NULL,
 	requested_at timestamptz NOT NULL DEFAULT now(),
 	dispatched_at timestamptz,
+	uncertain_at timestamptz,
 	started_at	timestamptz,
 	completed_at timestamptz,
 	attempts	integer NOT NULL DEFAULT 0,
@@ -93,6 +94,8 @@ COMMENT ON COLUMN public.service_restart_requests.next_attempt_at IS
 	'pending: the worker calls the agent from then on; dispatching or running: the lease of the worker expires then.';
 COMMENT ON COLUMN public.service_restart_requests.dispatched_at IS
 	'When the agent first accepted the request; such a request starts the cooldown of its service.';
+COMMENT ON COLUMN public.service_restart_requests.uncertain_at IS
+	'When a call that may have reached the agent first ended without an answer (timed out or lost after sending); such a request starts the cooldown too.';
 
 -- At most one active request per service, whatever the path that inserts it.
 CREATE UNIQUE INDEX service_restart_requests_one_active

@@ -128,7 +128,7 @@ BEGIN
 
 	SELECT max(r.requested_at) INTO v_last FROM public.service_restart_requests r
 		WHERE r.service_name = p_service_name
-		  AND r.dispatched_at IS NOT NULL
+		  AND (r.dispatched_at IS NOT NULL OR r.uncertain_at IS NOT NULL)
 		  AND r.requested_at > v_now - v_service.cooldown;
 	IF v_last IS NOT NULL THEN
 		RAISE EXCEPTION 'service "%" was restarted less than % ago', p_service_name, v_service.cooldown

@@ -412,6 +412,11 @@ BEGIN
 	v_uncertain := v_row.dispatched_at IS NULL AND (p_maybe_sent OR v_how.maybe_sent);
 	IF v_uncertain THEN
 		v_note := '; the agent may have received the request';
+		IF v_row.uncertain_at IS NULL THEN
+			-- The steps may have run: from now on the request holds the cooldown.
+			UPDATE public.service_restart_requests SET uncertain_at = pg_catalog.now()
+				WHERE id = p_id;
+		END IF;
 	END IF;
 
 	IF NOT v_how.retry THEN

@@ -74,6 +74,11 @@ my @calls = fake_calls($mute);
 is(scalar(grep { $_ eq "POST /v1/restarts $id" } @calls), 4,
 	'mute: four POSTs, all with the same request id');
 clean_error($row, $mute);
+$node->safe_psql('postgres', "SELECT restart_worker.register_service('mute_svc', 'mute', '1 hour')");
+my (undef, undef, $refusal) = $node->psql('postgres', "SELECT request_service_restart('mute_svc')");
+like($refusal, qr/was restarted less than/,
+	'mute: a request that may have reached the agent holds the cooldown');
+$node->safe_psql('postgres', "SELECT restart_worker.register_service('mute_svc', 'mute', '0')");
 
 # 301: not an agent's answer; failed at once, not retried.
 my $moved = fake_service('moved', '', sub {
