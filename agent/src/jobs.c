@@ -398,6 +398,31 @@ jobs_finish(job *j, job_status final)
 }
 
 /*
+ * Check, before step idx starts, that the agent is not shutting down; if
+ * it is, the job fails without starting the step.
+ */
+static bool
+jobs_may_start_step(job *j, int idx)
+{
+	char		buf[128];
+	bool		stopping;
+
+	pthread_mutex_lock(&jobs_lock);
+	stopping = jobs_stopping;
+	if (stopping)
+	{
+		snprintf(buf, sizeof(buf),
+				 "interrupted before step %d: the agent was stopped during the job", idx + 1);
+		free(j->error);
+		j->error = strdup(buf);
+	}
+	pthread_mutex_unlock(&jobs_lock);
+	if (stopping)
+		log_msg("job %s: %s", j->id, j->error ? j->error : "interrupted");
+	return !stopping;
+}
+
+/*
  * Runner thread: run the service's steps in order, stopping at the first
  * failure.
  */
@@ -413,6 +438,11 @@ jobs_runner(void *arg)
 	{
 		spawn_result res;
 
+		if (!jobs_may_start_step(j, i))
+		{
+			ok = false;
+			break;
+		}
 		jobs_step_begin(j, &svc->steps[i], i);
 		spawn_run(&svc->steps[i], j->id, svc->name, jobs_cfg->kill_grace,
 				  jobs_output, j, &res);

@@ -577,6 +577,23 @@ my $okid = uuid();
 	ok(($rec->{status} // '') eq 'failed' && ($rec->{error} // '') =~ /agent was stopped/, 'the interrupted job is journaled as failed');
 }
 
+# --- a shutdown between two steps: the next step never starts -------------------------
+{
+	my $svc = $services . qq{  twostep = ( { argv = ["$steps/stop_agent.sh"]; env = { PID_FILE = "$pids.stop"; }; },
+	  { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.twostep"; }; } );\n};
+	my $b = start_agent(services => $svc);
+	my $id = uuid();
+	my ($s) = post_restart($b, $id, 'twostep');
+	my $stopped = wait_until(sub { waitpid($b->{pid}, WNOHANG) == $b->{pid} }, 20);
+	$b->{pid} = undef if $stopped;
+	kill 'KILL', split /\n/, slurp("$pids.stop");
+	my $rec = eval { decode_json(slurp("$b->{dir}/state/jobs/$id.json")) } // {};
+	ok($s == 202 && $stopped && ($rec->{status} // '') eq 'failed' && @{ $rec->{steps} // [] } == 1
+		&& ($rec->{error} // '') eq 'interrupted before step 2: the agent was stopped during the job'
+		&& !-e "$count.twostep", 'an agent stopped between two steps never starts the next step',
+		$json->encode($rec) . "\n" . slurp($b->{log}));
+}
+
 # --- kill -9 during a job, restart: failed, never re-run ------------------------------
 {
 	unlink $gate, "$count.gate", "$pids.gate";
