@@ -226,6 +226,8 @@ http_send(struct MHD_Connection *c, const http_req *r, unsigned int status,
 	char		host[NI_MAXHOST] = "local";
 	char		safe_id[80];
 	char		safe_url[80];
+	char		safe_method[24];
+	char		safe_detail[300];
 	enum MHD_Result ret;
 
 	if (ci && ci->client_addr && ci->client_addr->sa_family != AF_UNIX)
@@ -234,8 +236,10 @@ http_send(struct MHD_Connection *c, const http_req *r, unsigned int status,
 					host, sizeof(host), NULL, 0, NI_NUMERICHOST);
 	log_sanitize(id ? id : "-", id ? strlen(id) : 1, safe_id, sizeof(safe_id));
 	log_sanitize(r->url, strlen(r->url), safe_url, sizeof(safe_url));
-	log_msg("request %s %s from %s id=%s: %u %s", r->method, safe_url, host, safe_id,
-			status, detail ? detail : "");
+	log_sanitize(r->method, strlen(r->method), safe_method, sizeof(safe_method));
+	log_sanitize(detail ? detail : "", detail ? strlen(detail) : 0, safe_detail, sizeof(safe_detail));
+	log_msg("request %s %s from %s id=%s: %u %s", safe_method, safe_url, host, safe_id,
+			status, safe_detail);
 	if (text == NULL)
 		text = strdup("{\"error\":\"internal_error\",\"message\":\"out of memory\"}");
 	resp = MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
@@ -603,12 +607,14 @@ http_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 }
 
 /*
- * Route libmicrohttpd's own error messages to our log.
+ * Route libmicrohttpd's own error messages to our log, sanitised (they may
+ * quote what a client sent).
  */
 static void
 http_mhd_log(void *cls, const char *fmt, va_list ap)
 {
 	char		line[512];
+	char		safe[512];
 	size_t		len;
 
 	(void) cls;
@@ -616,7 +622,8 @@ http_mhd_log(void *cls, const char *fmt, va_list ap)
 	len = strlen(line);
 	while (len > 0 && line[len - 1] == '\n')
 		line[--len] = '\0';
-	log_msg("libmicrohttpd: %s", line);
+	log_sanitize(line, len, safe, sizeof(safe));
+	log_msg("libmicrohttpd: %s", safe);
 }
 
 /*

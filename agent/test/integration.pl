@@ -323,6 +323,18 @@ ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit
 	stop_agent($b);
 }
 
+# --- nothing from the network reaches the log unsanitised ----------------------------
+{
+	my $sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+	print $sock "G\e[31mET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+	my $resp = join '', <$sock>;
+	my $id = uuid();
+	my ($s, $j) = post_restart($a, $id, 'ok', body => "{\"request_id\": \e]0;pwned\a\e[2J}");
+	my $log = slurp($a->{log});
+	ok($s == 400 && $log =~ /malformed JSON/ && $log !~ /[\x00-\x09\x0b-\x1f\x7f]/,
+		'escape sequences in the method or in a JSON error never reach the log', join("\n", grep { /[\x00-\x09\x0b-\x1f]/ } split /\n/, $log));
+}
+
 # --- a job: 202, long poll, replay, conflict --------------------------------
 my $okid = uuid();
 {
