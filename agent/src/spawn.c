@@ -4,14 +4,24 @@
  *	  Running one step: posix_spawn with a fixed argv, never a shell.
  *
  * The step gets a minimal environment, stdin from /dev/null, stdout and
- * stderr on one pipe, its own process group and a clean signal state.  On
- * timeout (or agent shutdown) the whole group gets SIGTERM, then SIGKILL
- * after the grace period.  When the step's own process exits, whatever it
- * left in its process group is killed, and the pipe is drained only for a
- * short while, so a background child holding the pipe cannot hang a job.
+ * stderr on one pipe, its own session (so also its own process group) and
+ * a clean signal state.  On timeout (or agent shutdown) every process of
+ * the step's session gets SIGTERM, then SIGKILL after the grace period.
+ * When the step's own process exits, whatever it left in its session is
+ * killed, and the pipe is drained only for a short while, so a background
+ * child holding the pipe cannot hang a job.
+ *
+ * The session, not the process group, is what is tracked: a descendant
+ * may move to another process group (setpgid) but can only leave the
+ * session by starting its own (setsid), which is how a program that must
+ * outlive its step detaches.  Members are found by scanning /proc; the
+ * step's process is reaped only at the very end, so its id (the session
+ * id) cannot be reused meanwhile.
  *
  *-------------------------------------------------------------------------
  */
+#include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -29,6 +39,7 @@
 
 #define SPAWN_DRAIN_MSEC 1000
 #define SPAWN_TICK_MSEC 100
+#define SPAWN_KILL_ROUNDS 50
 #define SPAWN_DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 static int	spawn_stop_fd = -1;
@@ -126,7 +137,7 @@ spawn_free_env(char **envp)
 }
 
 /*
- * Start the step's program with posix_spawn: own process group, default
+ * Start the step's program with posix_spawn: own session, default
  * signal dispositions, empty signal mask, stdin /dev/null, stdout+stderr
  * to outfd, working directory cwd, every other descriptor closed.
  * Returns 0 or an errno value.
@@ -149,15 +160,119 @@ spawn_start(const config_step *step, char **envp, int outfd, pid_t *pid)
 	posix_spawn_file_actions_addclosefrom_np(&fa, 3);
 	posix_spawn_file_actions_addchdir_np(&fa, step->cwd);
 	posix_spawnattr_init(&attr);
-	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK |
+	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
 							 POSIX_SPAWN_SETSIGDEF);
-	posix_spawnattr_setpgroup(&attr, 0);
 	posix_spawnattr_setsigmask(&attr, &none);
 	posix_spawnattr_setsigdefault(&attr, &all);
 	rc = posix_spawn(pid, step->argv[0], &fa, &attr, step->argv, envp);
 	posix_spawnattr_destroy(&attr);
 	posix_spawn_file_actions_destroy(&fa);
 	return rc;
+}
+
+/*
+ * Read the session id and state of process pid from /proc/<pid>/stat.
+ * Returns false if the process is gone or the file cannot be parsed.
+ */
+static bool
+spawn_proc_session(pid_t pid, pid_t *sid, char *state)
+{
+	char		path[64];
+	char		buf[512];
+	char	   *p;
+	int			fd;
+	ssize_t		n;
+	int			ppid;
+	int			pgrp;
+	int			session;
+
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int) pid);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return false;
+	buf[n] = '\0';
+	/* the command name may hold anything: parse after its last ')' */
+	if ((p = strrchr(buf, ')')) == NULL ||
+		sscanf(p + 1, " %c %d %d %d", state, &ppid, &pgrp, &session) != 4)
+		return false;
+	*sid = (pid_t) session;
+	return true;
+}
+
+/*
+ * Send sig to process pid if it is a live member of session sid.  The
+ * process is pinned with a pidfd before its session is checked, so a
+ * recycled pid cannot be signalled by mistake.  Returns true if a signal
+ * was sent.
+ */
+static bool
+spawn_signal_member(pid_t pid, pid_t sid, int sig)
+{
+	int			pidfd = (int) syscall(SYS_pidfd_open, pid, 0);
+	pid_t		s;
+	char		state;
+	bool		sent = false;
+
+	if (pidfd < 0)
+		return false;
+	if (spawn_proc_session(pid, &s, &state) && s == sid && state != 'Z')
+		sent = syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) == 0;
+	close(pidfd);
+	return sent;
+}
+
+/*
+ * Send sig to every live process of session sid; returns how many got it.
+ */
+static int
+spawn_signal_session_once(pid_t sid, int sig)
+{
+	DIR		   *d = opendir("/proc");
+	struct dirent *de;
+	int			count = 0;
+
+	if (d == NULL)
+	{
+		log_msg("cannot scan /proc for the step's processes: %s", strerror(errno));
+		return 0;
+	}
+	while ((de = readdir(d)) != NULL)
+	{
+		pid_t		s;
+		char		state;
+		pid_t		pid;
+
+		if (!isdigit((unsigned char) de->d_name[0]))
+			continue;
+		pid = (pid_t) atoi(de->d_name);
+		if (spawn_proc_session(pid, &s, &state) && s == sid && state != 'Z')
+			count += spawn_signal_member(pid, sid, sig);
+	}
+	closedir(d);
+	return count;
+}
+
+/*
+ * Signal every process of the step's session: the step's process (the
+ * session leader, kept as a zombie until the step is over) and everything
+ * it started that did not start a session of its own, whatever process
+ * group it moved to.  For SIGKILL, repeat until no member is left (a
+ * member may fork while the list is read), within SPAWN_KILL_ROUNDS.
+ */
+static void
+spawn_signal_session(pid_t sid, int sig)
+{
+	for (int round = 0; round < SPAWN_KILL_ROUNDS; round++)
+	{
+		if (spawn_signal_session_once(sid, sig) == 0 || sig != SIGKILL)
+			return;
+		usleep(2000);			/* let the killed ones die */
+	}
+	log_msg("processes of a step's session %d keep appearing after %d rounds of SIGKILL",
+			(int) sid, SPAWN_KILL_ROUNDS);
 }
 
 /*
@@ -190,7 +305,7 @@ spawn_read_output(spawn_state *st, spawn_output_cb out, void *arg)
 
 /*
  * Check, without reaping, whether the step's process has exited and record
- * how.  The zombie keeps the process group id reserved, so the group can
+ * how.  The zombie keeps the session id reserved, so the session can
  * still be signalled safely afterwards.
  */
 static void
@@ -209,13 +324,13 @@ spawn_check_exit(spawn_state *st, spawn_result *res)
 		res->exit_code = si.si_status;
 	else
 		res->signal = si.si_status;
-	/* kill anything the step left behind in its group */
-	killpg(st->pid, SIGKILL);
+	/* kill anything the step left behind in its session */
+	spawn_signal_session(st->pid, SIGKILL);
 	st->drain_until = util_monotonic_msec() + SPAWN_DRAIN_MSEC;
 }
 
 /*
- * Send SIGTERM, then SIGKILL after the grace period, to the step's group
+ * Send SIGTERM, then SIGKILL after the grace period, to the step's session
  * once its deadline has passed or the agent is shutting down.
  */
 static void
@@ -229,13 +344,13 @@ spawn_enforce_deadline(spawn_state *st, spawn_result *res, bool stop)
 			res->interrupted = true;
 		else
 			res->timed_out = true;
-		killpg(st->pid, SIGTERM);
+		spawn_signal_session(st->pid, SIGTERM);
 		st->term_sent = true;
 		st->kill_at = now + st->kill_grace_ms;
 	}
 	else if (st->term_sent && !st->kill_sent && now >= st->kill_at)
 	{
-		killpg(st->pid, SIGKILL);
+		spawn_signal_session(st->pid, SIGKILL);
 		st->kill_sent = true;
 	}
 }
@@ -291,7 +406,7 @@ spawn_wait(spawn_state *st, spawn_output_cb out, void *arg, spawn_result *res)
 		if (poll(fds, nfds, spawn_poll_timeout(st)) < 0 && errno != EINTR)
 		{
 			log_msg("poll failed while running a step: %s", strerror(errno));
-			killpg(st->pid, SIGKILL);
+			spawn_signal_session(st->pid, SIGKILL);
 			break;
 		}
 		if (st->outfd >= 0 && fds[0].revents != 0)

@@ -213,6 +213,8 @@ my $services = <<"SVC";
   bgsession = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bgs"; BG_SESSION = "1"; }; } );
   slow = ( { argv = ["$steps/sleep.sh", "1.5"]; } );
   missing = ( { argv = ["/nonexistent/program"]; } );
+  escape = ( { argv = ["$steps/escape.sh"]; env = { PID_FILE = "$pids.escape"; }; } );
+  escapehang = ( { argv = ["$steps/escape.sh", "hang"]; timeout = 1; env = { PID_FILE = "$pids.escapehang"; }; } );
   counted = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.journal"; }; } );
   ctl = ( { argv = ["$steps/ctl.sh", "1048576"]; } );
 SVC
@@ -506,6 +508,24 @@ my $okid = uuid();
 			sprintf('a background child %s holding the pipe does not hang the job (%.2f s)', $what, $dt),
 			$json->encode($j // {}));
 		kill 'KILL', $child if $child;
+	}
+}
+
+# --- a child that moved to another process group is still killed (same session) --------
+{
+	for my $case (['escape', "$pids.escape", 'exited', 'completed'], ['escapehang', "$pids.escapehang", 'timed out', 'failed'])
+	{
+		my ($svc, $pf, $what, $status) = @$case;
+		unlink $pf;
+		my $id = uuid();
+		post_restart($a, $id, $svc);
+		my $j = wait_job($a, $id, 20);
+		my ($child) = split /\n/, slurp($pf);
+		my $gone = $child && wait_until(sub { pid_gone($child) }, 5);
+		ok($j->{status} eq $status && $gone,
+			"after its step $what, a child that left the step's process group (not its session) is killed",
+			$json->encode($j // {}));
+		kill 'KILL', $child if $child && !$gone;
 	}
 }
 
