@@ -126,9 +126,57 @@ util_digits(const char *text, int n)
 }
 
 /*
- * Check the shape of an RFC 3339 date-time: YYYY-MM-DDTHH:MM:SS, optional
- * fraction, then Z or a numeric offset.  The agent only stores and echoes
- * requested_at, so a syntactic check is all it needs.
+ * Read n decimal digits at text as a number within lo..hi; -1 if they are
+ * not all digits or out of range.
+ */
+static int
+util_field(const char *text, int n, int lo, int hi)
+{
+	int			v = 0;
+
+	if (!util_digits(text, n))
+		return -1;
+	for (int i = 0; i < n; i++)
+		v = v * 10 + (text[i] - '0');
+	return v < lo || v > hi ? -1 : v;
+}
+
+/*
+ * Return the number of days of a month (1..12) of a year (Gregorian).
+ */
+static int
+util_days_in_month(int year, int month)
+{
+	static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+	bool		leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+
+	return month == 2 && leap ? 29 : days[month - 1];
+}
+
+/*
+ * Check the date and time fields of YYYY-MM-DDTHH:MM:SS: separators, an
+ * upper-case 'T', and every field within its range (the day within its
+ * month, second 60 allowed for a leap second).
+ */
+static bool
+util_rfc3339_datetime(const char *t)
+{
+	int			year = util_field(t, 4, 0, 9999);
+	int			month = util_field(t + 5, 2, 1, 12);
+	int			day = util_field(t + 8, 2, 1, 31);
+
+	if (year < 0 || month < 0 || day < 0 || t[4] != '-' || t[7] != '-' || t[10] != 'T' ||
+		t[13] != ':' || t[16] != ':' || day > util_days_in_month(year, month))
+		return false;
+	return util_field(t + 11, 2, 0, 23) >= 0 && util_field(t + 14, 2, 0, 59) >= 0 &&
+		util_field(t + 17, 2, 0, 60) >= 0;
+}
+
+/*
+ * Check an RFC 3339 date-time as the protocol documents it:
+ * YYYY-MM-DDTHH:MM:SS, an optional fraction, then 'Z' or a numeric offset
+ * +HH:MM / -HH:MM, every field within its range.  The agent only stores
+ * and echoes requested_at, but refuses what is not a real time stamp.
  */
 bool
 util_is_rfc3339(const char *t)
@@ -136,13 +184,7 @@ util_is_rfc3339(const char *t)
 	size_t		len = strlen(t);
 	size_t		i = 19;
 
-	if (len < 20 || len > REQUESTED_AT_MAX)
-		return false;
-	if (!util_digits(t, 4) || t[4] != '-' || !util_digits(t + 5, 2) ||
-		t[7] != '-' || !util_digits(t + 8, 2) ||
-		(t[10] != 'T' && t[10] != 't' && t[10] != ' ') ||
-		!util_digits(t + 11, 2) || t[13] != ':' || !util_digits(t + 14, 2) ||
-		t[16] != ':' || !util_digits(t + 17, 2))
+	if (len < 20 || len > REQUESTED_AT_MAX || !util_rfc3339_datetime(t))
 		return false;
 	if (t[i] == '.')
 	{
@@ -153,10 +195,9 @@ util_is_rfc3339(const char *t)
 		if (i == start)
 			return false;
 	}
-	if ((t[i] == 'Z' || t[i] == 'z') && i + 1 == len)
+	if (t[i] == 'Z' && i + 1 == len)
 		return true;
-	if ((t[i] == '+' || t[i] == '-') && i + 6 == len &&
-		util_digits(t + i + 1, 2) && t[i + 3] == ':' && util_digits(t + i + 4, 2))
-		return true;
-	return false;
+	return (t[i] == '+' || t[i] == '-') && i + 6 == len &&
+		util_field(t + i + 1, 2, 0, 23) >= 0 && t[i + 3] == ':' &&
+		util_field(t + i + 4, 2, 0, 59) >= 0;
 }

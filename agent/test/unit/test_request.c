@@ -95,7 +95,27 @@ test_rfc3339(void **state)
 	(void) state;
 	assert_true(util_is_rfc3339("2026-11-26T05:00:00Z"));
 	assert_true(util_is_rfc3339("2026-11-26T05:00:00.1Z"));
-	assert_true(util_is_rfc3339("2026-11-26 05:00:00.123456+00:00"));
+	assert_true(util_is_rfc3339("2026-11-26T05:00:00.123456+00:00"));
+	assert_true(util_is_rfc3339("2026-11-26T05:00:00-23:59"));
+	assert_true(util_is_rfc3339("2028-02-29T23:59:60Z"));
+	assert_true(util_is_rfc3339("2000-02-29T00:00:00Z"));
+	/* only the documented form: upper-case T and Z, no space */
+	assert_false(util_is_rfc3339("2026-11-26 05:00:00.123456+00:00"));
+	assert_false(util_is_rfc3339("2026-11-26t05:00:00Z"));
+	assert_false(util_is_rfc3339("2026-11-26T05:00:00z"));
+	/* every field within its range */
+	assert_false(util_is_rfc3339("2026-99-99T99:99:99Z"));
+	assert_false(util_is_rfc3339("2026-00-10T05:00:00Z"));
+	assert_false(util_is_rfc3339("2026-13-10T05:00:00Z"));
+	assert_false(util_is_rfc3339("2026-11-00T05:00:00Z"));
+	assert_false(util_is_rfc3339("2026-11-31T05:00:00Z"));
+	assert_false(util_is_rfc3339("2026-02-29T05:00:00Z"));
+	assert_false(util_is_rfc3339("1900-02-29T05:00:00Z"));
+	assert_false(util_is_rfc3339("2026-11-26T24:00:00Z"));
+	assert_false(util_is_rfc3339("2026-11-26T23:60:00Z"));
+	assert_false(util_is_rfc3339("2026-11-26T23:59:61Z"));
+	assert_false(util_is_rfc3339("2026-11-26T05:00:00+24:00"));
+	assert_false(util_is_rfc3339("2026-11-26T05:00:00+01:60"));
 	assert_false(util_is_rfc3339("2026-11-26T05:00:00"));
 	assert_false(util_is_rfc3339("2026-11-26T05:00:00.Z"));
 	assert_false(util_is_rfc3339("2026-11-26T05:00:00+0000"));
