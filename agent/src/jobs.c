@@ -579,6 +579,8 @@ jobs_lookup(const char *id, int wait_seconds, json_t **report)
 	*report = NULL;
 	pthread_mutex_lock(&jobs_lock);
 	j = jobs_find(id);
+	if (j != NULL && j->status == JOB_RUNNING && wait_seconds > 0 && !jobs_stopping)
+		log_msg("job %s: a long poll waits up to %d s for it to finish", id, wait_seconds);
 	while (j != NULL && j->status == JOB_RUNNING && wait_seconds > 0 && !jobs_stopping)
 	{
 		int			rc = pthread_cond_timedwait(&jobs_cond, &jobs_lock, &deadline);
