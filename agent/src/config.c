@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <libconfig.h>
+#include <openssl/crypto.h>
 
 #include "agent.h"
 
@@ -671,7 +672,7 @@ config_free(agent_config *cfg)
 		free(cfg->services[i].name);
 	}
 	free(cfg->services);
-	memset(cfg->secrets, 0, sizeof(cfg->secrets));
+	OPENSSL_cleanse(cfg->secrets, sizeof(cfg->secrets));
 	free(cfg->path);
 	free(cfg->listen);
 	free(cfg->listen_host);
