@@ -27,7 +27,41 @@ static int	journal_dirfd = -1;
 static int	journal_lockfd = -1;
 
 /*
- * Create the state directory and its jobs/ subdirectory when missing, take
+ * Flush the directory holding path (its parent), so that a directory just
+ * created there survives a crash.
+ */
+static bool
+journal_sync_parent(const char *path)
+{
+	char	   *copy = strdup(path);
+	char	   *slash;
+	size_t		len = copy ? strlen(copy) : 0;
+	int			fd;
+	bool		ok;
+
+	while (len > 1 && copy[len - 1] == '/')
+		copy[--len] = '\0';
+	slash = copy ? strrchr(copy, '/') : NULL;
+	if (slash == NULL)
+	{
+		free(copy);
+		return false;
+	}
+	if (slash == copy)
+		slash[1] = '\0';		/* the parent is "/" */
+	else
+		*slash = '\0';
+	fd = open(copy, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	ok = fd >= 0 && fsync(fd) == 0;
+	if (fd >= 0)
+		close(fd);
+	free(copy);
+	return ok;
+}
+
+/*
+ * Create the state directory and its jobs/ subdirectory when missing
+ * (flushing each parent directory, so that they survive a crash), take
  * the lock file, and keep a descriptor of jobs/ for the *at() calls.
  */
 bool
@@ -35,7 +69,16 @@ journal_open(const char *state_dir, char *errbuf, size_t errsize)
 {
 	int			sfd;
 
-	if (mkdir(state_dir, 0700) != 0 && errno != EEXIST)
+	if (mkdir(state_dir, 0700) == 0)
+	{
+		if (!journal_sync_parent(state_dir))
+		{
+			snprintf(errbuf, errsize, "cannot flush the parent of state_dir \"%s\": %s",
+					 state_dir, strerror(errno));
+			return false;
+		}
+	}
+	else if (errno != EEXIST)
 	{
 		snprintf(errbuf, errsize, "cannot create state_dir \"%s\": %s", state_dir, strerror(errno));
 		return false;
@@ -54,7 +97,7 @@ journal_open(const char *state_dir, char *errbuf, size_t errsize)
 		close(sfd);
 		return false;
 	}
-	if (mkdirat(sfd, "jobs", 0700) != 0 && errno != EEXIST)
+	if ((mkdirat(sfd, "jobs", 0700) != 0 && errno != EEXIST) || fsync(sfd) != 0)
 	{
 		snprintf(errbuf, errsize, "cannot create \"%s/jobs\": %s", state_dir, strerror(errno));
 		close(sfd);

@@ -650,6 +650,33 @@ my $okid = uuid();
 	stop_agent($c);
 }
 
+# --- a new state directory and its jobs/ are flushed to disk when created ------------------
+SKIP: {
+	my ($strace) = grep { -x $_ } map { "$_/strace" } split /:/, $ENV{PATH} // '/usr/bin';
+	unless ($strace) { print "ok - # SKIP strace is not installed: directory flushes not checked\n"; last SKIP; }
+	my $d = tempdir("fresh-XXXXXX", DIR => $tmp);
+	spew("$d/secrets", "$SECRET\n");
+	chmod 0600, "$d/secrets";
+	spew("$d/agent.conf", "listen = \"127.0.0.1:0\";\nsecrets_file = \"secrets\";\nstate_dir = \"$d/new/state\";\n"
+		. "services = { x = ( { argv = [\"/bin/true\"]; } ); };\n");
+	mkdir "$d/new";
+	my $pid = fork;
+	if ($pid == 0)
+	{
+		open(STDERR, '>', "$d/agent.log") or die;
+		exec $strace, '-f', '-y', '-e', 'trace=mkdir,mkdirat,fsync', '-o', "$d/trace", $bin, '--config', "$d/agent.conf" or die;
+	}
+	my $up = wait_until(sub { slurp("$d/agent.log") =~ /listening on/ }, 15);
+	# stop the traced agent (strace's child); strace then exits with it
+	my ($agent) = split ' ', slurp("/proc/$pid/task/$pid/children");
+	kill 'TERM', $agent if $agent;
+	wait_until(sub { waitpid($pid, WNOHANG) == $pid }, 20) or do { kill 'KILL', $pid; waitpid($pid, 0); };
+	my $trace = slurp("$d/trace");
+	ok($up && $trace =~ /mkdir\("\Q$d\E\/new\/state", 0700\) = 0.*fsync\(\d+<\Q$d\E\/new>\) = 0/s
+		&& $trace =~ /mkdirat\(\d+<\Q$d\E\/new\/state>, "jobs", 0700\) = 0.*fsync\(\d+<\Q$d\E\/new\/state>\) = 0/s,
+		'a new state_dir and its jobs/ are flushed (parent directories fsynced) before use', $trace);
+}
+
 # --- unix socket ------------------------------------------------------------------------
 {
 	my $sock = "$tmp/agent.sock";
