@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Agent fuzzing: build the libFuzzer targets (clang, ASan+UBSan) and run
 # each for a short while on a copy of the committed corpus
-# (agent/fuzz/corpus/*).  RA_FUZZ_SECONDS sets the time per target.
+# (agent/fuzz/corpus/*).  RA_FUZZ_SECONDS sets the time per target; RA_FUZZ_KEEP=1
+# keeps what a long campaign found.
 set -uo pipefail
 cd "${RW_BUILD_DIR:-$(pwd)}"
 secs=${RA_FUZZ_SECONDS:-25}
@@ -10,7 +11,12 @@ as_user() {
 }
 work=$(mktemp -d /tmp/ra-fuzz.XXXXXX)
 chmod 777 "$work"
-trap 'rm -rf "$work"' EXIT
+# RA_FUZZ_KEEP=1 keeps the new corpus entries and any crash files (a campaign's results).
+if [ -n "${RA_FUZZ_KEEP:-}" ]; then
+	trap 'echo "# fuzzing results kept in $work"' EXIT
+else
+	trap 'rm -rf "$work"' EXIT
+fi
 if ! as_user make -s -C agent fuzz >"$work/build.log" 2>&1; then
 	cat "$work/build.log"
 	echo "not ok - agent fuzz: build the libFuzzer targets"
