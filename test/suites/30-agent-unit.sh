@@ -3,17 +3,10 @@
 # Builds and runs them as the unprivileged user; prints "ok - agent unit: ...".
 set -uo pipefail
 cd "${RW_BUILD_DIR:-$(pwd)}"
-as_user() {
-	if [ "$(id -u)" -eq 0 ] && [ -n "${RW_RUN_AS:-}" ]; then runuser -u "$RW_RUN_AS" -- "$@"; else "$@"; fi
-}
+. "$(dirname "$0")/../agent-suite.sh"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-if ! as_user make -s -C agent unit >"$log" 2>&1; then
-	cat "$log"
-	echo "not ok - agent unit: build the cmocka tests"
-	exit 1
-fi
-echo "ok - agent unit: build the cmocka tests"
+build_agent unit "agent unit: build the cmocka tests"
 status=0
 for t in agent/test/unit/test_verify agent/test/unit/test_config agent/test/unit/test_request; do
 	group=$(basename "$t" | sed 's/^test_//')

@@ -6,9 +6,7 @@
 set -uo pipefail
 cd "${RW_BUILD_DIR:-$(pwd)}"
 secs=${RA_FUZZ_SECONDS:-25}
-as_user() {
-	if [ "$(id -u)" -eq 0 ] && [ -n "${RW_RUN_AS:-}" ]; then runuser -u "$RW_RUN_AS" -- "$@"; else "$@"; fi
-}
+. "$(dirname "$0")/../agent-suite.sh"
 work=$(mktemp -d /tmp/ra-fuzz.XXXXXX)
 chmod 777 "$work"
 # RA_FUZZ_KEEP=1 keeps the new corpus entries and any crash files (a campaign's results).
@@ -17,12 +15,7 @@ if [ -n "${RA_FUZZ_KEEP:-}" ]; then
 else
 	trap 'rm -rf "$work"' EXIT
 fi
-if ! as_user make -s -C agent fuzz >"$work/build.log" 2>&1; then
-	cat "$work/build.log"
-	echo "not ok - agent fuzz: build the libFuzzer targets"
-	exit 1
-fi
-echo "ok - agent fuzz: build the libFuzzer targets"
+build_agent fuzz "agent fuzz: build the libFuzzer targets"
 status=0
 for target in verify request; do
 	mkdir -p "$work/$target"
