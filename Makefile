@@ -22,15 +22,19 @@ include $(PGXS)
 restart_worker--1.0.sql: $(SQL_PARTS)
 	cat $(SQL_PARTS) > $@
 
-# The agent has its own Makefile; build it with the extension.
+# The agent has its own Makefile; it is built with the extension unless AGENT=no (a
+# database server needs only the extension, a target host only the agent).
+AGENT ?= yes
 .PHONY: agent agent-install agent-clean
+ifeq ($(AGENT),yes)
 all: agent
 install: agent-install
+endif
 clean: agent-clean
 
 agent:
-	@if [ -f agent/Makefile ]; then $(MAKE) -C agent all; fi
+	$(MAKE) -C agent all
 agent-install:
-	@if [ -f agent/Makefile ]; then $(MAKE) -C agent install; fi
+	$(MAKE) -C agent install
 agent-clean:
-	@if [ -f agent/Makefile ]; then $(MAKE) -C agent clean; fi
+	$(MAKE) -C agent clean
