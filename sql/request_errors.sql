@@ -85,6 +85,18 @@ UPDATE service_restart_requests SET status = 'failed', uncertain_at = now(),
 	error = 'gave up after 5 attempts: timed out waiting for the agent; the agent may have received the request'
 	WHERE service_name = 'uncertain-svc';
 SELECT outcome($$SELECT request_service_restart('uncertain-svc')$$);
+-- Also when the worker fails it at its deadline while it is still dispatching (the worker's
+-- record of the uncertain call may have been lost in a crash).
+UPDATE service_restart_requests SET uncertain_at = NULL, requested_at = now() - interval '1 hour'
+	WHERE service_name = 'uncertain-svc';
+SELECT service_name, status FROM request_service_restart('uncertain-svc');
+UPDATE service_restart_requests SET status = 'dispatching', attempts = 1,
+	deadline_at = now() - interval '1 second'
+	WHERE service_name = 'uncertain-svc' AND status = 'pending';
+SELECT count(*) AS claimed FROM restart_worker.worker_claim(0, '{}', 60000, false);
+SELECT status, error, uncertain_at IS NOT NULL AS holds_cooldown FROM service_restart_requests
+	WHERE service_name = 'uncertain-svc' AND attempts = 1;
+SELECT outcome($$SELECT request_service_restart('uncertain-svc')$$);
 SELECT restart_worker.remove_service('uncertain-svc');
 
 -- A service with no cooldown accepts a request as soon as the last one ended.

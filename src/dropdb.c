@@ -23,6 +23,7 @@
 #include "nodes/parsenodes.h"
 #include "tcop/utility.h"
 #include "utils/acl.h"
+#include "utils/syscache.h"
 
 #include "restart_worker.h"
 
@@ -53,10 +54,28 @@ dropdb_stop_worker(void)
 }
 
 /*
+ * Whether a database is a template, which DROP DATABASE refuses to drop.
+ */
+static bool
+dropdb_is_template(Oid dboid)
+{
+	HeapTuple	tup;
+	bool		result = false;
+
+	tup = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(dboid));
+	if (HeapTupleIsValid(tup))
+	{
+		result = ((Form_pg_database) GETSTRUCT(tup))->datistemplate;
+		ReleaseSysCache(tup);
+	}
+	return result;
+}
+
+/*
  * Whether a DROP DATABASE of the worker's database will get past the checks
  * that come before its wait for other sessions: run at top level outside a
  * transaction block, by the owner (or a superuser) of a database that
- * exists.  Only then is the worker stopped; anyone else gets the usual
+ * exists, is not a template and is not the session's own.  Only then is the worker stopped; anyone else gets the usual
  * error from DROP DATABASE, and the worker goes on.
  */
 static bool
@@ -70,7 +89,7 @@ dropdb_will_proceed(DropdbStmt *stmt, ProcessUtilityContext context)
 	if (context != PROCESS_UTILITY_TOPLEVEL || IsTransactionBlock())
 		return false;
 	dboid = get_database_oid(stmt->dbname, true);
-	if (!OidIsValid(dboid))
+	if (!OidIsValid(dboid) || dboid == MyDatabaseId || dropdb_is_template(dboid))
 		return false;
 #if PG_VERSION_NUM >= 160000
 	return object_ownercheck(DatabaseRelationId, dboid, GetUserId());

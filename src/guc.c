@@ -80,7 +80,7 @@ guc_define_timing(void)
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("restart_worker.follow_wait",
 							"Seconds each long-poll asks the agent to wait for a running job to end.",
-							NULL, &rw_follow_wait, 25, 0, 300,
+							NULL, &rw_follow_wait, 25, 1, 300,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 }
 
@@ -99,8 +99,8 @@ guc_define_limits(void)
 							NULL, &rw_max_in_flight, 128, 1, 512,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("restart_worker.max_connections_per_agent",
-							"Connections the worker opens to one agent at most; calls beyond wait for one.",
-							NULL, &rw_max_connections_per_agent, 8, 1, 512,
+							"Connections the worker opens to one agent at most (one is always kept for new requests); calls beyond wait for one.",
+							NULL, &rw_max_connections_per_agent, 8, 2, 512,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("restart_worker.max_response_size",
 							"Largest answer accepted from an agent.",

@@ -473,6 +473,13 @@ http_classify(CURLcode rc, bool too_big)
 		case CURLE_COULDNT_RESOLVE_HOST:
 		case CURLE_COULDNT_RESOLVE_PROXY:
 		case CURLE_COULDNT_CONNECT:
+
+			/*
+			 * A TLS handshake cut short (an agent restarting, or at its
+			 * connection limit) sent no request either: retried like a
+			 * refused connection.  Certificate problems are RW_CALL_TLS.
+			 */
+		case CURLE_SSL_CONNECT_ERROR:
 			return RW_CALL_CONNECT;
 		case CURLE_OPERATION_TIMEDOUT:
 			return RW_CALL_TIMEOUT;
@@ -482,7 +489,6 @@ http_classify(CURLcode rc, bool too_big)
 		case CURLE_PARTIAL_FILE:
 			return RW_CALL_NETWORK;
 		case CURLE_PEER_FAILED_VERIFICATION:
-		case CURLE_SSL_CONNECT_ERROR:
 		case CURLE_SSL_CERTPROBLEM:
 		case CURLE_SSL_CIPHER:
 		case CURLE_SSL_CACERT_BADFILE:

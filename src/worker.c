@@ -157,17 +157,19 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
  * more); calls in flight are then abandoned.  A claim that failed (the
  * error is logged) is tried again later, less and less often, so that a
  * persistent error (say, a role without privileges) neither stops nor
- * restarts the worker in a loop.
+ * restarts the worker in a loop.  Recovery (taking over every request left
+ * dispatching or running) goes on until a successful claim took them all;
+ * a failed claim does not end it.
  */
 static bool
-worker_claim(bool recover, TimestampTz *next_due, bool *more)
+worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 {
 	static int	failures = 0;
 	List	   *rows;
 	ListCell   *lc;
 	RwClaimResult result;
 
-	result = rw_claim(rw_dispatch_free_slots(), rw_dispatch_ids(), recover,
+	result = rw_claim(rw_dispatch_free_slots(), rw_dispatch_ids(), *recover,
 					  &rows, next_due, more);
 	if (result == RW_CLAIM_NO_EXTENSION)
 	{
@@ -183,6 +185,7 @@ worker_claim(bool recover, TimestampTz *next_due, bool *more)
 		return true;
 	}
 	failures = 0;
+	*recover = *recover && *more;
 	rw_status_note_poll(list_length(rows));
 	foreach(lc, rows)
 		rw_dispatch_start((RwClaimed *) lfirst(lc));
@@ -265,10 +268,7 @@ worker_loop(void)
 			need_claim = true;
 		if (need_claim && rw_dispatch_free_slots() > 0)
 		{
-			/* Recovery goes on until every left-over request was taken. */
-			extension_seen = worker_claim(recover, &next_due, &more);
-			if (extension_seen)
-				recover = recover && more;
+			extension_seen = worker_claim(&recover, &next_due, &more);
 			last_poll = now;
 			need_claim = false;
 		}

@@ -212,7 +212,11 @@ BEGIN
 		FOR UPDATE SKIP LOCKED)
 	UPDATE public.service_restart_requests r
 		SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
-			error = restart_worker.timeout_error(r.status, r.error)
+			error = restart_worker.timeout_error(r.status, r.error),
+			-- A dispatching row may have reached its agent: it holds the cooldown.
+			uncertain_at = CASE WHEN r.status = 'dispatching'
+								THEN coalesce(r.uncertain_at, pg_catalog.now())
+								ELSE r.uncertain_at END
 		FROM late
 		WHERE r.id = late.id;
 

@@ -100,14 +100,16 @@ is($node->safe_psql('rwdb', "SELECT pid FROM pg_stat_activity WHERE backend_type
 	$pid, 'served by the same worker');
 
 # DROP DATABASE that will fail anyway leaves the worker alone: by a role that does not
-# own the database, or inside a transaction block.
+# own the database, inside a transaction block, or from a session connected to it.
 $node->safe_psql('postgres', 'CREATE ROLE alice LOGIN');
 my ($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE rwdb', extra_params => ['-U', 'alice']);
 like($err, qr/must be owner of database rwdb/, 'a role that does not own the database may not drop it');
 ($ret, $out, $err) = $node->psql('postgres', "BEGIN;\nDROP DATABASE rwdb;\nROLLBACK;");
 like($err, qr/cannot run inside a transaction block/, 'DROP DATABASE in a transaction block fails');
+($ret, $out, $err) = $node->psql('rwdb', 'DROP DATABASE rwdb');
+like($err, qr/cannot drop the currently open database/, 'a session cannot drop its own database');
 is($node->safe_psql('rwdb', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
-	$pid, 'and neither stopped the worker');
+	$pid, 'and none of these stopped the worker');
 
 ($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE rwdb');
 is($ret, 0, "DROP DATABASE of the worker's database succeeds") or diag $err;
