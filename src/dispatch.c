@@ -23,6 +23,7 @@
 
 static RwCall *dispatch_slots = NULL;
 static int	dispatch_in_flight = 0;
+static uint64 dispatch_follow_seq = 0;	/* the last long-poll queued */
 static MemoryContext dispatch_cxt = NULL;
 
 /*
@@ -116,7 +117,7 @@ rw_dispatch_start(RwClaimed *row)
 	call->deadline = row->deadline;
 	call->maybe_sent = row->maybe_sent;
 	call->following = false;
-	call->follow_queued = false;
+	call->follow_seq = 0;
 	call->record_at = 0;
 	call->record_tries = 0;
 	if (row->url == NULL || row->key == NULL ||
@@ -167,32 +168,57 @@ dispatch_follows_to(const char *url)
 }
 
 /*
- * Start the long-poll of a running job, or queue it while its agent has as
- * many long-polls in flight as it may.
+ * Queue the long-poll of a running job at the back of its agent's queue;
+ * dispatch_start_queued_follows() starts it when its turn comes.  A job
+ * whose long-poll has just answered "running" queues behind those already
+ * waiting, so that every running job is polled in turn and none waits
+ * behind another that runs long.
  */
 static void
 dispatch_follow(RwCall *call)
 {
 	call->following = true;
-	call->follow_queued = dispatch_follows_to(call->url) >= dispatch_follow_limit();
-	if (!call->follow_queued)
-		rw_http_start(call);
+	call->follow_seq = ++dispatch_follow_seq;
 }
 
 /*
- * Start queued long-polls whose agent has room for them again.
+ * qsort comparator: queued long-polls, the longest waiting first.
+ */
+static int
+dispatch_queue_cmp(const void *a, const void *b)
+{
+	const RwCall *ca = *(RwCall *const *) a;
+	const RwCall *cb = *(RwCall *const *) b;
+
+	if (ca->follow_seq != cb->follow_seq)
+		return ca->follow_seq < cb->follow_seq ? -1 : 1;
+	return 0;
+}
+
+/*
+ * Start queued long-polls whose agent has room for them, in the order they
+ * were queued: the longest waiting of each agent goes first.
  */
 static void
 dispatch_start_queued_follows(void)
 {
+	RwCall	   *queued[RW_MAX_SLOTS];
+	int			n = 0;
 	int			i;
 
 	for (i = 0; i < RW_MAX_SLOTS; i++)
+		if (dispatch_slots[i].in_use && dispatch_slots[i].follow_seq != 0)
+			queued[n++] = &dispatch_slots[i];
+	if (n > 1)
+		qsort(queued, n, sizeof(RwCall *), dispatch_queue_cmp);
+	for (i = 0; i < n; i++)
 	{
-		RwCall	   *call = &dispatch_slots[i];
+		RwCall	   *call = queued[i];
 
-		if (call->in_use && call->follow_queued)
-			dispatch_follow(call);
+		if (dispatch_follows_to(call->url) >= dispatch_follow_limit())
+			continue;
+		call->follow_seq = 0;
+		rw_http_start(call);
 	}
 }
 

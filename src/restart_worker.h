@@ -142,7 +142,8 @@ typedef struct RwCall
 {
 	bool		in_use;
 	bool		following;		/* GET ?wait=N rather than the POST */
-	bool		follow_queued;	/* long-poll waits for a free connection */
+	uint64		follow_seq;		/* place in its agent's long-poll queue, or 0
+								 * if its long-poll is not waiting to start */
 	char		id[37];			/* request id, canonical uuid text */
 	char	   *url;			/* agent base URL */
 	char	   *body;			/* POST body, the same for every attempt */
