@@ -106,7 +106,11 @@ void
 restart_worker_wake_publish(void)
 {
 	SpinLockAcquire(&restart_worker_shared->mutex);
+#if PG_VERSION_NUM >= 170000
+	restart_worker_shared->worker_procno = MyProcNumber;
+#else
 	restart_worker_shared->worker_procno = MyProc->pgprocno;
+#endif
 	restart_worker_shared->worker_pid = MyProcPid;
 	SpinLockRelease(&restart_worker_shared->mutex);
 }
