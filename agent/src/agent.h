@@ -225,6 +225,8 @@ typedef struct job
 	const config_service *svc;	/* NULL for jobs loaded from the journal */
 	bool		unreadable;		/* stands for a journal record that could not
 								 * be read: the id stays taken */
+	bool		journaling;		/* reserved: its accept record is being
+								 * written; nobody may report it yet */
 } job;
 
 typedef enum jobs_submit_result

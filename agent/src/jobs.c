@@ -10,6 +10,17 @@
  * visible, so what a client saw is what survives a crash.  At most one job
  * per service runs at a time and at most max_jobs overall.
  *
+ * Journal writes (each one or more fsyncs) are done without jobs_lock, so
+ * that concurrent requests share the journal's directory flushes (see
+ * journal.c).  A new job is first reserved in the list under the lock,
+ * marked journaling: a request or lookup of its id, or a request of its
+ * service, waits until its accept record is on disk (or the write failed
+ * and the reservation is gone), so an id is accepted at most once and
+ * nobody learns of a job that is not yet durable.  Only the accept record
+ * and the final state are journaled: after a crash a running job is
+ * reported failed whatever its steps did, so the end of a step needs no
+ * record of its own.
+ *
  *-------------------------------------------------------------------------
  */
 #include <errno.h>
@@ -129,7 +140,8 @@ jobs_render(const job *j, job_status status)
 }
 
 /*
- * Render a job and write it to the journal; caller holds the lock.
+ * Render a job and write it to the journal; caller holds the lock (only
+ * at start-up and on rare failure paths: the journal write is slow).
  */
 static bool
 jobs_journal(const job *j, job_status status)
@@ -343,8 +355,9 @@ jobs_step_begin(job *j, const config_step *step, int idx)
 }
 
 /*
- * Record the end of step idx; returns false if the step failed (the
- * job's error is then set).
+ * Record the end of step idx in memory; returns false if the step failed
+ * (the job's error is then set).  Nothing is journaled here: the final
+ * state is, by jobs_finish(), and a crash before it fails the job anyway.
  */
 static bool
 jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
@@ -359,7 +372,6 @@ jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
 	j->exit_code = res->exit_code;
 	j->signal = res->signal;
 	j->error = err;
-	jobs_journal(j, JOB_RUNNING);
 	pthread_mutex_unlock(&jobs_lock);
 	if (err)
 		log_msg("job %s: step %d/%d failed: %s", j->id, idx + 1, j->svc->nsteps, err);
@@ -482,15 +494,30 @@ jobs_service_busy(const char *service)
 }
 
 /*
- * Create, journal and start a job for a new request; caller holds the
- * lock.  Returns NULL if the journal write failed (nothing runs then).
+ * Tell whether a request must wait before it is decided: a job of its id,
+ * or a running job of its service, is reserved but not yet journaled.
+ * Caller holds the lock.
+ */
+static bool
+jobs_must_wait(const restart_request *req)
+{
+	for (job *j = jobs_head; j; j = j->next)
+		if (j->journaling &&
+			(strcmp(j->id, req->request_id) == 0 || strcmp(j->service, req->service) == 0))
+			return true;
+	return false;
+}
+
+/*
+ * Reserve a job for a new request: add it to the list, running and marked
+ * journaling, so that its id, its service and a max_jobs slot are taken
+ * while its accept record is written without the lock.  Caller holds the
+ * lock.  Returns NULL when out of memory.
  */
 static job *
-jobs_create(const restart_request *req, const config_service *svc)
+jobs_reserve(const restart_request *req, const config_service *svc)
 {
 	job		   *j = job_alloc(jobs_cfg->output_tail);
-	pthread_attr_t attr;
-	pthread_t	tid;
 
 	if (j == NULL || (j->steps = calloc(svc->nsteps, sizeof(job_step))) == NULL)
 	{
@@ -505,13 +532,38 @@ jobs_create(const restart_request *req, const config_service *svc)
 	j->svc = svc;
 	j->status = JOB_RUNNING;
 	j->accepted_at = j->started_at = util_now_usec();
-	if (!jobs_journal(j, JOB_RUNNING))
-	{
-		job_free(j);
-		return NULL;
-	}
+	j->journaling = true;
 	jobs_append(j);
 	jobs_running++;
+	return j;
+}
+
+/*
+ * Remove a reserved job whose accept record could not be written; caller
+ * holds the lock.  Nothing of it ran.
+ */
+static void
+jobs_unreserve(job *j)
+{
+	job		  **p = &jobs_head;
+
+	while (*p != j)
+		p = &(*p)->next;
+	*p = j->next;
+	jobs_running--;
+	job_free(j);
+}
+
+/*
+ * Start the runner thread of a job whose accept record is on disk; caller
+ * holds the lock.  If no thread can be started the job fails at once.
+ */
+static void
+jobs_start(job *j)
+{
+	pthread_attr_t attr;
+	pthread_t	tid;
+
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	if (pthread_create(&tid, &attr, jobs_runner, j) != 0)
@@ -523,13 +575,46 @@ jobs_create(const restart_request *req, const config_service *svc)
 		jobs_running--;
 	}
 	pthread_attr_destroy(&attr);
+}
+
+/*
+ * Create, journal and start a job for a new request; called with the lock
+ * held, which it releases while the accept record is written (the job is
+ * reserved meanwhile, see jobs_reserve) and holds again on return.
+ * Returns NULL if the journal write failed (nothing runs then).
+ */
+static job *
+jobs_create(const restart_request *req, const config_service *svc)
+{
+	job		   *j = jobs_reserve(req, svc);
+	char	   *text;
+	bool		ok;
+
+	if (j == NULL)
+		return NULL;
+	text = jobs_render(j, JOB_RUNNING);
+	pthread_mutex_unlock(&jobs_lock);
+	ok = text != NULL && journal_write(j->id, text);
+	free(text);
+	pthread_mutex_lock(&jobs_lock);
+	j->journaling = false;
+	pthread_cond_broadcast(&jobs_cond);
+	if (!ok)
+	{
+		log_msg("ERROR: job %s: its state could not be journaled", j->id);
+		jobs_unreserve(j);
+		return NULL;
+	}
+	jobs_start(j);
 	return j;
 }
 
 /*
  * Handle a verified, parsed restart request: answer an existing id from
  * the table (idempotency), or check the service and the limits and start
- * a new job.  *report receives the job object when there is one.
+ * a new job.  A request that depends on a job still being journaled (same
+ * id or same service) waits for that first.  *report receives the job
+ * object when there is one.
  */
 jobs_submit_result
 jobs_submit(const restart_request *req, json_t **report)
@@ -540,6 +625,8 @@ jobs_submit(const restart_request *req, json_t **report)
 
 	*report = NULL;
 	pthread_mutex_lock(&jobs_lock);
+	while (jobs_must_wait(req))
+		pthread_cond_wait(&jobs_cond, &jobs_lock);
 	if ((j = jobs_find(req->request_id)) != NULL)
 		res = jobs_same_request(j, req) ? JOBS_EXISTS : JOBS_CONFLICT;
 	else if (jobs_stopping)
@@ -566,7 +653,8 @@ jobs_submit(const restart_request *req, json_t **report)
 /*
  * Return the job object of id in *report, after waiting up to
  * wait_seconds for it to finish (long poll).  Returns false if the agent
- * has no record of the id.
+ * has no record of the id.  A job still being journaled is waited for
+ * first (it may yet be refused).
  */
 bool
 jobs_lookup(const char *id, int wait_seconds, json_t **report)
@@ -578,7 +666,8 @@ jobs_lookup(const char *id, int wait_seconds, json_t **report)
 	deadline.tv_sec += wait_seconds;
 	*report = NULL;
 	pthread_mutex_lock(&jobs_lock);
-	j = jobs_find(id);
+	while ((j = jobs_find(id)) != NULL && j->journaling)
+		pthread_cond_wait(&jobs_cond, &jobs_lock);
 	if (j != NULL && j->status == JOB_RUNNING && wait_seconds > 0 && !jobs_stopping)
 		log_msg("job %s: a long poll waits up to %d s for it to finish", id, wait_seconds);
 	while (j != NULL && j->status == JOB_RUNNING && wait_seconds > 0 && !jobs_stopping)

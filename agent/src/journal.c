@@ -9,11 +9,19 @@
  * and a new job is on disk before any of its steps runs.  A lock file
  * keeps two agents from sharing one state directory.
  *
+ * The directory fsync is a group commit: writers that have renamed their
+ * record queue up, one of them (the leader) flushes the directory once for
+ * everyone queued at that moment, and each writer returns only after a
+ * directory fsync that started after its own rename has succeeded.  Writers
+ * arriving during a flush form the next batch.  Callers must not hold the
+ * jobs lock while writing, so that concurrent writers can share a flush.
+ *
  *-------------------------------------------------------------------------
  */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +33,30 @@
 
 static int	journal_dirfd = -1;
 static int	journal_lockfd = -1;
+
+/*
+ * A writer waiting for the directory flush that covers its rename.  It
+ * lives on the writer's stack; the writer leaves journal_sync_dir() only
+ * once the leader of its batch has set its state.
+ */
+typedef enum
+{
+	SYNC_WAITING,
+	SYNC_DONE,
+	SYNC_FAILED
+} journal_sync_state;
+
+typedef struct journal_waiter
+{
+	struct journal_waiter *next;
+	journal_sync_state state;
+	int			err;			/* errno of a failed flush */
+} journal_waiter;
+
+static pthread_mutex_t journal_sync_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t journal_sync_cond = PTHREAD_COND_INITIALIZER;
+static journal_waiter *journal_sync_queue;	/* renamed, not yet in a flush */
+static bool journal_sync_busy;	/* a leader is flushing */
 
 /*
  * Flush the directory holding path (its parent), so that a directory just
@@ -147,8 +179,62 @@ journal_write_all(int fd, const char *buf, size_t len)
 }
 
 /*
+ * Make every rename done so far in the jobs directory durable, sharing
+ * one fsync of the directory with the writers queued at the same time
+ * (group commit).  Returns true once a flush that started after the
+ * caller queued up has succeeded; false (errno set) if that flush failed:
+ * a failed flush is never retried for its batch, as its outcome is
+ * unknown.
+ */
+static bool
+journal_sync_dir(void)
+{
+	journal_waiter me = {NULL, SYNC_WAITING, 0};
+
+	pthread_mutex_lock(&journal_sync_lock);
+	me.next = journal_sync_queue;
+	journal_sync_queue = &me;
+	while (me.state == SYNC_WAITING)
+	{
+		journal_waiter *batch;
+		bool		ok;
+		int			err;
+
+		if (journal_sync_busy)
+		{
+			pthread_cond_wait(&journal_sync_cond, &journal_sync_lock);
+			continue;
+		}
+		/* Lead a flush for everyone queued now (this includes me). */
+		batch = journal_sync_queue;
+		journal_sync_queue = NULL;
+		journal_sync_busy = true;
+		pthread_mutex_unlock(&journal_sync_lock);
+		ok = fsync(journal_dirfd) == 0;
+		err = ok ? 0 : errno;
+		pthread_mutex_lock(&journal_sync_lock);
+		while (batch != NULL)
+		{
+			journal_waiter *w = batch;
+
+			batch = w->next;
+			w->err = err;
+			w->state = ok ? SYNC_DONE : SYNC_FAILED;
+		}
+		journal_sync_busy = false;
+		pthread_cond_broadcast(&journal_sync_cond);
+	}
+	pthread_mutex_unlock(&journal_sync_lock);
+	if (me.state != SYNC_DONE)
+		errno = me.err;
+	return me.state == SYNC_DONE;
+}
+
+/*
  * Durably replace the record of job id with text: temporary file, fsync,
- * rename, fsync of the directory.  Returns false (and logs) on any error.
+ * rename, fsync of the directory (shared with concurrent writers, see
+ * journal_sync_dir).  Returns false (and logs) on any error.  Called
+ * without the jobs lock; at most one thread writes a given id at a time.
  */
 bool
 journal_write(const char *id, const char *text)
@@ -172,7 +258,7 @@ journal_write(const char *id, const char *text)
 		ok = false;
 	if (ok)
 		ok = renameat(journal_dirfd, tmp, journal_dirfd, final) == 0 &&
-			fsync(journal_dirfd) == 0;
+			journal_sync_dir();
 	if (!ok)
 	{
 		log_msg("journal: cannot write %s: %s", final, strerror(errno));

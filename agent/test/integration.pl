@@ -651,6 +651,52 @@ my $okid = uuid();
 	stop_agent($c);
 }
 
+# --- many concurrent new jobs (their journal flushes are shared), kill -9 right after ---
+{
+	my $n = 24;
+	my $svc = join '', map { qq{  many$_ = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.many"; }; } );\n} } 1 .. $n;
+	my $b = start_agent(services => $svc,
+		limits => { max_jobs => 64, connection_limit => 128, per_ip_connection_limit => 0 });
+	my @ids = map { uuid() } 1 .. $n;
+	my @kids;
+	for my $i (0 .. $n - 1)
+	{
+		for my $copy (1 .. 2)
+		{
+			my $pid = fork;
+			if ($pid == 0)
+			{
+				my ($s, $j) = post_restart($b, $ids[$i], 'many' . ($i + 1));
+				POSIX::_exit($s == 202 ? 10 : $s == 200 && $j->{request_id} eq $ids[$i] ? 11 : 12);
+			}
+			push @kids, $pid;
+		}
+	}
+	my %c;
+	for (@kids) { waitpid($_, 0); $c{ $? >> 8 }++; }
+	stop_agent($b, 'KILL');
+	ok(($c{10} // 0) == $n && ($c{11} // 0) == $n,
+		"$n ids posted twice each, concurrently: one 202 and one 200 per id", $json->encode(\%c));
+	my $c = start_agent(services => $svc, dir => $b->{dir},
+		limits => { max_jobs => 64, connection_limit => 128, per_ip_connection_limit => 0 });
+	my ($known, $ended, $replayed) = (0, 0, 0);
+	for my $i (0 .. $n - 1)
+	{
+		my ($s, $j) = get_job($c, $ids[$i]);
+		$known++ if $s == 200;
+		$ended++ if $s == 200 && ($j->{status} eq 'completed'
+			|| ($j->{status} eq 'failed' && $j->{error} eq 'agent restarted during the job'));
+		($s, $j) = post_restart($c, $ids[$i], 'many' . ($i + 1));
+		$replayed++ if $s == 200;
+	}
+	my %runs;
+	$runs{$_}++ for slurp("$count.many") =~ /^run (\S+)$/mg;
+	ok($known == $n && $ended == $n && $replayed == $n && !grep({ $_ > 1 } values %runs),
+		'after kill -9 right after their 202s, every accepted job is known after restart and none ran twice',
+		"known $known ended $ended replayed $replayed runs " . $json->encode(\%runs));
+	stop_agent($c);
+}
+
 # --- a new state directory and its jobs/ are flushed to disk when created ------------------
 SKIP: {
 	my ($strace) = grep { -x $_ } map { "$_/strace" } split /:/, $ENV{PATH} // '/usr/bin';
