@@ -58,6 +58,7 @@ extern int64_t util_monotonic_msec(void);
 extern void util_format_time(int64_t usec, char *buf, size_t bufsize);
 extern bool util_parse_time(const char *text, int64_t *usec);
 extern bool util_is_uuid(const char *text, size_t len);
+extern bool util_parse_digits(const char *text, size_t max_len, int64_t *value);
 extern bool util_is_rfc3339(const char *text);
 
 /* ---------- verify.c ---------- */

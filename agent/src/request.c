@@ -156,21 +156,13 @@ request_parse_restart(const char *body, size_t len, restart_request *req,
 bool
 request_parse_wait(const char *text, int max_wait, int *wait)
 {
-	long		v = 0;
-	size_t		len;
+	int64_t		v;
 
 	*wait = 0;
 	if (text == NULL)
 		return true;
-	len = strlen(text);
-	if (len == 0 || len > 9)
+	if (!util_parse_digits(text, 9, &v))
 		return false;
-	for (size_t i = 0; i < len; i++)
-	{
-		if (text[i] < '0' || text[i] > '9')
-			return false;
-		v = v * 10 + (text[i] - '0');
-	}
 	*wait = v > max_wait ? max_wait : (int) v;
 	return true;
 }

@@ -201,3 +201,27 @@ util_is_rfc3339(const char *t)
 		util_field(t + i + 1, 2, 0, 23) >= 0 && t[i + 3] == ':' &&
 		util_field(t + i + 4, 2, 0, 59) >= 0;
 }
+
+/*
+ * Parse a plain non-negative decimal number of 1 to max_len digits (no
+ * sign, no spaces), as the protocol's time stamps and "wait" values are.
+ * max_len bounds the value so that it cannot overflow.  Returns false for
+ * anything else.
+ */
+bool
+util_parse_digits(const char *text, size_t max_len, int64_t *value)
+{
+	size_t		len = strlen(text);
+	int64_t		v = 0;
+
+	if (len == 0 || len > max_len || max_len > 18)
+		return false;
+	for (size_t i = 0; i < len; i++)
+	{
+		if (text[i] < '0' || text[i] > '9')
+			return false;
+		v = v * 10 + (text[i] - '0');
+	}
+	*value = v;
+	return true;
+}

@@ -154,28 +154,6 @@ verify_id_ok(const char *id)
 }
 
 /*
- * Parse the webhook-timestamp header: decimal unix seconds, at most 18
- * digits so that it cannot overflow.
- */
-static bool
-verify_parse_timestamp(const char *ts, int64_t *value)
-{
-	size_t		len = strlen(ts);
-	int64_t		v = 0;
-
-	if (len == 0 || len > 18)
-		return false;
-	for (size_t i = 0; i < len; i++)
-	{
-		if (ts[i] < '0' || ts[i] > '9')
-			return false;
-		v = v * 10 + (ts[i] - '0');
-	}
-	*value = v;
-	return true;
-}
-
-/*
  * Split the signature header into the decoded v1 MACs it lists.  Entries
  * with other version tags are ignored; a v1 entry that is not 32 bytes of
  * valid base64 makes the header malformed.  Returns the number of v1 MACs,
@@ -243,7 +221,7 @@ verify_request(const char *id, const char *timestamp, const char *signature,
 		return VERIFY_MISSING_HEADER;
 	if (!verify_id_ok(id))
 		return VERIFY_BAD_ID;
-	if (!verify_parse_timestamp(timestamp, &ts))
+	if (!util_parse_digits(timestamp, 18, &ts))
 		return VERIFY_BAD_TIMESTAMP;
 	if (ts < (int64_t) now - TIMESTAMP_TOLERANCE ||
 		ts > (int64_t) now + TIMESTAMP_TOLERANCE)
