@@ -148,23 +148,30 @@ dispatch_follow_limit(void)
 }
 
 /*
- * How many long-polls to the agent at url are in flight.
+ * Long-polls in flight to one agent, while queued ones are started.
  */
-static int
-dispatch_follows_to(const char *url)
+typedef struct DispatchAgentFollows
 {
-	int			n = 0;
+	const char *url;
+	int			n;
+} DispatchAgentFollows;
+
+/*
+ * The counter of the agent at url in agents[] (*nagents in use), added if
+ * missing.  Agents are few, so a linear look-up is cheapest; the caller
+ * has room for one agent per slot.
+ */
+static DispatchAgentFollows *
+dispatch_agent_follows(DispatchAgentFollows *agents, int *nagents, const char *url)
+{
 	int			i;
 
-	for (i = 0; i < RW_MAX_SLOTS; i++)
-	{
-		RwCall	   *call = &dispatch_slots[i];
-
-		if (call->in_use && call->following && call->easy != NULL &&
-			strcmp(call->url, url) == 0)
-			n++;
-	}
-	return n;
+	for (i = 0; i < *nagents; i++)
+		if (strcmp(agents[i].url, url) == 0)
+			return &agents[i];
+	agents[*nagents].url = url;
+	agents[*nagents].n = 0;
+	return &agents[(*nagents)++];
 }
 
 /*
@@ -197,28 +204,43 @@ dispatch_queue_cmp(const void *a, const void *b)
 
 /*
  * Start queued long-polls whose agent has room for them, in the order they
- * were queued: the longest waiting of each agent goes first.
+ * were queued: the longest waiting of each agent goes first.  The
+ * long-polls in flight are counted per agent once, so that a burst of
+ * running jobs costs one pass over the slots, not one per job.
  */
 static void
 dispatch_start_queued_follows(void)
 {
 	RwCall	   *queued[RW_MAX_SLOTS];
+	DispatchAgentFollows agents[RW_MAX_SLOTS];
+	int			nagents = 0;
 	int			n = 0;
 	int			i;
 
 	for (i = 0; i < RW_MAX_SLOTS; i++)
-		if (dispatch_slots[i].in_use && dispatch_slots[i].follow_seq != 0)
-			queued[n++] = &dispatch_slots[i];
+	{
+		RwCall	   *call = &dispatch_slots[i];
+
+		if (!call->in_use)
+			continue;
+		if (call->follow_seq != 0)
+			queued[n++] = call;
+		else if (call->following && call->easy != NULL)
+			dispatch_agent_follows(agents, &nagents, call->url)->n++;
+	}
 	if (n > 1)
 		qsort(queued, n, sizeof(RwCall *), dispatch_queue_cmp);
 	for (i = 0; i < n; i++)
 	{
 		RwCall	   *call = queued[i];
+		DispatchAgentFollows *agent = dispatch_agent_follows(agents, &nagents, call->url);
 
-		if (dispatch_follows_to(call->url) >= dispatch_follow_limit())
+		if (agent->n >= dispatch_follow_limit())
 			continue;
 		call->follow_seq = 0;
 		rw_http_start(call);
+		if (call->easy != NULL)
+			agent->n++;
 	}
 }
 

@@ -305,8 +305,9 @@ restart_worker_main(Datum main_arg)
 
 	/*
 	 * Outcomes lost in a crash are redone with the same id; claims commit
-	 * synchronously with SET LOCAL (see src/claim.c), which is why this is
-	 * a session setting.  The worker never waits long for a lock.
+	 * synchronously with a transaction-local setting (see src/claim.c),
+	 * which is why this is a session setting.  The worker never waits long
+	 * for a lock.
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_SESSION);

@@ -331,22 +331,20 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 AS $$
 BEGIN
+	-- One update, also for a job that already ended: each row version costs.
 	UPDATE public.service_restart_requests
 		SET dispatched_at = coalesce(dispatched_at, pg_catalog.now()),
 			started_at = coalesce(p_started_at, started_at),
 			output = p_output,
 			exit_code = p_exit_code,
-			status = CASE WHEN p_status = 'running' THEN 'running' ELSE status END,
-			error = NULL,
+			status = p_status,
+			error = CASE WHEN p_status = 'running' THEN NULL ELSE p_error END,
+			completed_at = CASE WHEN p_status = 'running' THEN NULL
+								ELSE coalesce(p_finished_at, pg_catalog.now()) END,
 			next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 			updated_at = pg_catalog.now()
 		WHERE id = p_row.id;
 	IF p_status <> 'running' THEN
-		UPDATE public.service_restart_requests
-			SET status = p_status, error = p_error,
-				completed_at = coalesce(p_finished_at, pg_catalog.now()),
-				updated_at = pg_catalog.now()
-			WHERE id = p_row.id;
 		RETURN p_status;
 	ELSIF p_row.deadline_at <= pg_catalog.now() THEN
 		PERFORM restart_worker.finish(p_row.id, 'failed', restart_worker.timeout_error('running', NULL));
@@ -387,17 +385,19 @@ DECLARE
 	v_note		text := '';
 	v_delay		double precision;
 BEGIN
-	BEGIN
-		SELECT * INTO v_row FROM public.service_restart_requests r
-			WHERE r.id = p_id AND r.status IN ('dispatching', 'running')
-			FOR UPDATE NOWAIT;
-	EXCEPTION
-		WHEN lock_not_available THEN
-			action := 'locked';
-			RETURN;
-	END;
+	-- SKIP LOCKED rather than NOWAIT in an exception block: a lock taken in a
+	-- subtransaction and an update in its parent would make the row's xmax a multixact,
+	-- which every later scan of the queue has to look up.
+	SELECT * INTO v_row FROM public.service_restart_requests r
+		WHERE r.id = p_id AND r.status IN ('dispatching', 'running')
+		FOR UPDATE SKIP LOCKED;
 	IF NOT FOUND THEN
-		action := 'gone';
+		IF EXISTS (SELECT FROM public.service_restart_requests r
+				   WHERE r.id = p_id AND r.status IN ('dispatching', 'running')) THEN
+			action := 'locked';
+		ELSE
+			action := 'gone';
+		END IF;
 		RETURN;
 	END IF;
 
