@@ -31,10 +31,16 @@
 #include "mb/pg_wchar.h"
 #include "pgstat.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "restart_worker.h"
+
+/* The worker's statements, prepared once (see claim_plan()). */
+static SPIPlanPtr claim_plan_claim = NULL;
+static SPIPlanPtr claim_plan_next_due = NULL;
+static SPIPlanPtr claim_plan_record = NULL;
 
 /*
  * Start a short transaction with SPI and a snapshot, and say so in
@@ -102,6 +108,27 @@ claim_lease_ms(void)
 }
 
 /*
+ * The saved plan of one of the worker's queries, prepared at its first use
+ * and kept for the life of the worker, so that each short transaction does
+ * not parse and plan its statement again.  The plan cache re-plans it when
+ * the functions it calls change (DROP and CREATE EXTENSION).
+ */
+static SPIPlanPtr
+claim_plan(SPIPlanPtr *plan, const char *query, int nargs, Oid *types)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(query, nargs, types);
+
+		if (p == NULL || SPI_keepplan(p) != 0)
+			elog(ERROR, "restart_worker: could not prepare \"%s\": %s",
+				 query, SPI_result_code_string(SPI_result));
+		*plan = p;
+	}
+	return *plan;
+}
+
+/*
  * A list of request ids as a uuid[] literal.
  */
 static Datum
@@ -166,6 +193,7 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 	Datum		values[4];
 	List	   *excl;
 	ListCell   *lc;
+	SPIPlanPtr	plan;
 	bool		isnull;
 	Datum		d;
 
@@ -175,15 +203,22 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 		claim_end();
 		return RW_CLAIM_NO_EXTENSION;
 	}
-	if (SPI_execute("SET LOCAL synchronous_commit = on", false, 0) != SPI_OK_UTILITY)
-		elog(ERROR, "restart_worker: could not set synchronous_commit");
+	/*
+	 * The worker's session runs with synchronous_commit off; this transaction
+	 * commits with on (also waiting for synchronous standbys).  Set directly,
+	 * as SET LOCAL would, without parsing a statement.
+	 */
+	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
 	values[0] = Int32GetDatum(limit);
 	values[1] = claim_ids_array(exclude);
 	values[2] = Int32GetDatum(claim_lease_ms());
 	values[3] = BoolGetDatum(recover);
-	if (SPI_execute_with_args("SELECT id::text, url, key, body, deadline_at, maybe_sent"
-							  " FROM restart_worker.worker_claim($1, $2::uuid[], $3, $4)",
-							  4, types, values, NULL, false, 0) != SPI_OK_SELECT)
+	plan = claim_plan(&claim_plan_claim,
+					  "SELECT id::text, url, key, body, deadline_at, maybe_sent"
+					  " FROM restart_worker.worker_claim($1, $2::uuid[], $3, $4)",
+					  4, types);
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "restart_worker: claim failed");
 	*rows = claim_copy_rows(cxt);
 	*more = (SPI_processed >= (uint64) limit);
@@ -192,8 +227,10 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 	foreach(lc, *rows)
 		excl = lappend(excl, ((RwClaimed *) lfirst(lc))->id);
 	values[0] = claim_ids_array(excl);
-	if (SPI_execute_with_args("SELECT restart_worker.worker_next_due($1::uuid[])",
-							  1, types + 1, values, NULL, true, 1) != SPI_OK_SELECT)
+	plan = claim_plan(&claim_plan_next_due,
+					  "SELECT restart_worker.worker_next_due($1::uuid[])",
+					  1, types + 1);
+	if (SPI_execute_plan(plan, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "restart_worker: next due look-up failed");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	*next_due = isnull ? 0 : DatumGetTimestampTz(d);
@@ -269,6 +306,7 @@ claim_record_run(RwCall *call, TimestampTz *next_at)
 	bool		isnull;
 	char	   *action;
 	RwOutcome	outcome;
+	SPIPlanPtr	plan;
 	Datum		d;
 
 	memset(nulls, ' ', sizeof(nulls));
@@ -294,9 +332,11 @@ claim_record_run(RwCall *call, TimestampTz *next_at)
 	values[7] = Int32GetDatum(rw_retry_base);
 	values[8] = Int32GetDatum(rw_retry_max);
 	values[9] = Int32GetDatum(claim_lease_ms());
-	if (SPI_execute_with_args("SELECT action, next_at FROM restart_worker.worker_record("
-							  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-							  10, types, values, nulls, false, 1) != SPI_OK_SELECT ||
+	plan = claim_plan(&claim_plan_record,
+					  "SELECT action, next_at FROM restart_worker.worker_record("
+					  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+					  10, types);
+	if (SPI_execute_plan(plan, values, nulls, false, 1) != SPI_OK_SELECT ||
 		SPI_processed != 1)
 		elog(ERROR, "restart_worker: recording an outcome failed");
 	action = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
