@@ -182,6 +182,29 @@ claim_copy_rows(MemoryContext cxt)
 }
 
 /*
+ * When the next request not in flight (exclude) is due, or 0; runs in the
+ * caller's transaction.
+ */
+static TimestampTz
+claim_next_due_query(List *exclude)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	SPIPlanPtr	plan;
+	bool		isnull;
+	Datum		d;
+
+	values[0] = claim_ids_array(exclude);
+	plan = claim_plan(&claim_plan_next_due,
+					  "SELECT restart_worker.worker_next_due($1::uuid[])",
+					  1, types);
+	if (SPI_execute_plan(plan, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "restart_worker: next due look-up failed");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(d);
+}
+
+/*
  * The claim proper, in its own transaction; see rw_claim().  The claim
  * commits synchronously: the calls start right after it.
  */
@@ -191,11 +214,7 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 {
 	Oid			types[4] = {INT4OID, TEXTOID, INT4OID, BOOLOID};
 	Datum		values[4];
-	List	   *excl;
-	ListCell   *lc;
 	SPIPlanPtr	plan;
-	bool		isnull;
-	Datum		d;
 
 	claim_begin("restart_worker: claim due requests");
 	if (!claim_extension_exists())
@@ -203,6 +222,7 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 		claim_end();
 		return RW_CLAIM_NO_EXTENSION;
 	}
+
 	/*
 	 * The worker's session runs with synchronous_commit off; this transaction
 	 * commits with on (also waiting for synchronous standbys).  Set directly,
@@ -222,29 +242,22 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 		elog(ERROR, "restart_worker: claim failed");
 	*rows = claim_copy_rows(cxt);
 	*more = (SPI_processed >= (uint64) limit);
-
-	excl = list_copy(exclude);
-	foreach(lc, *rows)
-		excl = lappend(excl, ((RwClaimed *) lfirst(lc))->id);
-	values[0] = claim_ids_array(excl);
-	plan = claim_plan(&claim_plan_next_due,
-					  "SELECT restart_worker.worker_next_due($1::uuid[])",
-					  1, types + 1);
-	if (SPI_execute_plan(plan, values, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "restart_worker: next due look-up failed");
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	*next_due = isnull ? 0 : DatumGetTimestampTz(d);
+	/* Nothing to send: look for the next due now, in the same transaction. */
+	*next_due = (*rows == NIL) ? claim_next_due_query(exclude) : RW_NEXT_DUE_UNKNOWN;
 	claim_end();
 	return RW_CLAIM_OK;
 }
 
 /*
  * Claim up to limit due requests, except those in flight (exclude, a list
- * of id strings), and find when the next one is due.  After a restart
- * (recover) every dispatching or running request is taken over.  Claims
- * nothing if the extension does not exist, or if the claim failed (the
- * error is logged).  *more says whether the claim was cut short by the
- * limit.
+ * of id strings).  After a restart (recover) every dispatching or running
+ * request is taken over.  Claims nothing if the extension does not exist,
+ * or if the claim failed (the error is logged).  *more says whether the
+ * claim was cut short by the limit.  When nothing was claimed, *next_due
+ * is when the next request is due (0 if none), found in the same
+ * transaction, so that an idle poll is one transaction; otherwise it is
+ * RW_NEXT_DUE_UNKNOWN and the caller asks rw_next_due() once the calls are
+ * sent.
  */
 RwClaimResult
 rw_claim(int limit, List *exclude, bool recover, List **rows,
@@ -270,6 +283,46 @@ rw_claim(int limit, List *exclude, bool recover, List **rows,
 	}
 	PG_END_TRY();
 	return result;
+}
+
+/*
+ * The look-up proper, in its own read-only transaction; see rw_next_due().
+ */
+static TimestampTz
+claim_next_due_run(List *exclude)
+{
+	TimestampTz next_due = 0;
+
+	claim_begin("restart_worker: look for the next due request");
+	if (claim_extension_exists())
+		next_due = claim_next_due_query(exclude);
+	claim_end();
+	return next_due;
+}
+
+/*
+ * When the next request the worker does not have in flight (exclude) is
+ * due, or its deadline passes: 0 if there is none.  Run after a claim's
+ * calls have been sent, so that it costs them no latency.  If the look-up
+ * fails (logged), the worker looks again in a second.
+ */
+TimestampTz
+rw_next_due(List *exclude)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile TimestampTz next_due = 0;
+
+	PG_TRY();
+	{
+		next_due = claim_next_due_run(exclude);
+	}
+	PG_CATCH();
+	{
+		claim_recover(cxt);
+		next_due = GetCurrentTimestamp() + USECS_PER_SEC;
+	}
+	PG_END_TRY();
+	return next_due;
 }
 
 /*

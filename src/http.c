@@ -33,18 +33,24 @@ typedef struct HttpSocket
 {
 	curl_socket_t fd;
 	int			what;			/* CURL_POLL_IN, _OUT or _INOUT */
+	int			pos;			/* its event in the worker's wait event set,
+								 * or -1 if not added yet */
+	bool		changed;		/* what changed since it was added */
 } HttpSocket;
 
 static CURLM *http_multi = NULL;
 static HttpSocket http_sockets[HTTP_MAX_SOCKETS];
 static int	http_nsockets = 0;
-static bool http_sockets_dirty = true;
+static bool http_sockets_removed = true;	/* the wait event set is stale */
 static TimestampTz http_timer_at = 0;	/* 0 = no timer */
 static List *http_failed_starts = NIL;	/* calls that could not start */
 
 /*
  * libcurl's socket callback: remember which sockets to watch and for what.
- * The worker rebuilds its wait event set before it next waits.
+ * Before it next waits, the worker adds new sockets to its wait event set
+ * and changes the events of the others (rw_http_update_sockets); only a
+ * socket that went away makes it build the set anew, as a wait event set
+ * cannot drop an event.  With connections kept alive, that is rare.
  */
 static int
 http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
@@ -57,17 +63,24 @@ http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socket
 	if (what == CURL_POLL_REMOVE)
 	{
 		if (i < http_nsockets)
+		{
 			http_sockets[i] = http_sockets[--http_nsockets];
+			http_sockets_removed = true;
+		}
 	}
 	else if (i < http_nsockets)
+	{
+		http_sockets[i].changed |= (http_sockets[i].what != what);
 		http_sockets[i].what = what;
+	}
 	else if (http_nsockets < HTTP_MAX_SOCKETS)
 	{
 		http_sockets[http_nsockets].fd = fd;
 		http_sockets[http_nsockets].what = what;
+		http_sockets[http_nsockets].pos = -1;
+		http_sockets[http_nsockets].changed = false;
 		http_nsockets++;
 	}
-	http_sockets_dirty = true;
 	rw_status_set_sockets(http_nsockets);
 	return 0;
 }
@@ -358,21 +371,38 @@ rw_http_timeout(void)
 }
 
 /*
- * Whether the set of sockets changed since the wait event set was built.
+ * Whether the worker's wait event set must be built anew: a socket went
+ * away since it was built.
  */
 bool
-rw_http_sockets_changed(void)
+rw_http_wait_set_stale(void)
 {
-	return http_sockets_dirty;
+	return http_sockets_removed;
 }
 
 /*
- * How many sockets libcurl wants watched.
+ * The most sockets libcurl may have watched at once: the room a wait event
+ * set needs for them.
  */
 int
-rw_http_socket_count(void)
+rw_http_max_sockets(void)
 {
-	return http_nsockets;
+	return HTTP_MAX_SOCKETS;
+}
+
+/*
+ * The wait events a socket is watched for.
+ */
+static uint32
+http_socket_events(const HttpSocket *sock)
+{
+	uint32		ev = 0;
+
+	if (sock->what & CURL_POLL_IN)
+		ev |= WL_SOCKET_READABLE;
+	if (sock->what & CURL_POLL_OUT)
+		ev |= WL_SOCKET_WRITEABLE;
+	return ev;
 }
 
 /*
@@ -385,15 +415,33 @@ rw_http_add_sockets(WaitEventSet *set)
 
 	for (i = 0; i < http_nsockets; i++)
 	{
-		uint32		ev = 0;
-
-		if (http_sockets[i].what & CURL_POLL_IN)
-			ev |= WL_SOCKET_READABLE;
-		if (http_sockets[i].what & CURL_POLL_OUT)
-			ev |= WL_SOCKET_WRITEABLE;
-		AddWaitEventToSet(set, ev, http_sockets[i].fd, NULL, NULL);
+		http_sockets[i].pos = AddWaitEventToSet(set, http_socket_events(&http_sockets[i]),
+												http_sockets[i].fd, NULL, NULL);
+		http_sockets[i].changed = false;
 	}
-	http_sockets_dirty = false;
+	http_sockets_removed = false;
+}
+
+/*
+ * Bring the wait event set up to date with libcurl's sockets: add the new
+ * ones, change the events of those whose wish changed.
+ */
+void
+rw_http_update_sockets(WaitEventSet *set)
+{
+	int			i;
+
+	for (i = 0; i < http_nsockets; i++)
+	{
+		HttpSocket *sock = &http_sockets[i];
+
+		if (sock->pos < 0)
+			sock->pos = AddWaitEventToSet(set, http_socket_events(sock), sock->fd,
+										  NULL, NULL);
+		else if (sock->changed)
+			ModifyWaitEvent(set, sock->pos, http_socket_events(sock), NULL);
+		sock->changed = false;
+	}
 }
 
 /*

@@ -174,8 +174,9 @@ extern const char *rw_http_kind_name(RwCallKind kind);
 extern void rw_http_abort(RwCall *call);
 extern long rw_http_timeout(void);
 extern void rw_http_add_sockets(WaitEventSet *set);
-extern int	rw_http_socket_count(void);
-extern bool rw_http_sockets_changed(void);
+extern void rw_http_update_sockets(WaitEventSet *set);
+extern int	rw_http_max_sockets(void);
+extern bool rw_http_wait_set_stale(void);
 extern void rw_http_socket_event(pgsocket fd, uint32 events);
 extern void rw_http_timer_event(void);
 extern RwCall *rw_http_next_done(void);
@@ -208,8 +209,10 @@ typedef enum RwClaimResult
 	RW_CLAIM_ERROR				/* the claim failed (logged): try again later */
 } RwClaimResult;
 
+#define RW_NEXT_DUE_UNKNOWN ((TimestampTz) -1)
 extern RwClaimResult rw_claim(int limit, List *exclude, bool recover, List **rows,
 							  TimestampTz *next_due, bool *more);
+extern TimestampTz rw_next_due(List *exclude);
 extern RwOutcome rw_record(RwCall *call, TimestampTz *next_at);
 
 /* src/dispatch.c */

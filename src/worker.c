@@ -101,7 +101,9 @@ worker_connect(void)
 
 /*
  * Build the wait event set: the latch, postmaster death and the sockets of
- * the calls in flight.  Rebuilt whenever libcurl changes its sockets.
+ * the calls in flight, with room for as many sockets as libcurl may watch.
+ * Sockets added or changed later are updated in place (src/http.c); the
+ * set is built anew only when a socket went away.
  */
 static WaitEventSet *
 worker_build_wait_set(WaitEventSet *old)
@@ -110,7 +112,11 @@ worker_build_wait_set(WaitEventSet *old)
 
 	if (old)
 		FreeWaitEventSet(old);
-	set = CreateWaitEventSet(TopMemoryContext, 2 + rw_http_socket_count());
+#if PG_VERSION_NUM >= 170000
+	set = CreateWaitEventSet(NULL, 2 + rw_http_max_sockets());
+#else
+	set = CreateWaitEventSet(TopMemoryContext, 2 + rw_http_max_sockets());
+#endif
 	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 	AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 	rw_http_add_sockets(set);
@@ -152,8 +158,8 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 }
 
 /*
- * Claim as many due requests as there are free slots and start their
- * calls.  Returns false if the extension does not exist (yet, or any
+ * Claim as many due requests as there are free slots, start their calls
+ * and find when the next request not in flight is due.  Returns false if the extension does not exist (yet, or any
  * more); calls in flight are then abandoned.  A claim that failed (the
  * error is logged) is tried again later, less and less often, so that a
  * persistent error (say, a role without privileges) neither stops nor
@@ -190,6 +196,13 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	foreach(lc, rows)
 		rw_dispatch_start((RwClaimed *) lfirst(lc));
 
+	/* Send the calls before anything else, then look for the next due. */
+	if (*next_due == RW_NEXT_DUE_UNKNOWN)
+	{
+		rw_http_timer_event();
+		*next_due = rw_next_due(rw_dispatch_ids());
+	}
+
 	/*
 	 * Due rows left behind without the limit are locked by someone (they
 	 * are skipped, never waited for): look again in a second.
@@ -212,8 +225,10 @@ worker_wait(WaitEventSet **set, long timeout)
 	int			n;
 	int			i;
 
-	if (*set == NULL || rw_http_sockets_changed())
+	if (*set == NULL || rw_http_wait_set_stale())
 		*set = worker_build_wait_set(*set);
+	else
+		rw_http_update_sockets(*set);
 	n = WaitEventSetWait(*set, timeout, events, lengthof(events), PG_WAIT_EXTENSION);
 	for (i = 0; i < n; i++)
 	{
