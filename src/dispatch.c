@@ -14,6 +14,8 @@
  */
 #include "postgres.h"
 
+#include "miscadmin.h"
+#include "storage/latch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -285,18 +287,29 @@ dispatch_record(RwCall *call, TimestampTz *next_at)
 /*
  * Record the outcome of every finished call, and again those whose row was
  * locked when they are due.  Lowers *next_at to the earliest retry put
- * back.  Returns true if a slot was freed.
+ * back.  Returns true if a slot was freed.  A new request comes first: when
+ * the worker's latch is set (a request committed) it stops after the
+ * outcome at hand, so that the worker claims the request before it records
+ * the rest, and says so in *more_done.
  */
 bool
-rw_dispatch_finish(TimestampTz *next_at)
+rw_dispatch_finish(TimestampTz *next_at, bool *more_done)
 {
 	RwCall	   *call;
 	bool		freed = false;
 	TimestampTz now = GetCurrentTimestamp();
 	int			i;
 
+	*more_done = false;
 	while ((call = rw_http_next_done()) != NULL)
+	{
 		freed |= dispatch_record(call, next_at);
+		if (MyLatch->is_set)
+		{
+			*more_done = true;
+			break;
+		}
+	}
 	for (i = 0; i < RW_MAX_SLOTS; i++)
 	{
 		call = &dispatch_slots[i];

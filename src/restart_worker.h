@@ -221,7 +221,7 @@ extern int	rw_dispatch_free_slots(void);
 extern int	rw_dispatch_in_flight(void);
 extern List *rw_dispatch_ids(void);
 extern void rw_dispatch_start(RwClaimed *row);
-extern bool rw_dispatch_finish(TimestampTz *next_at);
+extern bool rw_dispatch_finish(TimestampTz *next_at, bool *more_done);
 extern TimestampTz rw_dispatch_next_record(void);
 extern void rw_dispatch_abort_all(void);
 

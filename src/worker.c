@@ -261,6 +261,7 @@ worker_loop(void)
 	bool		recover = true;
 	bool		extension_seen = false;
 	bool		more = false;
+	bool		more_done = false;
 
 	for (;;)
 	{
@@ -290,12 +291,19 @@ worker_loop(void)
 		rw_status_set_state(!extension_seen ? RW_STATE_NO_EXTENSION :
 							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
 
-		if (worker_wait(&set, worker_wait_timeout(next_due, last_poll)))
+		if (worker_wait(&set, more_done ? 0 : worker_wait_timeout(next_due, last_poll)))
 		{
 			rw_status_note_wake();
 			need_claim = true;
 		}
-		if (rw_dispatch_finish(&retry_at) && more)
+
+		/*
+		 * A request that just committed is claimed before the outcomes of
+		 * finished calls are recorded: they wait for the next turn.
+		 */
+		if (need_claim && rw_dispatch_free_slots() > 0)
+			more_done = true;
+		else if (rw_dispatch_finish(&retry_at, &more_done) && more)
 			need_claim = true;
 		if (retry_at != 0 && (next_due == 0 || retry_at < next_due))
 			next_due = retry_at;
