@@ -157,11 +157,31 @@ rw_http_configure(void)
 }
 
 /*
+ * How long a long-poll asks the agent to hold the answer, in seconds:
+ * restart_worker.follow_wait, but no longer than the request has left
+ * before its deadline (rounded up, so that a poll just before the deadline
+ * does not turn into a busy loop), and 0 once the deadline has passed: the
+ * agent then answers at once, and the answer tells whether the job ended
+ * in time.
+ */
+static int
+http_follow_wait(RwCall *call)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int64		left;
+
+	if (call->deadline <= now)
+		return 0;
+	left = (call->deadline - now + USECS_PER_SEC - 1) / USECS_PER_SEC;
+	return (int) Min(left, (int64) rw_follow_wait);
+}
+
+/*
  * Build the URL of a call: the agent's base URL (or http://localhost for
  * an agent on a unix socket) and the path of the POST or the long-poll.
  */
 static char *
-http_call_url(RwCall *call)
+http_call_url(RwCall *call, int wait)
 {
 	StringInfoData url;
 	const char *base = call->url;
@@ -176,7 +196,7 @@ http_call_url(RwCall *call)
 	appendBinaryStringInfo(&url, base, len);
 	appendStringInfoString(&url, "/v1/restarts");
 	if (call->following)
-		appendStringInfo(&url, "/%s?wait=%d", call->id, rw_follow_wait);
+		appendStringInfo(&url, "/%s?wait=%d", call->id, wait);
 	return url.data;
 }
 
@@ -210,17 +230,19 @@ http_call_headers(RwCall *call, const char *body)
 }
 
 /*
- * The total time allowed for a call: the request timeout (plus the
- * long-poll's wait), but never past the request's deadline.
+ * The total time allowed for a call: the request timeout, plus a
+ * long-poll's wait (which respects the deadline, see http_follow_wait());
+ * a POST never runs past the request's deadline.
  */
 static long
-http_call_timeout_ms(RwCall *call)
+http_call_timeout_ms(RwCall *call, int wait)
 {
 	long		ms = rw_request_timeout;
 	long		left;
 
+	/* A long-poll gets its wait on top; its wait respects the deadline. */
 	if (call->following)
-		ms += (long) rw_follow_wait * 1000;
+		return ms + (long) wait * 1000;
 	left = (long) ((call->deadline - GetCurrentTimestamp()) / 1000);
 	if (left < ms)
 		ms = left;
@@ -232,7 +254,7 @@ http_call_timeout_ms(RwCall *call)
  * TLS verification.
  */
 static void
-http_set_transport(CURL *easy, RwCall *call, const char *url)
+http_set_transport(CURL *easy, RwCall *call, const char *url, long timeout_ms)
 {
 	curl_easy_setopt(easy, CURLOPT_URL, url);
 	if (strncmp(call->url, "unix:", 5) == 0)
@@ -248,7 +270,7 @@ http_set_transport(CURL *easy, RwCall *call, const char *url)
 	curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) rw_connect_timeout);
-	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, http_call_timeout_ms(call));
+	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, timeout_ms);
 	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, 1L);
 	curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, 2L);
 	if (rw_ca_file && rw_ca_file[0] != '\0')
@@ -283,6 +305,7 @@ rw_http_start(RwCall *call)
 {
 	CURL	   *easy;
 	char	   *url;
+	int			wait;
 	const char *body = call->following ? "" : call->body;
 
 	if (call->resp)
@@ -304,8 +327,9 @@ rw_http_start(RwCall *call)
 		rw_http_fail(call, RW_CALL_PREPARE, "could not prepare the call");
 		return false;
 	}
-	url = http_call_url(call);
-	http_set_transport(easy, call, url);
+	wait = call->following ? http_follow_wait(call) : 0;
+	url = http_call_url(call, wait);
+	http_set_transport(easy, call, url, http_call_timeout_ms(call, wait));
 	pfree(url);
 	curl_easy_setopt(easy, CURLOPT_HTTPHEADER, (struct curl_slist *) call->headers);
 	if (!call->following)
