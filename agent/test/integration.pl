@@ -157,7 +157,15 @@ sub stop_agent
 	return $done;
 }
 
-END { stop_agent($_, 'KILL') for @agents; }
+# Commands undoing a test's mounts and loop devices, run in reverse order.
+my @cleanup;
+
+sub run_cleanup
+{
+	while (my $cmd = pop @cleanup) { system("$cmd >/dev/null 2>&1"); }
+}
+
+END { stop_agent($_, 'KILL') for @agents; run_cleanup(); }
 
 # Send a request; options: id, ts, body, sig, secret, headers, raw.
 sub req
@@ -664,6 +672,81 @@ SKIP: {
 	ok($j->{status} eq 'completed' && $rec->{status} eq 'completed',
 		'once the journal write succeeds the job is completed, on disk and for clients', $json->encode($rec));
 	stop_agent($b);
+}
+
+# --- a failed fdatasync fails the journal until a restart (a real I/O error) -----------------
+# The state directory is an ext4 file system without a journal on a loop device whose backing
+# file lives on a small tmpfs: once the tmpfs is full, the loop device's writes fail and the
+# agent's fdatasync reports the error; freeing the tmpfs makes later writes work again, yet
+# the agent must not trust its journal until it is restarted.
+SKIP: {
+	my $d = tempdir("fsync-XXXXXX", DIR => $tmp);
+	mkdir "$d/back";
+	mkdir "$d/state";
+	my $q = "$d/setup.log";
+	my $loop;
+	my $setup = $> == 0
+		&& system("mount -t tmpfs -o size=24m tmpfs $d/back >>$q 2>&1") == 0
+		&& push(@cleanup, "umount $d/back")
+		&& system("truncate -s 64M $d/back/disk && mkfs.ext4 -q -F -O ^has_journal $d/back/disk >>$q 2>&1") == 0
+		&& (($loop) = `losetup -f --show $d/back/disk 2>>$q` =~ m{^(/dev/loop\d+)$}m)
+		&& push(@cleanup, "losetup -d $loop")
+		&& system("mount -o errors=continue $loop $d/state >>$q 2>&1") == 0
+		&& push(@cleanup, "umount $d/state");
+	unless ($setup)
+	{
+		print "ok - # SKIP no loop device file system (root, tmpfs, losetup, mkfs.ext4 needed): fdatasync failures not checked\n";
+		run_cleanup();
+		last SKIP;
+	}
+	my $svc = $services . qq{  efs = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.fsync"; }; } );\n};
+	my $b = start_agent(services => $svc, dir => $d, limits => { output_tail => 65536 });
+	my ($id1, $id2, $id3) = (uuid(), uuid(), uuid());
+	my ($s) = post_restart($b, $id1, 'efs');
+	my $j = wait_job($b, $id1);
+	ok($s == 202 && $j->{status} eq 'completed', 'a job completes with the journal on the loop device file system');
+	# fill the tmpfs under the loop device, then run jobs with 64 KiB of output until a flush
+	# needs blocks the loop device cannot write (blocks the file system reserved earlier may
+	# still take a few records)
+	open(my $fill, '>', "$d/back/fill") or die;
+	for my $chunk (1048576, 4096, 512) { 1 while syswrite($fill, "\0" x $chunk); }
+	close $fill;
+	my $error = qr/ERROR: journal: fdatasync of the journal failed: .*; every later journal write fails until the agent is restarted/;
+	my ($failed, $tries, $s2, $j2) = (0, 0);
+	while (!$failed && $tries++ < 32)
+	{
+		$id2 = uuid();
+		($s) = post_restart($b, $id2, 'noisy');
+		wait_until(sub { slurp($b->{log}) =~ $error || ((get_job($b, $id2))[1] // {})->{status} ne 'running' }, 10);
+		$failed = slurp($b->{log}) =~ $error;
+	}
+	($s2, $j2) = get_job($b, $id2);
+	ok($failed && (($s == 500 && $s2 == 404) || ($s == 202 && $j2->{status} eq 'running')),
+		"a failed fdatasync puts the journal in its failed state: the job it was for is refused, or stays running ($tries jobs)",
+		"$s $s2\n" . slurp($b->{log}));
+	unlink "$d/back/fill";
+	# the file system takes (and flushes) writes again
+	open(my $fh, '>', "$d/state/probe") or die;
+	my $probe = syswrite($fh, "x" x 65536) && $fh->sync;
+	close $fh;
+	unlink "$d/state/probe";
+	($s) = post_restart($b, $id3, 'efs');
+	ok($probe && $s == 500 && slurp($b->{log}) =~ /journal: cannot write a record of job $id3/,
+		'once the disk works again the journal still refuses every write until a restart (a failed fdatasync is never retried)',
+		slurp($b->{log}));
+	stop_agent($b);
+	my $c = start_agent(services => $svc, dir => $d, limits => { output_tail => 65536 });
+	my ($r1, $j1) = get_job($c, $id1);
+	($s, $j) = post_restart($c, $id3, 'efs');
+	$j = wait_job($c, $id3);
+	my %runs;
+	$runs{$_}++ for slurp("$count.fsync") =~ /^run (\S+)$/mg;
+	ok($c->{port} && $r1 == 200 && $j1->{status} eq 'completed' && $s == 202 && $j->{status} eq 'completed'
+		&& $runs{$id1} == 1 && $runs{$id3} == 1,
+		'after a restart the agent reads back what is on disk and accepts requests again (the refused id runs once)',
+		"$r1 $s " . $json->encode(\%runs) . "\n" . slurp($c->{log}));
+	stop_agent($c);
+	run_cleanup();
 }
 
 # --- SIGTERM during a job ---------------------------------------------------------
