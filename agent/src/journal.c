@@ -561,6 +561,35 @@ journal_append(const char *id, const char *line, size_t len, uint64_t *seq)
 }
 
 /*
+ * Build the journal line of a record (caller frees): the id (the first
+ * UUID_TEXT_LEN bytes of id), a space, text and a newline; *linelen
+ * receives its length.  NULL (errno set) if the id is not a UUID, or if
+ * text is empty, too large or holds a newline (it would not read back as
+ * one record).
+ */
+static char *
+journal_make_line(const char *id, const char *text, size_t *linelen)
+{
+	size_t		len = strlen(text);
+	char	   *line;
+
+	if (!util_is_uuid(id, UUID_TEXT_LEN) || len == 0 || len > JOURNAL_RECORD_MAX ||
+		memchr(text, '\n', len) != NULL)
+	{
+		errno = EINVAL;
+		return NULL;
+	}
+	if ((line = malloc(JOURNAL_PREFIX_LEN + len + 1)) == NULL)
+		return NULL;
+	memcpy(line, id, UUID_TEXT_LEN);
+	line[UUID_TEXT_LEN] = ' ';
+	memcpy(line + JOURNAL_PREFIX_LEN, text, len);
+	line[JOURNAL_PREFIX_LEN + len] = '\n';
+	*linelen = JOURNAL_PREFIX_LEN + len + 1;
+	return line;
+}
+
+/*
  * Durably record text (a job object as compact JSON, no newline) as the
  * current state of job id: append it, then wait for a flush covering it
  * (shared with concurrent writers).  Returns true once it is on disk;
@@ -570,40 +599,28 @@ journal_append(const char *id, const char *line, size_t len, uint64_t *seq)
 bool
 journal_write(const char *id, const char *text)
 {
-	size_t		len = strlen(text);
+	size_t		len = 0;
 	char	   *line = NULL;
 	uint64_t	seq = 0;
-	bool		ok;
+	bool		ok = false;
 	int			err;
 
-	if (!util_is_uuid(id, strlen(id)) || len == 0 || len > JOURNAL_RECORD_MAX ||
-		memchr(text, '\n', len) != NULL)
+	if (strlen(id) != UUID_TEXT_LEN)
 		errno = EINVAL;
-	else if ((line = malloc(JOURNAL_PREFIX_LEN + len + 1)) != NULL)
-	{
-		memcpy(line, id, UUID_TEXT_LEN);
-		line[UUID_TEXT_LEN] = ' ';
-		memcpy(line + JOURNAL_PREFIX_LEN, text, len);
-		line[JOURNAL_PREFIX_LEN + len] = '\n';
-	}
-	if (line == NULL)
-		ok = false;
 	else
+		line = journal_make_line(id, text, &len);
+	err = errno;
+	if (line != NULL)
 	{
 		pthread_mutex_lock(&journal_lock);
-		ok = journal_append(id, line, JOURNAL_PREFIX_LEN + len + 1, &seq) &&
-			journal_wait_durable(seq);
+		ok = journal_append(id, line, len, &seq) && journal_wait_durable(seq);
 		err = errno;
 		pthread_mutex_unlock(&journal_lock);
 		free(line);
-		errno = err;
 	}
 	if (!ok)
-	{
-		err = errno;
 		log_msg("journal: cannot write a record of job %.*s: %s", UUID_TEXT_LEN, id, strerror(err));
-		errno = err;
-	}
+	errno = err;
 	return ok;
 }
 
@@ -1010,13 +1027,13 @@ journal_read(size_t output_tail)
 
 /*
  * Turn a record file of the previous version (jobs/<id>.json) into a
- * journal line in buf: the job object as compact JSON, or the marker of
- * an unreadable record (which loads as a stand-in) if the file is not a
- * readable job record of its id.  Returns the line's length; 0 when
- * memory runs out.
+ * journal line (caller frees): the job object as compact JSON, or the
+ * marker of an unreadable record (which loads as a stand-in) if the file
+ * is not a readable job record of its id.  *linelen receives the line's
+ * length.  NULL when memory runs out.
  */
-static size_t
-journal_legacy_line(int dfd, const char *name, char **buf)
+static char *
+journal_legacy_line(int dfd, const char *name, size_t *linelen)
 {
 	int			fd = openat(dfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
 	struct stat st;
@@ -1024,7 +1041,7 @@ journal_legacy_line(int dfd, const char *name, char **buf)
 	json_t	   *obj = NULL;
 	job		   *j = NULL;
 	char	   *text = NULL;
-	size_t		len;
+	char	   *line = NULL;
 
 	if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= JOURNAL_FILE_MAX)
 		obj = json_loadfd(fd, JSON_REJECT_DUPLICATES, &jerr);
@@ -1035,25 +1052,16 @@ journal_legacy_line(int dfd, const char *name, char **buf)
 		text = json_dumps(obj, JSON_COMPACT);
 	job_free(j);
 	json_decref(obj);
-	if (text == NULL || strchr(text, '\n') != NULL)
-	{
-		free(text);
-		log_msg("journal: %s/%s cannot be read back; it is imported as an unreadable record",
-				JOURNAL_LEGACY_DIR, name);
-		if ((*buf = malloc(JOURNAL_MARKER_MAX)) == NULL)
-			return 0;
-		return journal_marker(name, *buf, JOURNAL_MARKER_MAX);
-	}
-	len = strlen(text);
-	if ((*buf = malloc(JOURNAL_PREFIX_LEN + len + 1)) != NULL)
-	{
-		memcpy(*buf, name, UUID_TEXT_LEN);
-		(*buf)[UUID_TEXT_LEN] = ' ';
-		memcpy(*buf + JOURNAL_PREFIX_LEN, text, len);
-		(*buf)[JOURNAL_PREFIX_LEN + len] = '\n';
-	}
+	if (text != NULL)
+		line = journal_make_line(name, text, linelen);
 	free(text);
-	return *buf ? JOURNAL_PREFIX_LEN + len + 1 : 0;
+	if (line != NULL)
+		return line;
+	log_msg("journal: %s/%s cannot be read back; it is imported as an unreadable record",
+			JOURNAL_LEGACY_DIR, name);
+	if ((line = malloc(JOURNAL_MARKER_MAX)) != NULL)
+		*linelen = journal_marker(name, line, JOURNAL_MARKER_MAX);
+	return line;
 }
 
 /*
@@ -1078,20 +1086,17 @@ journal_import_records(DIR *d, int dfd, int fd, off_t *pos, int *count)
 
 	for (errno = 0; (de = readdir(d)) != NULL; errno = 0)
 	{
-		char	   *line = NULL;
-		size_t		len;
+		char	   *line;
+		size_t		len = 0;
+		bool		ok;
 
 		if (!journal_is_legacy_record(de->d_name))
 			continue;
-		len = journal_legacy_line(dfd, de->d_name, &line);
-		if (len == 0 || !journal_pwrite_all(fd, line, len, *pos))
-		{
-			free(line);
-			if (errno == 0)
-				errno = ENOMEM;
-			return false;
-		}
+		line = journal_legacy_line(dfd, de->d_name, &len);
+		ok = line != NULL && journal_pwrite_all(fd, line, len, *pos);
 		free(line);
+		if (!ok)
+			return false;
 		*pos += (off_t) len;
 		(*count)++;
 	}
