@@ -35,9 +35,12 @@
 #define TIMESTAMP_TOLERANCE 300
 
 /*
- * Bounds that make the largest job record fit the journal's file size
+ * Bounds that make the largest job record fit the journal's record size
  * limit: a control byte of output is written as "\u0001" (6 bytes), so
  * the output tail, the step argvs and the error can grow sixfold in JSON.
+ * The journal writes no record over JOURNAL_RECORD_MAX, and reads back
+ * a record line over JOURNAL_FILE_MAX (the limit of the previous version's
+ * record files) as damaged, without loading it.
  */
 #define OUTPUT_TAIL_MAX (1024 * 1024)
 #define STEPS_MAX 32
@@ -46,7 +49,7 @@
 #define JOURNAL_RECORD_MAX \
 	(6 * (OUTPUT_TAIL_MAX + STEPS_MAX * (STEP_ARGV_BYTES_MAX + 512) + 4096) + 65536)
 _Static_assert(JOURNAL_RECORD_MAX < JOURNAL_FILE_MAX,
-			   "the largest job record must fit the journal's file size limit");
+			   "the largest job record must fit the journal's record size limit");
 
 /* ---------- log.c ---------- */
 extern void log_msg(const char *fmt,...) __attribute__((format(printf, 1, 2)));

@@ -1,20 +1,45 @@
 /*-------------------------------------------------------------------------
  *
  * journal.c
- *	  The durable job journal: one JSON file per request id.
+ *	  The durable job journal: one append-only file of job records.
  *
- * state_dir/jobs/<uuid>.json holds the job object.  Each write goes to a
- * temporary file that is fsynced, renamed over the old one, and the
- * directory is fsynced, so a crash leaves either the old or the new record
- * and a new job is on disk before any of its steps runs.  A lock file
- * keeps two agents from sharing one state directory.
+ * state_dir/journal holds one line per record, "<request id> <job object
+ * as compact JSON>\n"; the last record of an id is its current state.  A
+ * writer appends its record under journal_lock (records never interleave)
+ * and returns only once an fdatasync that started after its append has
+ * succeeded.  That fdatasync is a group commit: a writer finding no flush
+ * in progress becomes the leader and flushes once for every record
+ * appended so far; writers arriving meanwhile wait and form the next
+ * batch.  Callers must not hold the jobs lock while writing, so that
+ * concurrent writers share a flush.
  *
- * The directory fsync is a group commit: writers that have renamed their
- * record queue up, one of them (the leader) flushes the directory once for
- * everyone queued at that moment, and each writer returns only after a
- * directory fsync that started after its own rename has succeeded.  Writers
- * arriving during a flush form the next batch.  Callers must not hold the
- * jobs lock while writing, so that concurrent writers can share a flush.
+ * Failures: an append that fails (a full disk, a file size limit) is cut
+ * off again with ftruncate, and only that record fails.  A failed
+ * fdatasync, or an append that cannot be cut off, leaves the file's state
+ * unknown: the journal then fails every later write, and is never flushed
+ * again, until the agent restarts and reads back what is on disk.
+ *
+ * Reading back: a last line without its newline, and every line after the
+ * last well-formed record, is a record torn by a crash in the middle of an
+ * append (never acknowledged): it is cut off.  A damaged line followed by
+ * a well-formed record still holds its id (the fixed-width id prefix is
+ * readable): the id becomes a failed stand-in job, so that it is never
+ * forgotten and never runs again.  If even its id prefix is damaged, the
+ * agent refuses to start rather than forget an id.
+ *
+ * Compaction: journal.c keeps, per id, the place of its last record in the
+ * file.  At start, and whenever the file has grown past both 4 MiB and
+ * twice its size after the last compaction, those records are copied to
+ * journal.tmp, which is fsynced and renamed over the journal before the
+ * directory is fsynced.  At run time a flush leader compacts with
+ * journal_lock held, so no concurrent append can be lost.
+ * journal_remove() (retention) only forgets an id's place: its records go
+ * at the next compaction, and until then a restart loads them again.
+ *
+ * The previous version kept one file per id in state_dir/jobs/: at start
+ * such a directory is imported once into the journal (as older than any of
+ * its records), then its files are removed.  A lock file keeps two agents
+ * from sharing one state directory.
  *
  *-------------------------------------------------------------------------
  */
@@ -26,261 +51,590 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "agent.h"
 
-static int	journal_dirfd = -1;
+#define JOURNAL_NAME "journal"
+#define JOURNAL_TMP_NAME "journal.tmp"
+#define JOURNAL_LEGACY_DIR "jobs"
+#define JOURNAL_PREFIX_LEN (UUID_TEXT_LEN + 1)	/* "<id> " */
+#define JOURNAL_COMPACT_MIN ((off_t) 4 * 1024 * 1024)
+#define JOURNAL_COPY_CHUNK 65536
+#define JOURNAL_MARKER_MAX 128
+
+/*
+ * Where the last record of an id is in the journal file.  An id whose
+ * record could not be read back at start is unreadable: compaction writes
+ * it as a marker record, which loads as a stand-in job again.
+ */
+typedef struct journal_entry
+{
+	struct journal_entry *next; /* in its hash bucket */
+	char		id[UUID_TEXT_LEN + 1];
+	off_t		offset;			/* of its line */
+	size_t		length;			/* of its line, newline included */
+	bool		unreadable;
+	job		   *loaded;			/* while loading: the job of that line */
+} journal_entry;
+
+/* A line of the journal file. */
+typedef struct journal_span
+{
+	off_t		offset;
+	size_t		length;			/* newline included */
+} journal_span;
+
+static int	journal_statefd = -1;
 static int	journal_lockfd = -1;
+static char *journal_state_dir;
+
+/* Everything below is protected by journal_lock once the agent runs. */
+static pthread_mutex_t journal_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t journal_cond = PTHREAD_COND_INITIALIZER;
+static int	journal_fd = -1;
+static journal_entry **journal_buckets;
+static size_t journal_nbuckets;	/* a power of two, or 0 */
+static size_t journal_nentries;
+static off_t journal_size;		/* end of the last record */
+static off_t journal_compact_at;	/* size that calls for a compaction */
+static uint64_t journal_appended;	/* records appended so far */
+static uint64_t journal_synced;	/* how many of them are known on disk */
+static bool journal_syncing;	/* a leader is in fdatasync */
+static int	journal_failed;		/* errno that failed the journal, or 0 */
 
 /*
- * A writer waiting for the directory flush that covers its rename.  It
- * lives on the writer's stack; the writer leaves journal_sync_dir() only
- * once the leader of its batch has set its state.
+ * Hash a request id (FNV-1a) to choose its bucket.
  */
-typedef enum
+static size_t
+journal_hash(const char *id)
 {
-	SYNC_WAITING,
-	SYNC_DONE,
-	SYNC_FAILED
-} journal_sync_state;
+	uint64_t	h = 14695981039346656037ULL;
 
-typedef struct journal_waiter
-{
-	struct journal_waiter *next;
-	journal_sync_state state;
-	int			err;			/* errno of a failed flush */
-} journal_waiter;
-
-static pthread_mutex_t journal_sync_lock = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t journal_sync_cond = PTHREAD_COND_INITIALIZER;
-static journal_waiter *journal_sync_queue;	/* renamed, not yet in a flush */
-static bool journal_sync_busy;	/* a leader is flushing */
-
-/*
- * Flush the directory holding path (its parent), so that a directory just
- * created there survives a crash.
- */
-static bool
-journal_sync_parent(const char *path)
-{
-	char	   *copy = strdup(path);
-	char	   *slash;
-	size_t		len = copy ? strlen(copy) : 0;
-	int			fd;
-	bool		ok;
-
-	while (len > 1 && copy[len - 1] == '/')
-		copy[--len] = '\0';
-	slash = copy ? strrchr(copy, '/') : NULL;
-	if (slash == NULL)
-	{
-		free(copy);
-		return false;
-	}
-	if (slash == copy)
-		slash[1] = '\0';		/* the parent is "/" */
-	else
-		*slash = '\0';
-	fd = open(copy, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	ok = fd >= 0 && fsync(fd) == 0;
-	if (fd >= 0)
-		close(fd);
-	free(copy);
-	return ok;
+	for (int i = 0; i < UUID_TEXT_LEN; i++)
+		h = (h ^ (unsigned char) id[i]) * 1099511628211ULL;
+	return (size_t) h;
 }
 
 /*
- * Create the state directory and its jobs/ subdirectory when missing
- * (flushing each parent directory, so that they survive a crash), take
- * the lock file, and keep a descriptor of jobs/ for the *at() calls.
+ * Find the entry of an id, or NULL if the journal holds no record of it.
  */
-bool
-journal_open(const char *state_dir, char *errbuf, size_t errsize)
+static journal_entry *
+journal_find(const char *id)
 {
-	int			sfd;
+	if (journal_nbuckets == 0)
+		return NULL;
+	for (journal_entry *e = journal_buckets[journal_hash(id) & (journal_nbuckets - 1)];
+		 e != NULL; e = e->next)
+		if (memcmp(e->id, id, UUID_TEXT_LEN) == 0)
+			return e;
+	return NULL;
+}
 
-	if (mkdir(state_dir, 0700) == 0)
+/*
+ * Double the hash table (or create it), so that lookups stay short however
+ * many jobs are retained.
+ */
+static bool
+journal_grow(void)
+{
+	size_t		n = journal_nbuckets ? journal_nbuckets * 2 : 1024;
+	journal_entry **b = calloc(n, sizeof(journal_entry *));
+
+	if (b == NULL)
+		return false;
+	for (size_t i = 0; i < journal_nbuckets; i++)
 	{
-		if (!journal_sync_parent(state_dir))
+		while (journal_buckets[i] != NULL)
 		{
-			snprintf(errbuf, errsize, "cannot flush the parent of state_dir \"%s\": %s",
-					 state_dir, strerror(errno));
-			return false;
+			journal_entry *e = journal_buckets[i];
+			size_t		k = journal_hash(e->id) & (n - 1);
+
+			journal_buckets[i] = e->next;
+			e->next = b[k];
+			b[k] = e;
 		}
 	}
-	else if (errno != EEXIST)
+	free(journal_buckets);
+	journal_buckets = b;
+	journal_nbuckets = n;
+	return true;
+}
+
+/*
+ * Return the entry of an id, creating an empty one (length 0) if there is
+ * none; *fresh tells which.  NULL when memory runs out.
+ */
+static journal_entry *
+journal_entry_get(const char *id, bool *fresh)
+{
+	journal_entry *e = journal_find(id);
+	size_t		k;
+
+	*fresh = e == NULL;
+	if (e != NULL)
+		return e;
+	if ((journal_nentries >= journal_nbuckets && !journal_grow()) ||
+		(e = calloc(1, sizeof(journal_entry))) == NULL)
+		return NULL;
+	memcpy(e->id, id, UUID_TEXT_LEN);
+	k = journal_hash(id) & (journal_nbuckets - 1);
+	e->next = journal_buckets[k];
+	journal_buckets[k] = e;
+	journal_nentries++;
+	return e;
+}
+
+/*
+ * Forget the entry of an id (and a job loaded for it), if there is one.
+ */
+static void
+journal_forget(const char *id)
+{
+	journal_entry **p;
+
+	if (journal_nbuckets == 0)
+		return;
+	for (p = &journal_buckets[journal_hash(id) & (journal_nbuckets - 1)]; *p; p = &(*p)->next)
 	{
-		snprintf(errbuf, errsize, "cannot create state_dir \"%s\": %s", state_dir, strerror(errno));
-		return false;
+		journal_entry *e = *p;
+
+		if (memcmp(e->id, id, UUID_TEXT_LEN) == 0)
+		{
+			*p = e->next;
+			job_free(e->loaded);
+			free(e);
+			journal_nentries--;
+			return;
+		}
 	}
-	sfd = open(state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (sfd < 0)
+}
+
+/*
+ * Free every entry and the hash table.
+ */
+static void
+journal_forget_all(void)
+{
+	for (size_t i = 0; i < journal_nbuckets; i++)
 	{
-		snprintf(errbuf, errsize, "cannot open state_dir \"%s\": %s", state_dir, strerror(errno));
-		return false;
+		while (journal_buckets[i] != NULL)
+		{
+			journal_entry *e = journal_buckets[i];
+
+			journal_buckets[i] = e->next;
+			job_free(e->loaded);
+			free(e);
+		}
 	}
-	journal_lockfd = openat(sfd, "lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (journal_lockfd < 0 || flock(journal_lockfd, LOCK_EX | LOCK_NB) != 0)
+	free(journal_buckets);
+	journal_buckets = NULL;
+	journal_nbuckets = journal_nentries = 0;
+}
+
+/*
+ * Order entries by the place of their record in the file, for qsort.
+ */
+static int
+journal_cmp_offset(const void *a, const void *b)
+{
+	const journal_entry *ea = *(journal_entry *const *) a;
+	const journal_entry *eb = *(journal_entry *const *) b;
+
+	return (ea->offset > eb->offset) - (ea->offset < eb->offset);
+}
+
+/*
+ * Return every entry in file order (caller frees), so that compaction and
+ * loading keep the records in the order they were written.  NULL when
+ * memory runs out.
+ */
+static journal_entry **
+journal_sorted(void)
+{
+	journal_entry **v = malloc((journal_nentries ? journal_nentries : 1) * sizeof(journal_entry *));
+	size_t		n = 0;
+
+	if (v == NULL)
+		return NULL;
+	for (size_t i = 0; i < journal_nbuckets; i++)
+		for (journal_entry *e = journal_buckets[i]; e != NULL; e = e->next)
+			v[n++] = e;
+	qsort(v, n, sizeof(journal_entry *), journal_cmp_offset);
+	return v;
+}
+
+/*
+ * Write all of buf to fd at offset, retrying short writes.  A write
+ * failure (e.g. EFBIG past a file size limit) returns false with errno.
+ */
+static bool
+journal_pwrite_all(int fd, const char *buf, size_t len, off_t offset)
+{
+	while (len > 0)
 	{
-		snprintf(errbuf, errsize, "cannot lock \"%s/lock\" (is another agent using it?): %s",
-				 state_dir, strerror(errno));
-		close(sfd);
-		return false;
-	}
-	if ((mkdirat(sfd, "jobs", 0700) != 0 && errno != EEXIST) || fsync(sfd) != 0)
-	{
-		snprintf(errbuf, errsize, "cannot create \"%s/jobs\": %s", state_dir, strerror(errno));
-		close(sfd);
-		return false;
-	}
-	journal_dirfd = openat(sfd, "jobs", O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
-	close(sfd);
-	if (journal_dirfd < 0)
-	{
-		snprintf(errbuf, errsize, "cannot open \"%s/jobs\": %s", state_dir, strerror(errno));
-		return false;
+		ssize_t		n = pwrite(fd, buf, len, offset);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+		{
+			if (n == 0)
+				errno = EIO;
+			return false;
+		}
+		buf += n;
+		len -= (size_t) n;
+		offset += n;
 	}
 	return true;
 }
 
 /*
- * Close the journal's descriptors (releasing the lock).
- */
-void
-journal_close(void)
-{
-	if (journal_dirfd >= 0)
-		close(journal_dirfd);
-	if (journal_lockfd >= 0)
-		close(journal_lockfd);
-	journal_dirfd = journal_lockfd = -1;
-}
-
-/*
- * Write all of buf to fd, retrying short writes.
+ * Copy len bytes at srcoff of the journal to dstoff of fd, through buf
+ * (JOURNAL_COPY_CHUNK bytes), so that even a huge damaged line needs no
+ * more memory.
  */
 static bool
-journal_write_all(int fd, const char *buf, size_t len)
+journal_copy(int fd, off_t dstoff, off_t srcoff, size_t len, char *buf)
 {
 	while (len > 0)
 	{
-		ssize_t		n = write(fd, buf, len);
+		ssize_t		n = pread(journal_fd, buf, len < JOURNAL_COPY_CHUNK ? len : JOURNAL_COPY_CHUNK,
+							  srcoff);
 
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0)
+		{
+			if (n == 0)
+				errno = EIO;
 			return false;
-		buf += n;
+		}
+		if (!journal_pwrite_all(fd, buf, (size_t) n, dstoff))
+			return false;
+		srcoff += n;
+		dstoff += n;
 		len -= (size_t) n;
 	}
 	return true;
 }
 
 /*
- * Make every rename done so far in the jobs directory durable, sharing
- * one fsync of the directory with the writers queued at the same time
- * (group commit).  Returns true once a flush that started after the
- * caller queued up has succeeded; false (errno set) if that flush failed:
- * a failed flush is never retried for its batch, as its outcome is
- * unknown.
+ * Put the journal in the failed state: after a failed fdatasync (or an
+ * append that cannot be cut off) what is on disk is unknown, so no later
+ * write may be acknowledged until a restart reads the file back.
  */
-static bool
-journal_sync_dir(void)
+static void
+journal_fail(int err, const char *what)
 {
-	journal_waiter me = {NULL, SYNC_WAITING, 0};
-
-	pthread_mutex_lock(&journal_sync_lock);
-	me.next = journal_sync_queue;
-	journal_sync_queue = &me;
-	while (me.state == SYNC_WAITING)
-	{
-		journal_waiter *batch;
-		bool		ok;
-		int			err;
-
-		if (journal_sync_busy)
-		{
-			pthread_cond_wait(&journal_sync_cond, &journal_sync_lock);
-			continue;
-		}
-		/* Lead a flush for everyone queued now (this includes me). */
-		batch = journal_sync_queue;
-		journal_sync_queue = NULL;
-		journal_sync_busy = true;
-		pthread_mutex_unlock(&journal_sync_lock);
-		ok = fsync(journal_dirfd) == 0;
-		err = ok ? 0 : errno;
-		pthread_mutex_lock(&journal_sync_lock);
-		while (batch != NULL)
-		{
-			journal_waiter *w = batch;
-
-			batch = w->next;
-			w->err = err;
-			w->state = ok ? SYNC_DONE : SYNC_FAILED;
-		}
-		journal_sync_busy = false;
-		pthread_cond_broadcast(&journal_sync_cond);
-	}
-	pthread_mutex_unlock(&journal_sync_lock);
-	if (me.state != SYNC_DONE)
-		errno = me.err;
-	return me.state == SYNC_DONE;
+	journal_failed = err ? err : EIO;
+	log_msg("ERROR: journal: %s failed: %s; every later journal write fails until the agent is restarted",
+			what, strerror(journal_failed));
 }
 
 /*
- * Durably replace the record of job id with text: temporary file, fsync,
- * rename, fsync of the directory (shared with concurrent writers, see
- * journal_sync_dir).  Returns false (and logs) on any error.  Called
- * without the jobs lock; at most one thread writes a given id at a time.
+ * Size at which the journal is compacted next, given its size now: past
+ * both JOURNAL_COMPACT_MIN and twice the live records, so that compaction
+ * costs a bounded share of the bytes appended.
  */
-bool
-journal_write(const char *id, const char *text)
+static off_t
+journal_next_compaction(off_t size)
 {
-	char		tmp[64];
-	char		final[64];
-	int			fd;
-	bool		ok;
+	return size > JOURNAL_COMPACT_MIN / 2 ? 2 * size : JOURNAL_COMPACT_MIN;
+}
 
-	snprintf(tmp, sizeof(tmp), ".%s.tmp", id);
-	snprintf(final, sizeof(final), "%s.json", id);
-	fd = openat(journal_dirfd, tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-	if (fd < 0)
+/*
+ * Write the marker record of an id whose record could not be read back: a
+ * well-formed line (never cut off as torn) whose JSON is not a job, so
+ * that it loads as a stand-in job again.  Returns its length.
+ */
+static size_t
+journal_marker(const char *id, char *buf, size_t size)
+{
+	int			n = snprintf(buf, size, "%.*s {\"request_id\":\"%.*s\",\"unreadable\":true}\n",
+							 UUID_TEXT_LEN, id, UUID_TEXT_LEN, id);
+
+	return n > 0 && (size_t) n < size ? (size_t) n : 0;
+}
+
+/*
+ * Write the last record of each entry of v, in order, to the new file fd,
+ * noting where each one goes in spans, and fsync it.  *total receives the
+ * new file's size.
+ */
+static bool
+journal_compact_write(int fd, journal_entry **v, size_t n, journal_span *spans, off_t *total)
+{
+	char	   *buf = malloc(JOURNAL_COPY_CHUNK);
+	off_t		pos = 0;
+	bool		ok = buf != NULL;
+
+	for (size_t i = 0; ok && i < n; i++)
 	{
-		log_msg("journal: cannot create %s: %s", tmp, strerror(errno));
+		spans[i].offset = pos;
+		if (v[i]->unreadable)
+		{
+			spans[i].length = journal_marker(v[i]->id, buf, JOURNAL_COPY_CHUNK);
+			ok = journal_pwrite_all(fd, buf, spans[i].length, pos);
+		}
+		else
+		{
+			spans[i].length = v[i]->length;
+			ok = journal_copy(fd, pos, v[i]->offset, v[i]->length, buf);
+		}
+		pos += (off_t) spans[i].length;
+	}
+	free(buf);
+	*total = pos;
+	return ok && fsync(fd) == 0;
+}
+
+/*
+ * Make the compacted file fd (total bytes, the records of v at spans) the
+ * journal, once it has been renamed over the old one: the directory fsync
+ * makes the rename durable, and a failure of it fails the journal.
+ */
+static bool
+journal_compact_install(int fd, journal_entry **v, size_t n, journal_span *spans, off_t total)
+{
+	off_t		before = journal_size;
+
+	for (size_t i = 0; i < n; i++)
+	{
+		v[i]->offset = spans[i].offset;
+		v[i]->length = spans[i].length;
+	}
+	close(journal_fd);
+	journal_fd = fd;
+	journal_size = total;
+	journal_compact_at = journal_next_compaction(total);
+	if (fsync(journal_statefd) != 0)
+	{
+		journal_fail(errno, "the directory fsync after a compaction");
 		return false;
 	}
-	ok = journal_write_all(fd, text, strlen(text)) && journal_write_all(fd, "\n", 1) &&
-		fsync(fd) == 0;
-	if (close(fd) != 0)
-		ok = false;
+	journal_synced = journal_appended;
+	log_msg("journal: compacted to %zu records, %lld bytes (was %lld bytes)",
+			n, (long long) total, (long long) before);
+	return true;
+}
+
+/*
+ * Rewrite the journal as the last record of every id it knows, in file
+ * order: journal.tmp is written and fsynced, renamed over the journal, and
+ * the directory is fsynced.  Called at start, or by a flush leader with
+ * journal_lock held (no append or flush can run meanwhile).  On success
+ * every record appended so far is on disk.  A failure before the rename
+ * leaves the journal as it was (and postpones the next try).
+ */
+static bool
+journal_compact(void)
+{
+	size_t		n = journal_nentries;
+	journal_entry **v = journal_sorted();
+	journal_span *spans = malloc((n ? n : 1) * sizeof(journal_span));
+	off_t		total = 0;
+	int			fd = -1;
+	bool		ok;
+	int			err;
+
+	ok = v != NULL && spans != NULL &&
+		(fd = openat(journal_statefd, JOURNAL_TMP_NAME,
+					 O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600)) >= 0 &&
+		journal_compact_write(fd, v, n, spans, &total) &&
+		renameat(journal_statefd, JOURNAL_TMP_NAME, journal_statefd, JOURNAL_NAME) == 0;
+	err = errno;
 	if (ok)
-		ok = renameat(journal_dirfd, tmp, journal_dirfd, final) == 0 &&
-			journal_sync_dir();
-	if (!ok)
+		ok = journal_compact_install(fd, v, n, spans, total);
+	else
 	{
-		log_msg("journal: cannot write %s: %s", final, strerror(errno));
-		unlinkat(journal_dirfd, tmp, 0);
+		log_msg("journal: cannot compact the journal, it stays as it is: %s", strerror(err));
+		if (fd >= 0)
+		{
+			close(fd);
+			unlinkat(journal_statefd, JOURNAL_TMP_NAME, 0);
+		}
+		journal_compact_at = journal_next_compaction(journal_size);
 	}
+	free(v);
+	free(spans);
 	return ok;
 }
 
 /*
- * Remove the record of a job (retention pruning).
+ * Flush the journal for every record appended so far, as the leader of a
+ * group commit: the flush runs without journal_lock, so that more records
+ * can be appended meanwhile (they wait for the next flush).  If the journal
+ * has grown enough, a compaction replaces the flush.  Called with
+ * journal_lock held and no flush in progress.
+ */
+static void
+journal_lead_flush(void)
+{
+	uint64_t	target = journal_appended;
+	int			fd = journal_fd;
+	int			rc;
+	int			err;
+
+	if (journal_size >= journal_compact_at && (journal_compact() || journal_failed != 0))
+	{
+		pthread_cond_broadcast(&journal_cond);
+		return;
+	}
+	journal_syncing = true;
+	pthread_mutex_unlock(&journal_lock);
+	rc = fdatasync(fd);
+	err = errno;
+	pthread_mutex_lock(&journal_lock);
+	journal_syncing = false;
+	if (rc != 0)
+		journal_fail(err, "fdatasync of the journal");
+	else if (target > journal_synced)
+		journal_synced = target;
+	pthread_cond_broadcast(&journal_cond);
+}
+
+/*
+ * Wait until record seq is on disk, leading a flush when none is running.
+ * Returns false (errno set) if the journal failed first: the flush that
+ * would have covered the record failed, and it is never retried.  Called
+ * with journal_lock held.
+ */
+static bool
+journal_wait_durable(uint64_t seq)
+{
+	while (journal_synced < seq && journal_failed == 0)
+	{
+		if (journal_syncing)
+			pthread_cond_wait(&journal_cond, &journal_lock);
+		else
+			journal_lead_flush();
+	}
+	if (journal_synced >= seq)
+		return true;
+	errno = journal_failed;
+	return false;
+}
+
+/*
+ * Append one record line (len bytes, newline included) at the end of the
+ * journal and note its place; *seq receives its sequence number.  Called
+ * with journal_lock held.  A failed or short write is cut off again, so
+ * that only this record fails; if even that fails, the journal fails.
+ */
+static bool
+journal_append(const char *id, const char *line, size_t len, uint64_t *seq)
+{
+	journal_entry *e;
+	bool		fresh;
+	int			err;
+
+	if (journal_failed != 0)
+	{
+		errno = journal_failed;
+		return false;
+	}
+	if ((e = journal_entry_get(id, &fresh)) == NULL)
+	{
+		errno = ENOMEM;
+		return false;
+	}
+	if (journal_pwrite_all(journal_fd, line, len, journal_size))
+	{
+		e->offset = journal_size;
+		e->length = len;
+		e->unreadable = false;
+		journal_size += (off_t) len;
+		*seq = ++journal_appended;
+		return true;
+	}
+	err = errno;
+	if (fresh)
+		journal_forget(id);
+	if (ftruncate(journal_fd, journal_size) != 0)
+		journal_fail(errno, "cutting off a failed append");
+	errno = err;
+	return false;
+}
+
+/*
+ * Build the journal line of a record (caller frees): the id (the first
+ * UUID_TEXT_LEN bytes of id), a space, text and a newline; *linelen
+ * receives its length.  NULL (errno set) if the id is not a UUID, or if
+ * text is empty, too large or holds a newline (it would not read back as
+ * one record).
+ */
+static char *
+journal_make_line(const char *id, const char *text, size_t *linelen)
+{
+	size_t		len = strlen(text);
+	char	   *line;
+
+	if (!util_is_uuid(id, UUID_TEXT_LEN) || len == 0 || len > JOURNAL_RECORD_MAX ||
+		memchr(text, '\n', len) != NULL)
+	{
+		errno = EINVAL;
+		return NULL;
+	}
+	if ((line = malloc(JOURNAL_PREFIX_LEN + len + 1)) == NULL)
+		return NULL;
+	memcpy(line, id, UUID_TEXT_LEN);
+	line[UUID_TEXT_LEN] = ' ';
+	memcpy(line + JOURNAL_PREFIX_LEN, text, len);
+	line[JOURNAL_PREFIX_LEN + len] = '\n';
+	*linelen = JOURNAL_PREFIX_LEN + len + 1;
+	return line;
+}
+
+/*
+ * Durably record text (a job object as compact JSON, no newline) as the
+ * current state of job id: append it, then wait for a flush covering it
+ * (shared with concurrent writers).  Returns true once it is on disk;
+ * false (errno set, and logged) otherwise.  Called without the jobs lock;
+ * at most one thread writes a given id at a time.
+ */
+bool
+journal_write(const char *id, const char *text)
+{
+	size_t		len = 0;
+	char	   *line = NULL;
+	uint64_t	seq = 0;
+	bool		ok = false;
+	int			err;
+
+	if (strlen(id) != UUID_TEXT_LEN)
+		errno = EINVAL;
+	else
+		line = journal_make_line(id, text, &len);
+	err = errno;
+	if (line != NULL)
+	{
+		pthread_mutex_lock(&journal_lock);
+		ok = journal_append(id, line, len, &seq) && journal_wait_durable(seq);
+		err = errno;
+		pthread_mutex_unlock(&journal_lock);
+		free(line);
+	}
+	if (!ok)
+		log_msg("journal: cannot write a record of job %.*s: %s", UUID_TEXT_LEN, id, strerror(err));
+	errno = err;
+	return ok;
+}
+
+/*
+ * Drop a job from the journal (retention pruning): its records are left
+ * out of the next compaction.  Nothing is written: until that compaction,
+ * a restart loads the job again, and retention prunes it again.
  */
 bool
 journal_remove(const char *id)
 {
-	char		name[64];
-
-	snprintf(name, sizeof(name), "%s.json", id);
-	if (unlinkat(journal_dirfd, name, 0) != 0 && errno != ENOENT)
-	{
-		log_msg("journal: cannot remove %s: %s", name, strerror(errno));
-		return false;
-	}
+	pthread_mutex_lock(&journal_lock);
+	journal_forget(id);
+	pthread_mutex_unlock(&journal_lock);
 	return true;
 }
 
@@ -421,23 +775,20 @@ journal_job_from_json(json_t *obj, size_t output_tail)
 
 /*
  * Stand in for a record that cannot be read back: a failed job holding
- * only the id taken from the file name, so that the id is never forgotten
- * and never runs again (fail closed).  Its time stamps are the file's
- * modification time, or now when even that is unknown.
+ * only the id taken from the record's prefix, so that the id is never
+ * forgotten and never runs again (fail closed).  Its time stamps are when,
+ * the journal's modification time at start.
  */
 static job *
-journal_unreadable_job(const char *name, const struct stat *st, const char *why)
+journal_unreadable_job(const char *id, int64_t when, off_t offset, const char *why)
 {
 	job		   *j = job_alloc(0);
-	int64_t		when = util_now_usec();
 
-	log_msg("journal: %s: %s; the id stays taken and is reported as a failed job",
-			name, why);
+	log_msg("journal: the record of %.*s at offset %lld %s; the id stays taken and is reported as a failed job",
+			UUID_TEXT_LEN, id, (long long) offset, why);
 	if (j == NULL)
 		return NULL;
-	if (st != NULL && st->st_mtim.tv_sec > 0)
-		when = (int64_t) st->st_mtim.tv_sec * 1000000 + st->st_mtim.tv_nsec / 1000;
-	memcpy(j->id, name, UUID_TEXT_LEN);
+	memcpy(j->id, id, UUID_TEXT_LEN);
 	j->id[UUID_TEXT_LEN] = '\0';
 	j->status = JOB_FAILED;
 	j->accepted_at = j->started_at = j->finished_at = when;
@@ -447,134 +798,589 @@ journal_unreadable_job(const char *name, const struct stat *st, const char *why)
 }
 
 /*
- * Parse the open journal file f into a job; NULL if it is not a job
- * object of the id its name says.
+ * What the reader knows while it scans the journal: the mapped file, the
+ * end of the last well-formed record, and the damaged lines seen since
+ * (a torn tail, unless a well-formed record follows them).
  */
-static job *
-journal_parse_file(FILE *f, const char *name, size_t output_tail)
+typedef struct journal_scan
 {
-	json_error_t jerr;
-	json_t	   *obj = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
-	job		   *j = obj ? journal_job_from_json(obj, output_tail) : NULL;
-
-	json_decref(obj);
-	if (j != NULL && strncmp(name, j->id, UUID_TEXT_LEN) != 0)
-	{
-		job_free(j);
-		j = NULL;
-	}
-	return j;
-}
+	const char *map;
+	off_t		good_end;
+	journal_span *damaged;
+	size_t		ndamaged;
+	size_t		damaged_cap;
+	int64_t		when;			/* time stamp of stand-in jobs */
+	size_t		output_tail;
+} journal_scan;
 
 /*
- * Read and parse one journal file.  A record that is unreadable, too
- * large or not a job object becomes a failed stand-in job (see
- * journal_unreadable_job); NULL only when memory runs out.
- */
-static job *
-journal_read_one(const char *name, size_t output_tail)
-{
-	int			fd = openat(journal_dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-	struct stat st;
-	job		   *j = NULL;
-	FILE	   *f;
-
-	if (fd < 0 || fstat(fd, &st) != 0)
-	{
-		if (fd >= 0)
-			close(fd);
-		return journal_unreadable_job(name, NULL, strerror(errno));
-	}
-	if (!S_ISREG(st.st_mode) || st.st_size > JOURNAL_FILE_MAX)
-	{
-		close(fd);
-		return journal_unreadable_job(name, &st, "not a regular file of sane size");
-	}
-	if ((f = fdopen(fd, "r")) == NULL)
-	{
-		close(fd);
-		return NULL;
-	}
-	j = journal_parse_file(f, name, output_tail);
-	fclose(f);
-	return j ? j : journal_unreadable_job(name, &st, "not a valid job record");
-}
-
-/*
- * Append a job to a growing array; false when memory runs out.
+ * Tell whether a line (without its newline) starts with a readable id
+ * prefix, "<uuid> ", followed by something.
  */
 static bool
-journal_push(job ***jobs, int *n, int *cap, job *j)
+journal_has_id(const char *line, size_t len)
 {
-	if (*n == *cap)
-	{
-		int			newcap = *cap ? *cap * 2 : 64;
-		job		  **p = realloc(*jobs, newcap * sizeof(job *));
+	return len > JOURNAL_PREFIX_LEN && line[UUID_TEXT_LEN] == ' ' &&
+		util_is_uuid(line, UUID_TEXT_LEN);
+}
 
-		if (p == NULL)
-			return false;
-		*jobs = p;
-		*cap = newcap;
+/*
+ * Make job j (NULL when memory ran out) the loaded state of id, whose last
+ * record is the line at span.
+ */
+static bool
+journal_scan_apply(const char *id, journal_span span, job *j)
+{
+	journal_entry *e;
+	bool		fresh;
+
+	if (j == NULL || (e = journal_entry_get(id, &fresh)) == NULL)
+	{
+		log_msg("journal: out of memory while loading");
+		job_free(j);
+		return false;
 	}
-	(*jobs)[(*n)++] = j;
+	e->offset = span.offset;
+	e->length = span.length;
+	e->unreadable = j->unreadable;
+	job_free(e->loaded);
+	e->loaded = j;
 	return true;
 }
 
 /*
- * Give up loading the journal: free what was loaded and return -1, so
- * that the agent refuses to start rather than forget an id.
+ * Remember a damaged line until it is known whether a well-formed record
+ * follows it.
  */
-static int
-journal_load_fail(DIR *d, job **jobs, int n, job *extra)
+static bool
+journal_scan_defer(journal_scan *s, journal_span span)
 {
-	log_msg("journal: cannot read the job records: %s", strerror(errno ? errno : ENOMEM));
-	for (int i = 0; i < n; i++)
-		job_free(jobs[i]);
-	free(jobs);
-	job_free(extra);
-	closedir(d);
-	return -1;
+	if (s->ndamaged == s->damaged_cap)
+	{
+		size_t		cap = s->damaged_cap ? s->damaged_cap * 2 : 16;
+		journal_span *p = realloc(s->damaged, cap * sizeof(journal_span));
+
+		if (p == NULL)
+		{
+			log_msg("journal: out of memory while loading");
+			return false;
+		}
+		s->damaged = p;
+		s->damaged_cap = cap;
+	}
+	s->damaged[s->ndamaged++] = span;
+	return true;
 }
 
 /*
- * Load every job record of the journal into a new array (*jobs_out,
- * caller frees), removing left-over temporary files.  Returns the number
- * of jobs, or -1 on error.
+ * A well-formed record follows the damaged lines remembered so far, so
+ * they are not a torn tail: each one whose id prefix is readable holds
+ * its id as a stand-in job; one whose id is damaged makes the load fail
+ * (refusing to start rather than forget an id).
+ */
+static bool
+journal_scan_settle(journal_scan *s)
+{
+	for (size_t i = 0; i < s->ndamaged; i++)
+	{
+		journal_span sp = s->damaged[i];
+		const char *line = s->map + sp.offset;
+
+		if (!journal_has_id(line, sp.length - 1))
+		{
+			log_msg("journal: the line at offset %lld of %s/%s is damaged, its request id unreadable, and "
+					"complete records follow it: refusing to start rather than forget an id "
+					"(inspect the file; remove the line only once its id is known to be safe to forget)",
+					(long long) sp.offset, journal_state_dir, JOURNAL_NAME);
+			return false;
+		}
+		if (!journal_scan_apply(line, sp,
+								journal_unreadable_job(line, s->when, sp.offset,
+													   "is damaged (not a complete JSON record)")))
+			return false;
+	}
+	s->ndamaged = 0;
+	return true;
+}
+
+/*
+ * Read one line (len bytes before its newline) at offset off: a record
+ * with a readable id and JSON becomes the loaded state of its id (a
+ * stand-in job if the JSON is not a job of that id); anything else is
+ * deferred as damaged.
+ */
+static bool
+journal_scan_line(journal_scan *s, off_t off, size_t len)
+{
+	const char *line = s->map + off;
+	journal_span span = {off, len + 1};
+	json_t	   *obj = NULL;
+	json_error_t jerr;
+	job		   *j;
+
+	if (journal_has_id(line, len) && len - JOURNAL_PREFIX_LEN <= JOURNAL_FILE_MAX)
+		obj = json_loadb(line + JOURNAL_PREFIX_LEN, len - JOURNAL_PREFIX_LEN,
+						 JSON_REJECT_DUPLICATES, &jerr);
+	if (obj == NULL)
+		return journal_scan_defer(s, span);
+	if (!journal_scan_settle(s))
+	{
+		json_decref(obj);
+		return false;
+	}
+	j = journal_job_from_json(obj, s->output_tail);
+	if (j != NULL && memcmp(j->id, line, UUID_TEXT_LEN) != 0)
+	{
+		job_free(j);
+		j = NULL;
+	}
+	if (j == NULL)
+		j = journal_unreadable_job(line, s->when, off,
+								   json_is_true(json_object_get(obj, "unreadable")) ?
+								   "stands for a record found unreadable earlier" :
+								   "is not a job record of that id");
+	json_decref(obj);
+	s->good_end = off + (off_t) span.length;
+	return journal_scan_apply(line, span, j);
+}
+
+/*
+ * Read every complete line of the mapped journal (size bytes).  A last
+ * line without its newline is left for the caller to cut off.
+ */
+static bool
+journal_scan_all(journal_scan *s, size_t size)
+{
+	size_t		off = 0;
+
+	while (off < size)
+	{
+		const char *nl = memchr(s->map + off, '\n', size - off);
+		size_t		len;
+
+		if (nl == NULL)
+			break;
+		len = (size_t) (nl - (s->map + off));
+		if (!journal_scan_line(s, (off_t) off, len))
+			return false;
+		off += len + 1;
+	}
+	return true;
+}
+
+/*
+ * Cut off everything after the last well-formed record (from good_end to
+ * size): a record torn by a crash in the middle of an append, which was
+ * never acknowledged.  The truncation is fsynced before anything is
+ * appended after it.
+ */
+static bool
+journal_cut_tail(off_t good_end, off_t size)
+{
+	log_msg("journal: cutting off %lld bytes after the last complete record (offset %lld): "
+			"a record torn by a crash, never acknowledged",
+			(long long) (size - good_end), (long long) good_end);
+	if (ftruncate(journal_fd, good_end) != 0 || fsync(journal_fd) != 0)
+	{
+		log_msg("journal: cannot cut off the torn record: %s", strerror(errno));
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Read the journal file into the entries (each with its loaded job),
+ * cutting off a torn tail.  Returns false if it cannot be read, or if a
+ * line whose id is unreadable is followed by complete records.
+ */
+static bool
+journal_read(size_t output_tail)
+{
+	journal_scan s = {0};
+	struct stat st;
+	void	   *map = NULL;
+	bool		ok;
+
+	if (fstat(journal_fd, &st) != 0)
+	{
+		log_msg("journal: cannot read %s/%s: %s", journal_state_dir, JOURNAL_NAME, strerror(errno));
+		return false;
+	}
+	s.when = (int64_t) st.st_mtim.tv_sec * 1000000 + st.st_mtim.tv_nsec / 1000;
+	s.output_tail = output_tail;
+	if (st.st_size > 0 &&
+		(map = mmap(NULL, (size_t) st.st_size, PROT_READ, MAP_PRIVATE, journal_fd, 0)) == MAP_FAILED)
+	{
+		log_msg("journal: cannot read %s/%s: %s", journal_state_dir, JOURNAL_NAME, strerror(errno));
+		return false;
+	}
+	s.map = map;
+	ok = journal_scan_all(&s, (size_t) st.st_size);
+	if (map != NULL)
+		munmap(map, (size_t) st.st_size);
+	free(s.damaged);
+	if (!ok)
+		return false;
+	journal_size = s.good_end;
+	return s.good_end == st.st_size || journal_cut_tail(s.good_end, st.st_size);
+}
+
+/*
+ * Turn a record file of the previous version (jobs/<id>.json) into a
+ * journal line (caller frees): the job object as compact JSON, or the
+ * marker of an unreadable record (which loads as a stand-in) if the file
+ * is not a readable job record of its id.  *linelen receives the line's
+ * length.  NULL when memory runs out.
+ */
+static char *
+journal_legacy_line(int dfd, const char *name, size_t *linelen)
+{
+	int			fd = openat(dfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+	struct stat st;
+	json_error_t jerr;
+	json_t	   *obj = NULL;
+	job		   *j = NULL;
+	char	   *text = NULL;
+	char	   *line = NULL;
+
+	if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= JOURNAL_FILE_MAX)
+		obj = json_loadfd(fd, JSON_REJECT_DUPLICATES, &jerr);
+	if (fd >= 0)
+		close(fd);
+	if (obj != NULL && (j = journal_job_from_json(obj, 0)) != NULL &&
+		strncmp(j->id, name, UUID_TEXT_LEN) == 0)
+		text = json_dumps(obj, JSON_COMPACT);
+	job_free(j);
+	json_decref(obj);
+	if (text != NULL)
+		line = journal_make_line(name, text, linelen);
+	free(text);
+	if (line != NULL)
+		return line;
+	log_msg("journal: %s/%s cannot be read back; it is imported as an unreadable record",
+			JOURNAL_LEGACY_DIR, name);
+	if ((line = malloc(JOURNAL_MARKER_MAX)) != NULL)
+		*linelen = journal_marker(name, line, JOURNAL_MARKER_MAX);
+	return line;
+}
+
+/*
+ * Tell whether a name in the old jobs/ directory is a record file of the
+ * previous version, <uuid>.json.
+ */
+static bool
+journal_is_legacy_record(const char *name)
+{
+	return strlen(name) == UUID_TEXT_LEN + 5 && strcmp(name + UUID_TEXT_LEN, ".json") == 0 &&
+		util_is_uuid(name, UUID_TEXT_LEN);
+}
+
+/*
+ * Write a journal line for each record file of the old jobs/ directory to
+ * fd from *pos on, counting them in *count.
+ */
+static bool
+journal_import_records(DIR *d, int dfd, int fd, off_t *pos, int *count)
+{
+	struct dirent *de;
+
+	for (errno = 0; (de = readdir(d)) != NULL; errno = 0)
+	{
+		char	   *line;
+		size_t		len = 0;
+		bool		ok;
+
+		if (!journal_is_legacy_record(de->d_name))
+			continue;
+		line = journal_legacy_line(dfd, de->d_name, &len);
+		ok = line != NULL && journal_pwrite_all(fd, line, len, *pos);
+		free(line);
+		if (!ok)
+			return false;
+		*pos += (off_t) len;
+		(*count)++;
+	}
+	return errno == 0;
+}
+
+/*
+ * Remove the imported files of the old jobs/ directory (its records and
+ * left-over temporary files), then the directory.  A failure is logged
+ * only: whatever is left is imported again at the next start, ahead of
+ * the journal's newer records.
+ */
+static void
+journal_remove_legacy(DIR *d, int dfd)
+{
+	struct dirent *de;
+
+	rewinddir(d);
+	while ((de = readdir(d)) != NULL)
+	{
+		size_t		len = strlen(de->d_name);
+
+		if (journal_is_legacy_record(de->d_name) ||
+			(de->d_name[0] == '.' && len > 4 && strcmp(de->d_name + len - 4, ".tmp") == 0))
+			unlinkat(dfd, de->d_name, 0);
+	}
+	if (unlinkat(journal_statefd, JOURNAL_LEGACY_DIR, AT_REMOVEDIR) != 0 ||
+		fsync(journal_statefd) != 0)
+		log_msg("journal: cannot remove the imported %s/%s: %s",
+				journal_state_dir, JOURNAL_LEGACY_DIR, strerror(errno));
+}
+
+/*
+ * Write the imported records, then the journal's current content (newer),
+ * to journal.tmp, fsync it, rename it over the journal and fsync the
+ * directory.  *count receives the number of records imported.
+ */
+static bool
+journal_import_into_new(DIR *d, int dfd, int *count)
+{
+	char	   *buf = malloc(JOURNAL_COPY_CHUNK);
+	struct stat st;
+	off_t		pos = 0;
+	int			fd;
+	bool		ok;
+
+	fd = openat(journal_statefd, JOURNAL_TMP_NAME,
+				O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+	ok = buf != NULL && fd >= 0 && journal_import_records(d, dfd, fd, &pos, count) &&
+		fstat(journal_fd, &st) == 0 && journal_copy(fd, pos, 0, (size_t) st.st_size, buf) &&
+		fsync(fd) == 0 &&
+		renameat(journal_statefd, JOURNAL_TMP_NAME, journal_statefd, JOURNAL_NAME) == 0 &&
+		fsync(journal_statefd) == 0;
+	free(buf);
+	if (!ok)
+	{
+		int			err = errno;
+
+		if (fd >= 0)
+			close(fd);
+		unlinkat(journal_statefd, JOURNAL_TMP_NAME, 0);
+		errno = err;
+		return false;
+	}
+	close(journal_fd);
+	journal_fd = fd;
+	return true;
+}
+
+/*
+ * Import the record files of the previous version (state_dir/jobs/) into
+ * the journal, once, so that no id is forgotten across the upgrade; the
+ * old files are removed once the journal holding them is on disk.
+ * Returns false if the import could not be made durable: the agent then
+ * refuses to start, the old files untouched.
+ */
+static bool
+journal_import_legacy(void)
+{
+	int			dfd = openat(journal_statefd, JOURNAL_LEGACY_DIR,
+							 O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
+	DIR		   *d = dfd >= 0 ? fdopendir(dfd) : NULL;
+	int			count = 0;
+
+	if (dfd < 0 && errno == ENOENT)
+		return true;
+	if (d == NULL || !journal_import_into_new(d, dfd, &count))
+	{
+		log_msg("journal: cannot import the job records of %s/%s: %s",
+				journal_state_dir, JOURNAL_LEGACY_DIR, strerror(errno));
+		if (d != NULL)
+			closedir(d);
+		else if (dfd >= 0)
+			close(dfd);
+		return false;
+	}
+	log_msg("journal: imported %d job records of the previous version from %s/%s",
+			count, journal_state_dir, JOURNAL_LEGACY_DIR);
+	journal_remove_legacy(d, dfd);
+	closedir(d);
+	return true;
+}
+
+/*
+ * Hand the loaded jobs over, in file order, in a new array (*jobs_out,
+ * caller frees).  Returns their number, or -1 when memory runs out.
+ */
+static int
+journal_collect(job ***jobs_out)
+{
+	journal_entry **v = journal_sorted();
+	job		  **jobs = malloc((journal_nentries ? journal_nentries : 1) * sizeof(job *));
+	int			n = 0;
+
+	if (v == NULL || jobs == NULL)
+	{
+		free(v);
+		free(jobs);
+		return -1;
+	}
+	for (size_t i = 0; i < journal_nentries; i++)
+	{
+		if (v[i]->loaded != NULL)
+			jobs[n++] = v[i]->loaded;
+		v[i]->loaded = NULL;
+	}
+	free(v);
+	*jobs_out = jobs;
+	return n;
+}
+
+/*
+ * Load every job of the journal (the last record of each id) into a new
+ * array (*jobs_out, caller frees), after importing the previous version's
+ * jobs/ directory if there is one; then compact the journal (if that
+ * fails before its rename, the journal stays as it is and is still
+ * valid).  Returns the number of jobs, or -1 (logged) when the agent must
+ * not start.
  */
 int
 journal_load(job ***jobs_out, size_t output_tail)
 {
-	int			dfd = dup(journal_dirfd);
-	DIR		   *d = dfd >= 0 ? fdopendir(dfd) : NULL;
-	struct dirent *de;
-	job		  **jobs = NULL;
-	int			n = 0;
-	int			cap = 0;
+	int			n;
 
 	*jobs_out = NULL;
-	if (d == NULL)
+	if (!journal_import_legacy())
 		return -1;
-	rewinddir(d);
-	for (errno = 0; (de = readdir(d)) != NULL; errno = 0)
+	if (!journal_read(output_tail))
 	{
-		size_t		len = strlen(de->d_name);
-		job		   *j;
-
-		if (de->d_name[0] == '.' && len > 4 && strcmp(de->d_name + len - 4, ".tmp") == 0)
-		{
-			unlinkat(journal_dirfd, de->d_name, 0);
-			continue;
-		}
-		if (len != UUID_TEXT_LEN + 5 || strcmp(de->d_name + UUID_TEXT_LEN, ".json") != 0 ||
-			!util_is_uuid(de->d_name, UUID_TEXT_LEN))
-			continue;
-		if ((j = journal_read_one(de->d_name, output_tail)) == NULL ||
-			!journal_push(&jobs, &n, &cap, j))
-			return journal_load_fail(d, jobs, n, j);
+		journal_forget_all();
+		return -1;
 	}
-	if (errno != 0)
-		return journal_load_fail(d, jobs, n, NULL);
-	closedir(d);
-	*jobs_out = jobs;
+	if (!journal_compact() && journal_failed != 0)
+	{
+		journal_forget_all();
+		return -1;
+	}
+	if ((n = journal_collect(jobs_out)) < 0)
+	{
+		log_msg("journal: out of memory");
+		journal_forget_all();
+	}
 	return n;
+}
+
+/*
+ * Flush the directory holding path (its parent), so that a directory just
+ * created there survives a crash.
+ */
+static bool
+journal_sync_parent(const char *path)
+{
+	char	   *copy = strdup(path);
+	char	   *slash;
+	size_t		len = copy ? strlen(copy) : 0;
+	int			fd;
+	bool		ok;
+
+	while (len > 1 && copy[len - 1] == '/')
+		copy[--len] = '\0';
+	slash = copy ? strrchr(copy, '/') : NULL;
+	if (slash == NULL)
+	{
+		free(copy);
+		return false;
+	}
+	if (slash == copy)
+		slash[1] = '\0';		/* the parent is "/" */
+	else
+		*slash = '\0';
+	fd = open(copy, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	ok = fd >= 0 && fsync(fd) == 0;
+	if (fd >= 0)
+		close(fd);
+	free(copy);
+	return ok;
+}
+
+/*
+ * Create the state directory when missing (flushing its parent, so that it
+ * survives a crash) and open it.
+ */
+static bool
+journal_open_state_dir(const char *state_dir, char *errbuf, size_t errsize)
+{
+	if (mkdir(state_dir, 0700) == 0)
+	{
+		if (!journal_sync_parent(state_dir))
+		{
+			snprintf(errbuf, errsize, "cannot flush the parent of state_dir \"%s\": %s",
+					 state_dir, strerror(errno));
+			return false;
+		}
+	}
+	else if (errno != EEXIST)
+	{
+		snprintf(errbuf, errsize, "cannot create state_dir \"%s\": %s", state_dir, strerror(errno));
+		return false;
+	}
+	journal_statefd = open(state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (journal_statefd < 0)
+	{
+		snprintf(errbuf, errsize, "cannot open state_dir \"%s\": %s", state_dir, strerror(errno));
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Open the state directory (creating it when missing), take its lock file,
+ * and open the journal file (creating it, and flushing the directory so
+ * that it survives a crash).  A journal.tmp left by a compaction that a
+ * crash interrupted is removed.
+ */
+bool
+journal_open(const char *state_dir, char *errbuf, size_t errsize)
+{
+	struct stat st;
+
+	if ((journal_state_dir = strdup(state_dir)) == NULL ||
+		!journal_open_state_dir(state_dir, errbuf, errsize))
+	{
+		if (journal_state_dir == NULL)
+			snprintf(errbuf, errsize, "out of memory");
+		journal_close();
+		return false;
+	}
+	journal_lockfd = openat(journal_statefd, "lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (journal_lockfd < 0 || flock(journal_lockfd, LOCK_EX | LOCK_NB) != 0)
+	{
+		snprintf(errbuf, errsize, "cannot lock \"%s/lock\" (is another agent using it?): %s",
+				 state_dir, strerror(errno));
+		journal_close();
+		return false;
+	}
+	journal_fd = openat(journal_statefd, JOURNAL_NAME, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	if (journal_fd < 0 || fstat(journal_fd, &st) != 0 || fsync(journal_statefd) != 0 ||
+		!S_ISREG(st.st_mode))
+	{
+		snprintf(errbuf, errsize, "cannot open the journal \"%s/%s\": %s", state_dir, JOURNAL_NAME,
+				 journal_fd >= 0 && !S_ISREG(st.st_mode) ? "not a regular file" : strerror(errno));
+		journal_close();
+		return false;
+	}
+	unlinkat(journal_statefd, JOURNAL_TMP_NAME, 0);
+	journal_compact_at = JOURNAL_COMPACT_MIN;
+	return true;
+}
+
+/*
+ * Close the journal's descriptors (releasing the lock) and forget its
+ * entries.
+ */
+void
+journal_close(void)
+{
+	if (journal_fd >= 0)
+		close(journal_fd);
+	if (journal_statefd >= 0)
+		close(journal_statefd);
+	if (journal_lockfd >= 0)
+		close(journal_lockfd);
+	journal_fd = journal_statefd = journal_lockfd = -1;
+	journal_forget_all();
+	free(journal_state_dir);
+	journal_state_dir = NULL;
 }

@@ -45,7 +45,9 @@ main_usage(FILE *out)
 
 /*
  * Block the signals the main thread waits for, before any thread starts,
- * and ignore SIGPIPE (a client going away must not kill the agent).
+ * and ignore SIGPIPE (a client going away must not kill the agent) and
+ * SIGXFSZ (a file size limit must make a journal write fail with EFBIG,
+ * which the journal handles, rather than kill the agent).
  */
 static void
 main_block_signals(sigset_t *set)
@@ -56,6 +58,7 @@ main_block_signals(sigset_t *set)
 	sigaddset(set, SIGHUP);
 	pthread_sigmask(SIG_BLOCK, set, NULL);
 	signal(SIGPIPE, SIG_IGN);
+	signal(SIGXFSZ, SIG_IGN);
 }
 
 /*

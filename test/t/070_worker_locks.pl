@@ -57,8 +57,11 @@ ok(wait_status($node, $gated, 'running'), 'the gated job runs');
 $admin->query_safe('BEGIN');
 $admin->query_safe("SELECT 1 FROM public.service_restart_requests WHERE id = '$gated' FOR UPDATE");
 spew($gate, '');
-ok(wait_for(sub { slurp("$agent->{dir}/state/jobs/$gated.json") =~ /"status"\s*:\s*"completed"/ }, 60),
-	'the job ends on the agent');
+# the agent's journal: one line "<id> <job object>" per record, the last one of an id is its state
+ok(wait_for(sub {
+	my ($last) = reverse grep { substr($_, 0, 37) eq "$gated " } split /\n/, slurp("$agent->{dir}/state/journal");
+	return ($last // '') =~ /"status"\s*:\s*"completed"/;
+}, 60), 'the job ends on the agent');
 $id = request_restart($node, 'quick');
 ok(wait_status($node, $id, 'completed'), 'another request completes while the outcome waits');
 is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_requests WHERE id = '$gated'"),

@@ -1,0 +1,236 @@
+/*
+ * Unit tests of journal.c on a real state directory: concurrent writers
+ * sharing flushes, compaction at run time (also after pruning), and the
+ * last record of each id read back after a restart.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "agent.h"
+
+#define WRITERS 8
+#define IDS_PER_WRITER 200
+
+static char state_dir[64];
+
+/* What one writer thread writes: its ids, both records of each, padded. */
+typedef struct writer
+{
+	pthread_t	tid;
+	int			number;
+	int			first;			/* number of its first id */
+	size_t		pad;			/* bytes of output per record */
+	int			failures;
+} writer;
+
+/* Make a request id from a writer number and an id number. */
+static void
+make_id(char *id, int w, int n)
+{
+	snprintf(id, UUID_TEXT_LEN + 1, "%08x-0000-4000-8000-%012x", (unsigned) w, (unsigned) n);
+}
+
+/* Render a job record of id with the given status and pad bytes of output. */
+static char *
+make_record(const char *id, const char *status, size_t pad)
+{
+	char		when[40];
+	char	   *out = malloc(pad + 1);
+	char	   *text = NULL;
+
+	util_format_time(util_now_usec(), when, sizeof(when));
+	memset(out, 'x', pad);
+	out[pad] = '\0';
+	if (asprintf(&text, "{\"request_id\":\"%s\",\"service\":\"svc\",\"requested_by\":null,"
+				 "\"requested_at\":\"2026-11-26T05:00:00Z\",\"status\":\"%s\","
+				 "\"accepted_at\":\"%s\",\"started_at\":\"%s\",\"finished_at\":null,"
+				 "\"exit_code\":null,\"signal\":null,\"steps\":[],\"output\":\"%s\","
+				 "\"output_truncated\":false,\"error\":null}",
+				 id, status, when, when, out) < 0)
+		text = NULL;
+	free(out);
+	return text;
+}
+
+/* Writer thread: for each of its ids, an accept record then a final one. */
+static void *
+writer_main(void *arg)
+{
+	writer	   *w = arg;
+
+	for (int n = w->first; n < w->first + IDS_PER_WRITER; n++)
+	{
+		char		id[UUID_TEXT_LEN + 1];
+
+		make_id(id, w->number, n);
+		for (int k = 0; k < 2; k++)
+		{
+			char	   *text = make_record(id, k ? "completed" : "running", w->pad);
+
+			if (text == NULL || !journal_write(id, text))
+				w->failures++;
+			free(text);
+		}
+	}
+	return NULL;
+}
+
+/* Run writers first_writer..WRITERS-1 at once; returns the failed writes. */
+static int
+run_writers(int first_writer, int first_id, size_t pad)
+{
+	writer		w[WRITERS];
+	int			failures = 0;
+
+	for (int i = first_writer; i < WRITERS; i++)
+	{
+		w[i] = (writer) {.number = i, .first = first_id, .pad = pad};
+		assert_int_equal(pthread_create(&w[i].tid, NULL, writer_main, &w[i]), 0);
+	}
+	for (int i = first_writer; i < WRITERS; i++)
+	{
+		pthread_join(w[i].tid, NULL);
+		failures += w[i].failures;
+	}
+	return failures;
+}
+
+/* Close and reopen the journal, as a restart does, and load its jobs. */
+static int
+reload(job ***jobs)
+{
+	char		err[256];
+
+	journal_close();
+	assert_true(journal_open(state_dir, err, sizeof(err)));
+	return journal_load(jobs, 256);
+}
+
+/* Find the job of writer w's id number n in jobs, or NULL. */
+static job *
+find_job(job **jobs, int n_jobs, int w, int n)
+{
+	char		id[UUID_TEXT_LEN + 1];
+
+	make_id(id, w, n);
+	for (int i = 0; i < n_jobs; i++)
+		if (strcmp(jobs[i]->id, id) == 0)
+			return jobs[i];
+	return NULL;
+}
+
+/* Free a loaded job array. */
+static void
+free_jobs(job **jobs, int n)
+{
+	for (int i = 0; i < n; i++)
+		job_free(jobs[i]);
+	free(jobs);
+}
+
+static void
+test_records_refused(void **state)
+{
+	char	   *text = make_record("00000000-0000-4000-8000-000000000001", "running", 4);
+
+	(void) state;
+	assert_false(journal_write("not-an-id", text));
+	assert_false(journal_write("00000000-0000-4000-8000-000000000001", "{\"a\":\n1}"));
+	assert_false(journal_write("00000000-0000-4000-8000-000000000001", ""));
+	free(text);
+}
+
+/*
+ * Many threads write at once (sharing flushes) past the compaction
+ * threshold; every id reads back with its last record.  Then the ids of
+ * one writer are pruned and more is written: the compaction that follows
+ * leaves them out, so they do not come back after a restart.
+ */
+static void
+test_concurrent_writes_and_compaction(void **state)
+{
+	job		  **jobs;
+	int			n;
+	int			ok = 0;
+
+	(void) state;
+	/* 8 writers x 200 ids x 2 records x ~2.3 KB: past 4 MiB, compacted */
+	assert_int_equal(run_writers(0, 0, 2048), 0);
+	n = reload(&jobs);
+	assert_int_equal(n, WRITERS * IDS_PER_WRITER);
+	for (int w = 0; w < WRITERS; w++)
+		for (int i = 0; i < IDS_PER_WRITER; i++)
+		{
+			job		   *j = find_job(jobs, n, w, i);
+
+			ok += j != NULL && j->status == JOB_COMPLETED && j->output.len == 256;
+		}
+	assert_int_equal(ok, WRITERS * IDS_PER_WRITER);
+	free_jobs(jobs, n);
+
+	for (int i = 0; i < IDS_PER_WRITER; i++)
+	{
+		char		id[UUID_TEXT_LEN + 1];
+
+		make_id(id, 0, i);
+		assert_true(journal_remove(id));
+	}
+	/* 7 writers x 200 new ids x 2 records x ~8 KB: compacted again */
+	assert_int_equal(run_writers(1, 1000, 8192), 0);
+	n = reload(&jobs);
+	assert_int_equal(n, (WRITERS - 1) * IDS_PER_WRITER * 2);
+	assert_null(find_job(jobs, n, 0, 0));
+	assert_non_null(find_job(jobs, n, 1, 0));
+	assert_non_null(find_job(jobs, n, WRITERS - 1, 1000 + IDS_PER_WRITER - 1));
+	free_jobs(jobs, n);
+}
+
+/* Create the state directory and open the journal in it. */
+static int
+setup(void **state)
+{
+	char		err[256];
+	job		  **jobs;
+
+	(void) state;
+	snprintf(state_dir, sizeof(state_dir), "/tmp/test_journal.XXXXXX");
+	if (mkdtemp(state_dir) == NULL || !journal_open(state_dir, err, sizeof(err)) ||
+		journal_load(&jobs, 256) != 0)
+		return -1;
+	free(jobs);
+	return 0;
+}
+
+/* Close the journal and remove its state directory. */
+static int
+teardown(void **state)
+{
+	char		path[128];
+
+	(void) state;
+	journal_close();
+	snprintf(path, sizeof(path), "%s/journal", state_dir);
+	unlink(path);
+	snprintf(path, sizeof(path), "%s/lock", state_dir);
+	unlink(path);
+	return rmdir(state_dir);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_records_refused),
+		cmocka_unit_test(test_concurrent_writes_and_compaction),
+	};
+
+	return cmocka_run_group_tests_name("journal", tests, setup, teardown);
+}
