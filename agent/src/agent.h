@@ -146,6 +146,7 @@ typedef struct agent_config
 	int			retention_max_jobs;
 	config_service *services;
 	int			nservices;
+	const config_service **services_by_name;	/* sorted, for lookups */
 } agent_config;
 
 extern agent_config *config_load(const char *path, char *errbuf, size_t errsize);
