@@ -208,7 +208,7 @@ typedef struct job_step
 
 typedef struct job
 {
-	struct job *next;
+	struct job *next;			/* next in jobs.c's finished FIFO */
 	char		id[UUID_TEXT_LEN + 1];
 	char		service[SERVICE_NAME_MAX + 1];
 	bool		has_requested_by;

@@ -542,6 +542,68 @@ my $okid = uuid();
 	stop_agent($b);
 }
 
+# --- retention keeps running jobs and drops the jobs that finished first -----------------
+{
+	unlink $gate;
+	my $b = start_agent(services => $services, retention => 2);
+	my ($g, $a1, $a2, $a3, $busy) = map { uuid() } 1 .. 5;
+	my ($sg) = post_restart($b, $g, 'gate2');
+	my @s;
+	for my $id ($a1, $a2, $a3)
+	{
+		push @s, (post_restart($b, $id, 'ok'))[0];
+		wait_job($b, $id);
+	}
+	my %st = map { $_ => (get_job($b, $_))[0] } $g, $a1, $a2, $a3;
+	ok($sg == 202 && "@s" eq '202 202 202' && $st{$a1} == 404 && $st{$a2} == 200 && $st{$a3} == 200
+		&& $st{$g} == 200 && !-e "$b->{dir}/state/jobs/$a1.json",
+		'retention by count drops the oldest finished job, never a running one (even one accepted earlier)',
+		$json->encode([\%st, \@s]));
+	my ($s, $j) = post_restart($b, $busy, 'gate2');
+	ok($s == 409 && $j->{error} eq 'service_busy', 'a service stays busy while jobs of other services come and go');
+	# the running job finishes while a long poll waits for it
+	my $pid = fork;
+	if ($pid == 0)
+	{
+		my ($s, $j) = get_job($b, $g, 20);
+		spew("$tmp/poll.retention", ($s // 0) . ' ' . ($j->{status} // '-') . "\n");
+		POSIX::_exit(0);
+	}
+	my $polling = wait_until(sub { slurp($b->{log}) =~ /job $g: a long poll waits/ }, 10);
+	spew($gate, "open\n");
+	waitpid($pid, 0);
+	my ($ps, $pst) = split ' ', slurp("$tmp/poll.retention");
+	%st = map { $_ => (get_job($b, $_))[0] } $a2, $a3;
+	ok($polling && $ps == 200 && $pst eq 'completed' && $st{$a2} == 404 && $st{$a3} == 200,
+		'a job finishing with retention full is kept (its long poll gets it) and the first finished one is dropped',
+		"poll $ps $pst " . $json->encode(\%st));
+	($s) = post_restart($b, $busy, 'gate2');
+	$j = wait_job($b, $busy);
+	ok($s == 202 && $j->{status} eq 'completed', 'the service is free once its job finished: the refused id is accepted');
+	($s) = post_restart($b, $a1, 'ok');
+	$j = wait_job($b, $a1);
+	ok($s == 202 && $j->{status} eq 'completed', 'a pruned id is forgotten: posting it again runs a new job');
+	%st = map { $_ => (get_job($b, $_))[0] } $a3, $g, $busy, $a1;
+	my @files = sort map { m{/([^/]+)\.json$} } glob("$b->{dir}/state/jobs/*.json");
+	ok($st{$a3} == 404 && $st{$g} == 404 && $st{$busy} == 200 && $st{$a1} == 200 && "@files" eq join(' ', sort $busy, $a1),
+		'memory and journal hold exactly the last two finished jobs', $json->encode(\%st) . " @files");
+	stop_agent($b);
+	# loaded from the journal: pruned in the order they finished, found by id
+	my $c = start_agent(services => $services, dir => $b->{dir}, retention => 1);
+	my ($s1, $j1) = get_job($c, $a1);
+	my ($s2) = get_job($c, $busy);
+	ok($s1 == 200 && $j1->{status} eq 'completed' && $j1->{request_id} eq $a1 && $s2 == 404
+		&& !-e "$b->{dir}/state/jobs/$busy.json",
+		'at start the journal is pruned to the last finished jobs, and a loaded job is found by id', slurp($c->{log}));
+	my ($sr, $jr) = post_restart($c, $a1, 'ok');
+	my $n = uuid();
+	($s) = post_restart($c, $n, 'ok');
+	$j = wait_job($c, $n);
+	ok($sr == 200 && $jr->{status} eq 'completed' && $s == 202 && $j->{status} eq 'completed',
+		'a loaded job answers its replay with 200, and its service is not busy', $json->encode([$jr, $j]));
+	stop_agent($c);
+}
+
 # --- the journal fails closed: an id on disk is never forgotten -------------------
 {
 	my $d = tempdir("journal-XXXXXX", DIR => $tmp);
