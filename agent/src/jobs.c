@@ -34,6 +34,12 @@
  * A running job is in jobs_by_id and jobs_busy, a finished one in
  * jobs_by_id and the FIFO.
  *
+ * Long polls wait on one of JOBS_POLL_CONDS condition variables chosen by
+ * a hash of their job's id, and the end of a job wakes only that one: with
+ * one shared condition variable every job end would wake every long poll
+ * (the restart_worker keeps dozens in flight).  Waits for a journaling
+ * job, and for the end of the runners at shutdown, use jobs_cond.
+ *
  * Journal writes (each one or more fsyncs) are done without jobs_lock, so
  * that concurrent requests share the journal's directory flushes (see
  * journal.c).  A new job is first reserved (indexed) under the lock,
@@ -62,9 +68,11 @@
 #define JOBS_RETRY_FIRST_MSEC 100
 #define JOBS_RETRY_MAX_MSEC 5000
 #define JOBS_RETRY_WHEN_STOPPING 3
+#define JOBS_POLL_CONDS 64
 
 static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t jobs_cond;
+static pthread_cond_t jobs_poll_conds[JOBS_POLL_CONDS];
 static const agent_config *jobs_cfg;
 static void *jobs_by_id;		/* tsearch tree of every job's id */
 static job **jobs_busy;			/* running job of each service, or NULL */
@@ -186,6 +194,20 @@ static job **
 jobs_busy_slot(const config_service *svc)
 {
 	return &jobs_busy[svc - jobs_cfg->services];
+}
+
+/*
+ * Return the condition variable on which long polls of a job id wait (an
+ * FNV-1a hash of the id picks it).
+ */
+static pthread_cond_t *
+jobs_poll_cond(const char *id)
+{
+	uint32_t	h = 2166136261u;
+
+	for (const char *p = id; *p; p++)
+		h = (h ^ (unsigned char) *p) * 16777619u;
+	return &jobs_poll_conds[h % JOBS_POLL_CONDS];
 }
 
 /*
@@ -427,6 +449,8 @@ jobs_init(const agent_config *cfg, char *errbuf, size_t errsize)
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 	pthread_cond_init(&jobs_cond, &attr);
+	for (int i = 0; i < JOBS_POLL_CONDS; i++)
+		pthread_cond_init(&jobs_poll_conds[i], &attr);
 	pthread_condattr_destroy(&attr);
 	if ((jobs_busy = calloc(cfg->nservices, sizeof(job *))) == NULL)
 	{
@@ -566,6 +590,7 @@ jobs_finish(job *j, job_status final)
 			j->error ? ": " : "", j->error ? j->error : "");
 	jobs_running--;
 	jobs_retire(j);
+	pthread_cond_broadcast(jobs_poll_cond(j->id));
 	pthread_cond_broadcast(&jobs_cond);
 	jobs_prune();
 	pthread_mutex_unlock(&jobs_lock);
@@ -836,7 +861,7 @@ jobs_lookup(const char *id, int wait_seconds, json_t **report)
 		log_msg("job %s: a long poll waits up to %d s for it to finish", id, wait_seconds);
 	while (j != NULL && j->status == JOB_RUNNING && wait_seconds > 0 && !jobs_stopping)
 	{
-		int			rc = pthread_cond_timedwait(&jobs_cond, &jobs_lock, &deadline);
+		int			rc = pthread_cond_timedwait(jobs_poll_cond(id), &jobs_lock, &deadline);
 
 		j = jobs_find(id);
 		if (rc == ETIMEDOUT)
@@ -858,6 +883,8 @@ jobs_shutdown(void)
 	pthread_mutex_lock(&jobs_lock);
 	jobs_stopping = true;
 	pthread_cond_broadcast(&jobs_cond);
+	for (int i = 0; i < JOBS_POLL_CONDS; i++)
+		pthread_cond_broadcast(&jobs_poll_conds[i]);
 	if (jobs_running > 0)
 		log_msg("stopping %d running job(s)", jobs_running);
 	spawn_request_stop();

@@ -466,6 +466,33 @@ my $okid = uuid();
 	ok($s == 200 && $j->{status} eq 'completed' && $dt > 1 && $dt < 6, "wait=20 on a 1.5 s job returns when it completes ($dt s)");
 }
 
+# --- concurrent long polls each return when their own job ends ---------------------------
+{
+	unlink $gate;
+	my ($ida, $idb) = (uuid(), uuid());
+	my ($sa) = post_restart($a, $ida, 'slow');
+	my ($sb) = post_restart($a, $idb, 'gate2');
+	my %kid;
+	for my $id ($ida, $idb)
+	{
+		my $pid = fork;
+		if ($pid == 0)
+		{
+			my ($s, $j) = get_job($a, $id, 20);
+			spew("$tmp/poll.$id", ($s // 0) . ' ' . ($j->{status} // '-') . "\n");
+			POSIX::_exit(0);
+		}
+		$kid{$id} = $pid;
+	}
+	waitpid($kid{$ida}, 0);
+	my $b_waits = waitpid($kid{$idb}, WNOHANG) == 0;
+	spew($gate, "open\n");
+	waitpid($kid{$idb}, 0);
+	my ($pa, $pb) = map { my $t = slurp("$tmp/poll.$_"); chomp $t; $t } $ida, $idb;
+	ok($sa == 202 && $sb == 202 && $pa eq '200 completed' && $b_waits && $pb eq '200 completed',
+		'concurrent long polls on two jobs each return once their own job ended', "$sa $sb [$pa] [$pb] $b_waits");
+}
+
 # --- timeout kills the whole process group -----------------------------------
 {
 	my $id = uuid();
