@@ -149,6 +149,7 @@ typedef struct agent_config
 	int			retention_max_jobs;
 	config_service *services;
 	int			nservices;
+	const config_service **services_by_name;	/* sorted, for lookups */
 } agent_config;
 
 extern agent_config *config_load(const char *path, char *errbuf, size_t errsize);
@@ -210,7 +211,7 @@ typedef struct job_step
 
 typedef struct job
 {
-	struct job *next;
+	struct job *next;			/* next in jobs.c's finished FIFO */
 	char		id[UUID_TEXT_LEN + 1];
 	char		service[SERVICE_NAME_MAX + 1];
 	bool		has_requested_by;

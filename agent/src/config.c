@@ -511,6 +511,50 @@ config_parse_top(config_ctx *ctx, const config_setting_t *root)
 }
 
 /*
+ * Order two entries of services_by_name by service name, for qsort.
+ */
+static int
+config_cmp_services(const void *a, const void *b)
+{
+	const config_service *sa = *(const config_service *const *) a;
+	const config_service *sb = *(const config_service *const *) b;
+
+	return strcmp(sa->name, sb->name);
+}
+
+/*
+ * Compare a service name (the key) with an entry of services_by_name, for
+ * bsearch.
+ */
+static int
+config_cmp_service_name(const void *key, const void *elem)
+{
+	const config_service *svc = *(const config_service *const *) elem;
+
+	return strcmp((const char *) key, svc->name);
+}
+
+/*
+ * Build services_by_name, the services sorted by name, so that every
+ * request finds its service in O(log n) however many are configured
+ * (libconfig refuses duplicate names, so each name appears once).
+ */
+static bool
+config_index_services(config_ctx *ctx)
+{
+	agent_config *cfg = ctx->cfg;
+
+	cfg->services_by_name = calloc(cfg->nservices, sizeof(config_service *));
+	if (cfg->services_by_name == NULL)
+		return config_fail(ctx, NULL, "services", "out of memory");
+	for (int i = 0; i < cfg->nservices; i++)
+		cfg->services_by_name[i] = &cfg->services[i];
+	qsort(cfg->services_by_name, cfg->nservices, sizeof(config_service *),
+		  config_cmp_services);
+	return true;
+}
+
+/*
  * Load and validate the configuration file at path.  Returns NULL with a
  * "FILE:LINE: KEY: reason" message in errbuf if anything is wrong.
  */
@@ -544,7 +588,8 @@ config_load(const char *path, char *errbuf, size_t errsize)
 	ok = config_check_keys(&ctx, root, "", top_keys) &&
 		config_parse_top(&ctx, root) &&
 		config_parse_limits(&ctx, root) &&
-		config_parse_services(&ctx, root);
+		config_parse_services(&ctx, root) &&
+		config_index_services(&ctx);
 	config_destroy(&lc);
 	if (!ok)
 	{
@@ -626,15 +671,17 @@ config_load_secrets(const char *path, verify_secret *secrets, int *nsecrets,
 }
 
 /*
- * Find a configured service by name; NULL if there is none.
+ * Find a configured service by name; NULL if there is none.  A binary
+ * search of services_by_name.
  */
 const config_service *
 config_find_service(const agent_config *cfg, const char *name)
 {
-	for (int i = 0; i < cfg->nservices; i++)
-		if (strcmp(cfg->services[i].name, name) == 0)
-			return &cfg->services[i];
-	return NULL;
+	const config_service *const *found;
+
+	found = bsearch(name, cfg->services_by_name, cfg->nservices,
+					sizeof(config_service *), config_cmp_service_name);
+	return found ? *found : NULL;
 }
 
 /*
@@ -672,6 +719,7 @@ config_free(agent_config *cfg)
 		free(cfg->services[i].name);
 	}
 	free(cfg->services);
+	free(cfg->services_by_name);
 	OPENSSL_cleanse(cfg->secrets, sizeof(cfg->secrets));
 	free(cfg->path);
 	free(cfg->listen);

@@ -4,15 +4,45 @@
  *	  The job table: idempotent submission, limits, the runner threads,
  *	  long-poll waits and retention.
  *
- * All jobs known to the agent (running and retained finished ones) are in
- * one list protected by jobs_lock.  A job is journaled before its runner
- * thread starts, and its final state is journaled before it becomes
- * visible, so what a client saw is what survives a crash.  At most one job
- * per service runs at a time and at most max_jobs overall.
+ * A job is journaled before its runner thread starts, and its final state
+ * is journaled before it becomes visible, so what a client saw is what
+ * survives a crash.  At most one job per service runs at a time and at
+ * most max_jobs overall.
  *
- * Journal writes (each one or more fsyncs) are done without jobs_lock, so
- * that concurrent requests share the journal's directory flushes (see
- * journal.c).  A new job is first reserved in the list under the lock,
+ * All jobs known to the agent (running and retained finished ones) are
+ * indexed under jobs_lock so that neither a request nor the end of a job
+ * costs time in proportion to the number of jobs or services:
+ *
+ * - jobs_by_id, a binary search tree (POSIX tsearch; glibc balances it)
+ *	 of every job keyed by its request id: O(log n) in the worst case,
+ *	 whatever ids clients choose, with no rehash pauses under the lock
+ *	 however many jobs are retained;
+ * - jobs_busy, the running job of each configured service (indexed like
+ *	 the configuration's services array; NULL when the service is free).
+ *	 Jobs loaded from the journal have no service (svc == NULL) and are all
+ *	 finished once start-up is over, so they never make a service busy;
+ * - the finished jobs in a FIFO (jobs_done_head .. jobs_done_tail, linked
+ *	 by next) in the order they finished, and their count jobs_done.
+ *	 Retention pruning removes jobs from the oldest end only: those past
+ *	 retention_days, then the oldest beyond retention_max_jobs.  Running
+ *	 jobs are never in it, so never pruned.  (The FIFO is in the order
+ *	 jobs became finished, and a job's finished_at is taken just before
+ *	 its final state is journaled, so the two orders may differ by the
+ *	 time of a journal write, or by a step of the system clock: an expired
+ *	 job queued behind one that is not is pruned once that one is.)
+ *
+ * A running job is in jobs_by_id and jobs_busy, a finished one in
+ * jobs_by_id and the FIFO.
+ *
+ * Long polls wait on one of JOBS_POLL_CONDS condition variables chosen by
+ * a hash of their job's id, and the end of a job wakes only that one: with
+ * one shared condition variable every job end would wake every long poll
+ * (the restart_worker keeps dozens in flight).  Waits for a journaling
+ * job, and for the end of the runners at shutdown, use jobs_cond.
+ *
+ * Journal writes (each waits for an fdatasync) are done without jobs_lock,
+ * so that concurrent requests share the journal's flushes (group commit,
+ * see journal.c).  A new job is first reserved (indexed) under the lock,
  * marked journaling: a request or lookup of its id, or a request of its
  * service, waits until its accept record is on disk (or the write failed
  * and the reservation is gone), so an id is accepted at most once and
@@ -25,7 +55,9 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <search.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,11 +68,17 @@
 #define JOBS_RETRY_FIRST_MSEC 100
 #define JOBS_RETRY_MAX_MSEC 5000
 #define JOBS_RETRY_WHEN_STOPPING 3
+#define JOBS_POLL_CONDS 64
 
 static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t jobs_cond;
+static pthread_cond_t jobs_poll_conds[JOBS_POLL_CONDS];
 static const agent_config *jobs_cfg;
-static job *jobs_head;
+static void *jobs_by_id;		/* tsearch tree of every job's id */
+static job **jobs_busy;			/* running job of each service, or NULL */
+static job *jobs_done_head;		/* finished jobs, oldest first */
+static job *jobs_done_tail;
+static int	jobs_done;			/* length of that FIFO */
 static int	jobs_running;
 static bool jobs_stopping;
 
@@ -98,30 +136,125 @@ job_free(job *j)
 }
 
 /*
+ * Compare two request ids, for the tsearch tree (its keys are the id
+ * arrays of the jobs, so a lookup needs no job, only an id).
+ */
+static int
+jobs_cmp_id(const void *a, const void *b)
+{
+	return strcmp((const char *) a, (const char *) b);
+}
+
+/*
+ * Return the job whose id array is the given tree key.
+ */
+static job *
+jobs_of_key(const void *key)
+{
+	return (job *) ((const char *) key - offsetof(job, id));
+}
+
+/*
  * Find a job by request id; caller holds jobs_lock.
  */
 static job *
 jobs_find(const char *id)
 {
-	for (job *j = jobs_head; j; j = j->next)
-		if (strcmp(j->id, id) == 0)
-			return j;
-	return NULL;
+	void	  **node = tfind(id, &jobs_by_id, jobs_cmp_id);
+
+	return node ? jobs_of_key(*node) : NULL;
 }
 
 /*
- * Append a job at the end of the list (oldest first); caller holds the
- * lock.
+ * Add a job to the id index; caller holds the lock.  Returns false when
+ * out of memory or when a job of that id is already there (the index is
+ * then unchanged).
+ */
+static bool
+jobs_index(job *j)
+{
+	void	  **node = tsearch(j->id, &jobs_by_id, jobs_cmp_id);
+
+	return node != NULL && *node == (void *) j->id;
+}
+
+/*
+ * Remove a job from the id index; caller holds the lock.
  */
 static void
-jobs_append(job *j)
+jobs_unindex(job *j)
 {
-	job		  **p = &jobs_head;
+	tdelete(j->id, &jobs_by_id, jobs_cmp_id);
+}
 
-	while (*p)
-		p = &(*p)->next;
+/*
+ * Return the slot of jobs_busy that holds the running job of a service.
+ */
+static job **
+jobs_busy_slot(const config_service *svc)
+{
+	return &jobs_busy[svc - jobs_cfg->services];
+}
+
+/*
+ * Return the condition variable on which long polls of a job id wait (an
+ * FNV-1a hash of the id picks it).
+ */
+static pthread_cond_t *
+jobs_poll_cond(const char *id)
+{
+	uint32_t	h = 2166136261u;
+
+	for (const char *p = id; *p; p++)
+		h = (h ^ (unsigned char) *p) * 16777619u;
+	return &jobs_poll_conds[h % JOBS_POLL_CONDS];
+}
+
+/*
+ * Append a finished job at the newest end of the finished FIFO; caller
+ * holds the lock.
+ */
+static void
+jobs_done_push(job *j)
+{
 	j->next = NULL;
-	*p = j;
+	if (jobs_done_tail)
+		jobs_done_tail->next = j;
+	else
+		jobs_done_head = j;
+	jobs_done_tail = j;
+	jobs_done++;
+}
+
+/*
+ * Remove and return the oldest job of the finished FIFO (NULL if it is
+ * empty); caller holds the lock.
+ */
+static job *
+jobs_done_pop(void)
+{
+	job		   *j = jobs_done_head;
+
+	if (j == NULL)
+		return NULL;
+	jobs_done_head = j->next;
+	if (jobs_done_head == NULL)
+		jobs_done_tail = NULL;
+	j->next = NULL;
+	jobs_done--;
+	return j;
+}
+
+/*
+ * File a job that has just finished (its status set): its service is free
+ * again, and it joins the finished FIFO.  Caller holds the lock.
+ */
+static void
+jobs_retire(job *j)
+{
+	if (j->svc != NULL && *jobs_busy_slot(j->svc) == j)
+		*jobs_busy_slot(j->svc) = NULL;
+	jobs_done_push(j);
 }
 
 /*
@@ -197,35 +330,26 @@ jobs_write_retry(const char *id, const char *text)
 }
 
 /*
- * Drop finished jobs older than the retention period, then the oldest
- * finished jobs beyond the retained count, from memory and disk.  Caller
- * holds the lock.
+ * Drop the oldest finished jobs, from memory and disk, while they are
+ * older than the retention period or more than the retained count.  Only
+ * the oldest end of the finished FIFO is looked at, so a call costs
+ * nothing more than the jobs it drops.  Caller holds the lock.
  */
 static void
 jobs_prune(void)
 {
 	int64_t		cutoff = util_now_usec() - (int64_t) jobs_cfg->retention_days * 86400 * 1000000;
-	int			finished = 0;
-	job		  **p;
 
-	for (job *j = jobs_head; j; j = j->next)
-		finished += (j->status != JOB_RUNNING);
-	p = &jobs_head;
-	while (*p)
+	while (jobs_done_head != NULL &&
+		   (jobs_done_head->finished_at < cutoff ||
+			jobs_done > jobs_cfg->retention_max_jobs))
 	{
-		job		   *j = *p;
+		job		   *j = jobs_done_pop();
 
-		if (j->status != JOB_RUNNING &&
-			(j->finished_at < cutoff || finished > jobs_cfg->retention_max_jobs))
-		{
-			*p = j->next;
-			finished--;
-			journal_remove(j->id);
-			log_msg("job %s: pruned from the journal", j->id);
-			job_free(j);
-			continue;
-		}
-		p = &j->next;
+		jobs_unindex(j);
+		journal_remove(j->id);
+		log_msg("job %s: pruned from the journal", j->id);
+		job_free(j);
 	}
 }
 
@@ -239,6 +363,21 @@ jobs_cmp_accepted(const void *a, const void *b)
 	const job  *jb = *(job *const *) b;
 
 	return (ja->accepted_at > jb->accepted_at) - (ja->accepted_at < jb->accepted_at);
+}
+
+/*
+ * Order jobs by finishing time, then acceptance time, for qsort: the
+ * order of the finished FIFO at start-up.
+ */
+static int
+jobs_cmp_finished(const void *a, const void *b)
+{
+	const job  *ja = *(job *const *) a;
+	const job  *jb = *(job *const *) b;
+
+	if (ja->finished_at != jb->finished_at)
+		return (ja->finished_at > jb->finished_at) - (ja->finished_at < jb->finished_at);
+	return jobs_cmp_accepted(a, b);
 }
 
 /*
@@ -257,6 +396,45 @@ jobs_fail_interrupted(job *j)
 }
 
 /*
+ * Index the jobs loaded from the journal, oldest accepted first, failing
+ * those left running; then file them all, in the order they finished, in
+ * the finished FIFO.  A second record of one id (which the journal's file
+ * names rule out) is dropped, so the oldest wins.  Caller holds the lock.
+ * Returns false when out of memory (the jobs not yet indexed are freed).
+ */
+static bool
+jobs_adopt(job **jobs, int n)
+{
+	int			kept = 0;
+
+	if (n > 0)
+		qsort(jobs, n, sizeof(job *), jobs_cmp_accepted);
+	for (int i = 0; i < n; i++)
+	{
+		if (jobs[i]->status == JOB_RUNNING)
+			jobs_fail_interrupted(jobs[i]);
+		if (jobs_index(jobs[i]))
+			jobs[kept++] = jobs[i];
+		else if (jobs_find(jobs[i]->id) != NULL)
+		{
+			log_msg("ERROR: journal: job %s loaded twice; the second record is ignored", jobs[i]->id);
+			job_free(jobs[i]);
+		}
+		else
+		{
+			while (i < n)
+				job_free(jobs[i++]);
+			return false;
+		}
+	}
+	if (kept > 0)
+		qsort(jobs, kept, sizeof(job *), jobs_cmp_finished);
+	for (int i = 0; i < kept; i++)
+		jobs_done_push(jobs[i]);
+	return true;
+}
+
+/*
  * Open the journal, load its jobs (failing those left running), and prune.
  */
 bool
@@ -265,32 +443,39 @@ jobs_init(const agent_config *cfg, char *errbuf, size_t errsize)
 	pthread_condattr_t attr;
 	job		  **jobs;
 	int			n;
+	bool		ok;
 
 	jobs_cfg = cfg;
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 	pthread_cond_init(&jobs_cond, &attr);
+	for (int i = 0; i < JOBS_POLL_CONDS; i++)
+		pthread_cond_init(&jobs_poll_conds[i], &attr);
 	pthread_condattr_destroy(&attr);
+	if ((jobs_busy = calloc(cfg->nservices, sizeof(job *))) == NULL)
+	{
+		snprintf(errbuf, errsize, "out of memory");
+		return false;
+	}
 	if (!journal_open(cfg->state_dir, errbuf, errsize))
 		return false;
 	if ((n = journal_load(&jobs, cfg->output_tail)) < 0)
 	{
-		snprintf(errbuf, errsize, "cannot read the journal in \"%s/jobs\"", cfg->state_dir);
+		snprintf(errbuf, errsize, "cannot read the journal in \"%s\"", cfg->state_dir);
 		return false;
 	}
-	if (n > 0)
-		qsort(jobs, n, sizeof(job *), jobs_cmp_accepted);
 	pthread_mutex_lock(&jobs_lock);
-	for (int i = 0; i < n; i++)
-	{
-		if (jobs[i]->status == JOB_RUNNING)
-			jobs_fail_interrupted(jobs[i]);
-		jobs_append(jobs[i]);
-	}
-	jobs_prune();
+	ok = jobs_adopt(jobs, n);
+	if (ok)
+		jobs_prune();
 	pthread_mutex_unlock(&jobs_lock);
 	free(jobs);
-	log_msg("journal: %d job records loaded from %s/jobs", n, cfg->state_dir);
+	if (!ok)
+	{
+		snprintf(errbuf, errsize, "out of memory while loading the journal");
+		return false;
+	}
+	log_msg("journal: %d job records loaded from %s", n, cfg->state_dir);
 	return true;
 }
 
@@ -404,6 +589,8 @@ jobs_finish(job *j, job_status final)
 	log_msg("job %s: %s%s%s", j->id, job_status_name(final),
 			j->error ? ": " : "", j->error ? j->error : "");
 	jobs_running--;
+	jobs_retire(j);
+	pthread_cond_broadcast(jobs_poll_cond(j->id));
 	pthread_cond_broadcast(&jobs_cond);
 	jobs_prune();
 	pthread_mutex_unlock(&jobs_lock);
@@ -485,34 +672,33 @@ jobs_same_request(const job *j, const restart_request *req)
  * Tell whether a job of the service is running; caller holds the lock.
  */
 static bool
-jobs_service_busy(const char *service)
+jobs_service_busy(const config_service *svc)
 {
-	for (job *j = jobs_head; j; j = j->next)
-		if (j->status == JOB_RUNNING && strcmp(j->service, service) == 0)
-			return true;
-	return false;
+	return *jobs_busy_slot(svc) != NULL;
 }
 
 /*
  * Tell whether a request must wait before it is decided: a job of its id,
- * or a running job of its service, is reserved but not yet journaled.
- * Caller holds the lock.
+ * or the running job of its service (svc, NULL for an unknown service), is
+ * reserved but not yet journaled.  Only reserved jobs are journaling, and
+ * a reserved job is its service's running job.  Caller holds the lock.
  */
 static bool
-jobs_must_wait(const restart_request *req)
+jobs_must_wait(const restart_request *req, const config_service *svc)
 {
-	for (job *j = jobs_head; j; j = j->next)
-		if (j->journaling &&
-			(strcmp(j->id, req->request_id) == 0 || strcmp(j->service, req->service) == 0))
-			return true;
-	return false;
+	job		   *j = jobs_find(req->request_id);
+
+	if (j != NULL && j->journaling)
+		return true;
+	return svc != NULL && (j = *jobs_busy_slot(svc)) != NULL && j->journaling;
 }
 
 /*
- * Reserve a job for a new request: add it to the list, running and marked
+ * Reserve a job for a new request: index it, running and marked
  * journaling, so that its id, its service and a max_jobs slot are taken
  * while its accept record is written without the lock.  Caller holds the
- * lock.  Returns NULL when out of memory.
+ * lock, and has checked that the id is unknown and the service free.
+ * Returns NULL when out of memory.
  */
 static job *
 jobs_reserve(const restart_request *req, const config_service *svc)
@@ -533,7 +719,12 @@ jobs_reserve(const restart_request *req, const config_service *svc)
 	j->status = JOB_RUNNING;
 	j->accepted_at = j->started_at = util_now_usec();
 	j->journaling = true;
-	jobs_append(j);
+	if (!jobs_index(j))
+	{
+		job_free(j);
+		return NULL;
+	}
+	*jobs_busy_slot(svc) = j;
 	jobs_running++;
 	return j;
 }
@@ -545,11 +736,8 @@ jobs_reserve(const restart_request *req, const config_service *svc)
 static void
 jobs_unreserve(job *j)
 {
-	job		  **p = &jobs_head;
-
-	while (*p != j)
-		p = &(*p)->next;
-	*p = j->next;
+	jobs_unindex(j);
+	*jobs_busy_slot(j->svc) = NULL;
 	jobs_running--;
 	job_free(j);
 }
@@ -573,6 +761,7 @@ jobs_start(job *j)
 		jobs_journal(j, JOB_FAILED);
 		j->status = JOB_FAILED;
 		jobs_running--;
+		jobs_retire(j);
 	}
 	pthread_attr_destroy(&attr);
 }
@@ -620,20 +809,20 @@ jobs_submit_result
 jobs_submit(const restart_request *req, json_t **report)
 {
 	jobs_submit_result res;
-	const config_service *svc;
+	const config_service *svc = config_find_service(jobs_cfg, req->service);
 	job		   *j;
 
 	*report = NULL;
 	pthread_mutex_lock(&jobs_lock);
-	while (jobs_must_wait(req))
+	while (jobs_must_wait(req, svc))
 		pthread_cond_wait(&jobs_cond, &jobs_lock);
 	if ((j = jobs_find(req->request_id)) != NULL)
 		res = jobs_same_request(j, req) ? JOBS_EXISTS : JOBS_CONFLICT;
 	else if (jobs_stopping)
 		res = JOBS_INTERNAL_ERROR;
-	else if ((svc = config_find_service(jobs_cfg, req->service)) == NULL)
+	else if (svc == NULL)
 		res = JOBS_UNKNOWN_SERVICE;
-	else if (jobs_service_busy(req->service))
+	else if (jobs_service_busy(svc))
 		res = JOBS_SERVICE_BUSY;
 	else if (jobs_running >= jobs_cfg->max_jobs)
 		res = JOBS_TOO_MANY;
@@ -672,7 +861,7 @@ jobs_lookup(const char *id, int wait_seconds, json_t **report)
 		log_msg("job %s: a long poll waits up to %d s for it to finish", id, wait_seconds);
 	while (j != NULL && j->status == JOB_RUNNING && wait_seconds > 0 && !jobs_stopping)
 	{
-		int			rc = pthread_cond_timedwait(&jobs_cond, &jobs_lock, &deadline);
+		int			rc = pthread_cond_timedwait(jobs_poll_cond(id), &jobs_lock, &deadline);
 
 		j = jobs_find(id);
 		if (rc == ETIMEDOUT)
@@ -694,6 +883,8 @@ jobs_shutdown(void)
 	pthread_mutex_lock(&jobs_lock);
 	jobs_stopping = true;
 	pthread_cond_broadcast(&jobs_cond);
+	for (int i = 0; i < JOBS_POLL_CONDS; i++)
+		pthread_cond_broadcast(&jobs_poll_conds[i]);
 	if (jobs_running > 0)
 		log_msg("stopping %d running job(s)", jobs_running);
 	spawn_request_stop();
@@ -703,19 +894,28 @@ jobs_shutdown(void)
 }
 
 /*
- * Free the job table and close the journal, after jobs_shutdown().
+ * Free a job given its id index key, for tdestroy.
+ */
+static void
+jobs_free_key(void *key)
+{
+	job_free(jobs_of_key(key));
+}
+
+/*
+ * Free the job table and close the journal, after jobs_shutdown().  Every
+ * job is in the id index, so destroying it frees them all.
  */
 void
 jobs_cleanup(void)
 {
 	pthread_mutex_lock(&jobs_lock);
-	while (jobs_head)
-	{
-		job		   *j = jobs_head;
-
-		jobs_head = j->next;
-		job_free(j);
-	}
+	tdestroy(jobs_by_id, jobs_free_key);
+	jobs_by_id = NULL;
+	jobs_done_head = jobs_done_tail = NULL;
+	jobs_done = 0;
+	free(jobs_busy);
+	jobs_busy = NULL;
 	pthread_mutex_unlock(&jobs_lock);
 	journal_close();
 }

@@ -16,7 +16,11 @@
  * session by starting its own (setsid), which is how a program that must
  * outlive its step detaches.  Members are found by scanning /proc; the
  * step's process is reaped only at the very end, so its id (the session
- * id) cannot be reused meanwhile.
+ * id) cannot be reused meanwhile.  The scan, which runs after every step,
+ * asks each listed process for its session with getsid(), one cheap
+ * system call, and reads /proc/<pid>/stat (costly for the kernel to
+ * render) only for members of the session, to skip zombies: after a step
+ * that left nothing behind, only its own zombie process.
  *
  *-------------------------------------------------------------------------
  */
@@ -225,6 +229,25 @@ spawn_signal_member(pid_t pid, pid_t sid, int sig)
 }
 
 /*
+ * Tell whether process pid is in session sid (spawn_signal_member() then
+ * checks that it is not a zombie).  getsid() reports the same session as
+ * /proc/<pid>/stat without the cost of rendering that file; only if it is
+ * refused (a security module may) is the file read.
+ */
+static bool
+spawn_maybe_member(pid_t pid, pid_t sid)
+{
+	pid_t		s = getsid(pid);
+	char		state;
+
+	if (s >= 0)
+		return s == sid;
+	if (errno == ESRCH)
+		return false;
+	return spawn_proc_session(pid, &s, &state) && s == sid && state != 'Z';
+}
+
+/*
  * Send sig to every live process of session sid; returns how many got it.
  */
 static int
@@ -241,14 +264,12 @@ spawn_signal_session_once(pid_t sid, int sig)
 	}
 	while ((de = readdir(d)) != NULL)
 	{
-		pid_t		s;
-		char		state;
 		pid_t		pid;
 
 		if (!isdigit((unsigned char) de->d_name[0]))
 			continue;
 		pid = (pid_t) atoi(de->d_name);
-		if (spawn_proc_session(pid, &s, &state) && s == sid && state != 'Z')
+		if (spawn_maybe_member(pid, sid))
 			count += spawn_signal_member(pid, sid, sig);
 	}
 	closedir(d);

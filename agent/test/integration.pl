@@ -498,6 +498,36 @@ my $okid = uuid();
 	ok($s == 200 && $j->{status} eq 'completed' && $dt > 1 && $dt < 6, "wait=20 on a 1.5 s job returns when it completes ($dt s)");
 }
 
+# --- concurrent long polls each return when their own job ends ---------------------------
+{
+	unlink $gate;
+	my ($ida, $idb) = (uuid(), uuid());
+	my ($sa) = post_restart($a, $ida, 'slow');
+	my ($sb) = post_restart($a, $idb, 'gate2');
+	my %kid;
+	for my $id ($ida, $idb)
+	{
+		my $pid = fork;
+		if ($pid == 0)
+		{
+			my $t = time;
+			my ($s, $j) = get_job($a, $id, 20);
+			spew("$tmp/poll.$id", ($s // 0) . ' ' . ($j->{status} // '-') . "\n");
+			POSIX::_exit(time - $t < 15 ? 0 : 1);
+		}
+		$kid{$id} = $pid;
+	}
+	waitpid($kid{$ida}, 0);
+	my $a_woken = $? == 0;
+	my $b_waits = waitpid($kid{$idb}, WNOHANG) == 0;
+	spew($gate, "open\n");
+	waitpid($kid{$idb}, 0);
+	my ($pa, $pb) = map { my $t = slurp("$tmp/poll.$_"); chomp $t; $t } $ida, $idb;
+	# woken: returned well before its 20 s wait ran out (no tighter bound asserted)
+	ok($sa == 202 && $sb == 202 && $pa eq '200 completed' && $a_woken && $b_waits && $pb eq '200 completed',
+		'concurrent long polls on two jobs are each woken when their own job ends', "$sa $sb [$pa] [$pb] $a_woken $b_waits");
+}
+
 # --- timeout kills the whole process group -----------------------------------
 {
 	my $id = uuid();
@@ -573,6 +603,66 @@ my $okid = uuid();
 	my $c = start_agent(services => $services, retention => 2, dir => $b->{dir});
 	@st = map { (get_job($c, $_))[0] } @ids;
 	ok("@st" eq '404 404 200 200', 'after a restart the pruned jobs are still pruned', "@st");
+	stop_agent($c);
+}
+
+# --- retention keeps running jobs and drops the jobs that finished first -----------------
+{
+	unlink $gate;
+	my $b = start_agent(services => $services, retention => 2);
+	my ($g, $a1, $a2, $a3, $busy) = map { uuid() } 1 .. 5;
+	my ($sg) = post_restart($b, $g, 'gate2');
+	my @s;
+	for my $id ($a1, $a2, $a3)
+	{
+		push @s, (post_restart($b, $id, 'ok'))[0];
+		wait_job($b, $id);
+	}
+	my %st = map { $_ => (get_job($b, $_))[0] } $g, $a1, $a2, $a3;
+	ok($sg == 202 && "@s" eq '202 202 202' && $st{$a1} == 404 && $st{$a2} == 200 && $st{$a3} == 200
+		&& $st{$g} == 200,
+		'retention by count drops the oldest finished job, never a running one (even one accepted earlier)',
+		$json->encode([\%st, \@s]));
+	my ($s, $j) = post_restart($b, $busy, 'gate2');
+	ok($s == 409 && $j->{error} eq 'service_busy', 'a service stays busy while jobs of other services come and go');
+	# the running job finishes while a long poll waits for it
+	my $pid = fork;
+	if ($pid == 0)
+	{
+		my ($s, $j) = get_job($b, $g, 20);
+		spew("$tmp/poll.retention", ($s // 0) . ' ' . ($j->{status} // '-') . "\n");
+		POSIX::_exit(0);
+	}
+	my $polling = wait_until(sub { slurp($b->{log}) =~ /job $g: a long poll waits/ }, 10);
+	spew($gate, "open\n");
+	waitpid($pid, 0);
+	my ($ps, $pst) = split ' ', slurp("$tmp/poll.retention");
+	%st = map { $_ => (get_job($b, $_))[0] } $a2, $a3;
+	ok($polling && $ps == 200 && $pst eq 'completed' && $st{$a2} == 404 && $st{$a3} == 200,
+		'a job finishing with retention full is kept (its long poll gets it) and the first finished one is dropped',
+		"poll $ps $pst " . $json->encode(\%st));
+	($s) = post_restart($b, $busy, 'gate2');
+	$j = wait_job($b, $busy);
+	ok($s == 202 && $j->{status} eq 'completed', 'the service is free once its job finished: the refused id is accepted');
+	($s) = post_restart($b, $a1, 'ok');
+	$j = wait_job($b, $a1);
+	ok($s == 202 && $j->{status} eq 'completed', 'a pruned id is forgotten: posting it again runs a new job');
+	%st = map { $_ => (get_job($b, $_))[0] } $a3, $g, $busy, $a1;
+	ok($st{$a3} == 404 && $st{$g} == 404 && $st{$busy} == 200 && $st{$a1} == 200,
+		'the agent holds exactly the last two finished jobs', $json->encode(\%st));
+	stop_agent($b);
+	# loaded from the journal: pruned in the order they finished, found by id
+	my $c = start_agent(services => $services, dir => $b->{dir}, retention => 1);
+	my ($s1, $j1) = get_job($c, $a1);
+	my ($s2) = get_job($c, $busy);
+	ok($s1 == 200 && $j1->{status} eq 'completed' && $j1->{request_id} eq $a1 && $s2 == 404,
+		'at start the journal is pruned to the last finished jobs, and a loaded job is found by id', slurp($c->{log}));
+	my ($sr, $jr) = post_restart($c, $a1, 'ok');
+	my $n = uuid();
+	($s) = post_restart($c, $n, 'ok');
+	$j = wait_job($c, $n);
+	ok($sr == 200 && $jr->{status} eq 'completed' && $s == 202 && $j->{status} eq 'completed',
+		'a loaded job answers its replay with 200, and its service is not busy', $json->encode([$jr, $j]));
 	stop_agent($c);
 }
 

@@ -118,6 +118,35 @@ test_valid(void **state)
 	config_free(cfg);
 }
 
+/*
+ * Every configured service is found by name, whatever its place in the
+ * configuration, and names around them are not.
+ */
+static void
+test_find_service(void **state)
+{
+	static const char *const names[] = {"web", "api", "zeta", "mqtt-subscriber", "b", "a-b"};
+	static const char *const absent[] = {"", "a", "aa", "zz", "mqtt", "webx", "c"};
+	char		text[4096];
+	size_t		len;
+	agent_config *cfg;
+
+	(void) state;
+	len = (size_t) snprintf(text, sizeof(text), BASE "services = {\n");
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		len += (size_t) snprintf(text + len, sizeof(text) - len,
+								 "  %s = ( { argv = [\"/bin/true\"]; } );\n", names[i]);
+	snprintf(text + len, sizeof(text) - len, "};\n");
+	cfg = load(text);
+	if (cfg == NULL)
+		fail_msg("%s", err);
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		assert_ptr_equal(config_find_service(cfg, names[i]), &cfg->services[i]);
+	for (size_t i = 0; i < sizeof(absent) / sizeof(absent[0]); i++)
+		assert_null(config_find_service(cfg, absent[i]));
+	config_free(cfg);
+}
+
 static void
 test_unix_and_ipv6_listen(void **state)
 {
@@ -307,6 +336,7 @@ main(void)
 		cmocka_unit_test(test_record_bounds),
 		cmocka_unit_test(test_state_dir),
 		cmocka_unit_test(test_services),
+		cmocka_unit_test(test_find_service),
 		cmocka_unit_test(test_secrets),
 		cmocka_unit_test(test_tls_pair),
 	};
