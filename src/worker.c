@@ -196,11 +196,17 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	foreach(lc, rows)
 		rw_dispatch_start((RwClaimed *) lfirst(lc));
 
-	/* Send the calls before anything else, then look for the next due. */
+	/*
+	 * Send the calls before anything else, then look for the next due.  A
+	 * request found due now committed after the claim's snapshot (its
+	 * wake-up may even have been lost: waiting for a synchronous standby
+	 * resets the latch), so the next turn claims it.
+	 */
 	if (*next_due == RW_NEXT_DUE_UNKNOWN)
 	{
 		rw_http_timer_event();
 		*next_due = rw_next_due(rw_dispatch_ids());
+		return true;
 	}
 
 	/*
@@ -262,6 +268,7 @@ worker_loop(void)
 	bool		extension_seen = false;
 	bool		more = false;
 	bool		more_done = false;
+	bool		deferred = false;
 
 	for (;;)
 	{
@@ -299,12 +306,21 @@ worker_loop(void)
 
 		/*
 		 * A request that just committed is claimed before the outcomes of
-		 * finished calls are recorded: they wait for the next turn.
+		 * finished calls are recorded: they wait for the next turn, but
+		 * never two turns in a row, so that a stream of commits cannot hold
+		 * them (and the long-polls they start) back.
 		 */
-		if (need_claim && rw_dispatch_free_slots() > 0)
+		if (need_claim && rw_dispatch_free_slots() > 0 && !deferred)
+		{
 			more_done = true;
-		else if (rw_dispatch_finish(&retry_at, &more_done) && more)
-			need_claim = true;
+			deferred = true;
+		}
+		else
+		{
+			deferred = false;
+			if (rw_dispatch_finish(&retry_at, &more_done) && more)
+				need_claim = true;
+		}
 		if (retry_at != 0 && (next_due == 0 || retry_at < next_due))
 			next_due = retry_at;
 	}

@@ -106,6 +106,19 @@ static bool journal_syncing;	/* a leader is in fdatasync */
 static int	journal_failed;		/* errno that failed the journal, or 0 */
 
 /*
+ * Ids pruned by retention, not yet dropped from the table: journal_remove()
+ * only queues them (under its own small lock), so that the jobs lock, held
+ * by its caller, never waits for a compaction holding journal_lock.  The
+ * queue is applied under journal_lock before every append and compaction,
+ * so a record appended later for the same id (a new job of a forgotten
+ * id) is never dropped with it.
+ */
+static pthread_mutex_t journal_removed_lock = PTHREAD_MUTEX_INITIALIZER;
+static char (*journal_removed)[UUID_TEXT_LEN + 1];
+static size_t journal_nremoved;
+static size_t journal_removed_cap;
+
+/*
  * Hash a request id (FNV-1a) to choose its bucket.
  */
 static size_t
@@ -210,6 +223,20 @@ journal_forget(const char *id)
 			return;
 		}
 	}
+}
+
+/*
+ * Drop the entries of the ids queued by journal_remove(); called with
+ * journal_lock held.
+ */
+static void
+journal_apply_removals(void)
+{
+	pthread_mutex_lock(&journal_removed_lock);
+	for (size_t i = 0; i < journal_nremoved; i++)
+		journal_forget(journal_removed[i]);
+	journal_nremoved = 0;
+	pthread_mutex_unlock(&journal_removed_lock);
 }
 
 /*
@@ -433,14 +460,18 @@ journal_compact_install(int fd, journal_entry **v, size_t n, journal_span *spans
 static bool
 journal_compact(void)
 {
-	size_t		n = journal_nentries;
-	journal_entry **v = journal_sorted();
-	journal_span *spans = malloc((n ? n : 1) * sizeof(journal_span));
+	size_t		n;
+	journal_entry **v;
+	journal_span *spans;
 	off_t		total = 0;
 	int			fd = -1;
 	bool		ok;
 	int			err;
 
+	journal_apply_removals();
+	n = journal_nentries;
+	v = journal_sorted();
+	spans = malloc((n ? n : 1) * sizeof(journal_span));
 	ok = v != NULL && spans != NULL &&
 		(fd = openat(journal_statefd, JOURNAL_TMP_NAME,
 					 O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600)) >= 0 &&
@@ -537,6 +568,7 @@ journal_append(const char *id, const char *line, size_t len, uint64_t *seq)
 		errno = journal_failed;
 		return false;
 	}
+	journal_apply_removals();
 	if ((e = journal_entry_get(id, &fresh)) == NULL)
 	{
 		errno = ENOMEM;
@@ -627,15 +659,36 @@ journal_write(const char *id, const char *text)
 /*
  * Drop a job from the journal (retention pruning): its records are left
  * out of the next compaction.  Nothing is written: until that compaction,
- * a restart loads the job again, and retention prunes it again.
+ * a restart loads the job again, and retention prunes it again.  Only
+ * queues the id (see journal_removed), so it never waits for a flush or a
+ * compaction; false if memory ran out (the job then stays in the journal).
  */
 bool
 journal_remove(const char *id)
 {
-	pthread_mutex_lock(&journal_lock);
-	journal_forget(id);
-	pthread_mutex_unlock(&journal_lock);
-	return true;
+	bool		ok = true;
+
+	pthread_mutex_lock(&journal_removed_lock);
+	if (journal_nremoved == journal_removed_cap)
+	{
+		size_t		cap = journal_removed_cap ? journal_removed_cap * 2 : 64;
+		void	   *p = realloc(journal_removed, cap * sizeof(*journal_removed));
+
+		if (p == NULL)
+			ok = false;
+		else
+		{
+			journal_removed = p;
+			journal_removed_cap = cap;
+		}
+	}
+	if (ok)
+	{
+		memcpy(journal_removed[journal_nremoved], id, UUID_TEXT_LEN);
+		journal_removed[journal_nremoved++][UUID_TEXT_LEN] = '\0';
+	}
+	pthread_mutex_unlock(&journal_removed_lock);
+	return ok;
 }
 
 /*
@@ -811,6 +864,7 @@ typedef struct journal_scan
 	size_t		damaged_cap;
 	int64_t		when;			/* time stamp of stand-in jobs */
 	size_t		output_tail;
+	off_t		hole;			/* offset of a line with zero bytes, or -1 */
 } journal_scan;
 
 /*
@@ -918,6 +972,11 @@ journal_scan_line(journal_scan *s, off_t off, size_t len)
 	json_error_t jerr;
 	job		   *j;
 
+	if (memchr(line, '\0', len) != NULL)
+	{
+		s->hole = off;			/* the rest is a torn tail: see journal_scan_all */
+		return true;
+	}
 	if (journal_has_id(line, len) && len - JOURNAL_PREFIX_LEN <= JOURNAL_FILE_MAX)
 		obj = json_loadb(line + JOURNAL_PREFIX_LEN, len - JOURNAL_PREFIX_LEN,
 						 JSON_REJECT_DUPLICATES, &jerr);
@@ -946,14 +1005,21 @@ journal_scan_line(journal_scan *s, off_t off, size_t len)
 
 /*
  * Read every complete line of the mapped journal (size bytes).  A last
- * line without its newline is left for the caller to cut off.
+ * line without its newline is left for the caller to cut off.  So is
+ * everything from a line holding zero bytes on: the agent never writes a
+ * zero byte, so they are a region the file system never got to write, as
+ * a crash during an append leaves (records appended together may reach
+ * the disk out of order).  No record at or after such a hole was ever
+ * acknowledged: the flush that acknowledged it would have written the
+ * hole too.
  */
 static bool
 journal_scan_all(journal_scan *s, size_t size)
 {
 	size_t		off = 0;
 
-	while (off < size)
+	s->hole = -1;
+	while (off < size && s->hole < 0)
 	{
 		const char *nl = memchr(s->map + off, '\n', size - off);
 		size_t		len;
@@ -1021,6 +1087,10 @@ journal_read(size_t output_tail)
 	free(s.damaged);
 	if (!ok)
 		return false;
+	if (s.hole >= 0)
+		log_msg("journal: zero bytes at offset %lld: records appended when the agent stopped "
+				"never reached the disk whole, and none from there on was acknowledged",
+				(long long) s.hole);
 	journal_size = s.good_end;
 	return s.good_end == st.st_size || journal_cut_tail(s.good_end, st.st_size);
 }
@@ -1381,6 +1451,9 @@ journal_close(void)
 		close(journal_lockfd);
 	journal_fd = journal_statefd = journal_lockfd = -1;
 	journal_forget_all();
+	free(journal_removed);
+	journal_removed = NULL;
+	journal_nremoved = journal_removed_cap = 0;
 	free(journal_state_dir);
 	journal_state_dir = NULL;
 }

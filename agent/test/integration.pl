@@ -983,7 +983,7 @@ SKIP: {
 	# a damaged record followed by complete ones still holds its id
 	my @lines = journal_lines($state);
 	my $victim = substr($lines[0], 0, 36);
-	$lines[0] = "$victim {\"request_id\":\"$victim\",\"status\":\0\0garbage";
+	$lines[0] = "$victim {\"request_id\":\"$victim\",\"status\":garbage";
 	spew("$state/journal", join('', map { "$_\n" } @lines));
 	my $runs = lines("$count.jl");
 	$c = start_agent(services => $svc, dir => $b->{dir});
@@ -1002,13 +1002,30 @@ SKIP: {
 	stop_agent($c);
 
 	# a damaged id prefix followed by complete records: the agent refuses to start
-	@lines = journal_lines($state);
-	substr($lines[1], 0, 8) = "\0" x 8;
+	my @intact = journal_lines($state);
+	@lines = @intact;
+	substr($lines[1], 0, 8) = "XXXXXXXX";
 	spew("$state/journal", join('', map { "$_\n" } @lines));
 	$c = start_agent(services => $svc, dir => $b->{dir});
 	ok(!$c->{port} && ($c->{status} // 0) != 0
 		&& slurp($c->{log}) =~ /the line at offset \d+ of \S+ is damaged, its request id unreadable, and complete records follow it: refusing to start/,
 		'a damaged id prefix followed by complete records: the agent refuses to start, saying why', slurp($c->{log}));
+
+	# zero bytes in a line followed by complete records: appends of one batch that reached
+	# the disk out of order before a crash; none of them was acknowledged, so the journal
+	# is cut at that line and the agent starts
+	my @hole = @intact;
+	my @gone = map { substr($_, 0, 36) } @hole[5 .. $#hole];
+	substr($hole[5], 50, 20) = "\0" x 20;
+	spew("$state/journal", join('', map { "$_\n" } @hole));
+	$c = start_agent(services => $svc, dir => $b->{dir});
+	my @kept = grep { (get_job($c, substr($_, 0, 36)))[0] == 200 } @intact[0 .. 4];
+	my @lost = grep { (get_job($c, $_))[0] == 404 } @gone;
+	ok($c->{port} && @kept == 5 && @lost == @gone && slurp("$state/journal") eq join('', map { "$_\n" } @intact[0 .. 4])
+		&& slurp($c->{log}) =~ /zero bytes at offset \d+: .*none from there on was acknowledged/,
+		'zero bytes in a line followed by complete records: cut there (never acknowledged), the agent starts',
+		slurp($c->{log}));
+	stop_agent($c);
 }
 
 # --- a compaction at run time, among concurrent writes, keeps every id ----------------------

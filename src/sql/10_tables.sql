@@ -4,7 +4,6 @@
 CREATE FUNCTION restart_worker.valid_name(p_name text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = ''
 RETURN p_name IS NOT NULL
 	AND length(p_name) BETWEEN 1 AND 63
 	AND p_name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]*$';
@@ -14,7 +13,6 @@ RETURN p_name IS NOT NULL
 CREATE FUNCTION restart_worker.valid_agent_url(p_url text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = ''
 RETURN p_url IS NOT NULL
 	AND length(p_url) <= 2048
 	AND (p_url ~ '^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[A-Za-z0-9._~/%-]*)?$'

@@ -44,7 +44,6 @@ CREATE INDEX service_restart_requests_deadline
 CREATE FUNCTION restart_worker.call_body(p_row public.service_restart_requests)
 RETURNS text
 LANGUAGE sql STABLE
-SET search_path = ''
 RETURN pg_catalog.json_build_object(
 	'request_id', p_row.id,
 	'service', p_row.service_name,
@@ -151,7 +150,6 @@ $$;
 CREATE FUNCTION restart_worker.agent_reason(p_answer jsonb)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = ''
 RETURN CASE
 	WHEN pg_catalog.jsonb_typeof(p_answer) = 'object'
 		AND pg_catalog.jsonb_typeof(p_answer -> 'error') = 'string'
@@ -167,7 +165,6 @@ END;
 CREATE FUNCTION restart_worker.timeout_error(p_status text, p_last_error text)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = ''
 RETURN 'timed out'
 	|| CASE p_status
 		WHEN 'dispatching' THEN '; the agent may have received the request'
@@ -179,7 +176,6 @@ RETURN 'timed out'
 CREATE FUNCTION restart_worker.finish(p_id uuid, p_status text, p_error text)
 RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path = ''
 BEGIN ATOMIC
 	UPDATE public.service_restart_requests
 		SET status = p_status, error = p_error,
@@ -253,7 +249,6 @@ $$;
 CREATE FUNCTION restart_worker.worker_next_due(p_exclude uuid[])
 RETURNS timestamptz
 LANGUAGE sql STABLE
-SET search_path = ''
 RETURN least(
 	(SELECT q.next_attempt_at FROM public.service_restart_requests q
 	 WHERE q.status IN ('pending', 'dispatching', 'running') AND NOT (q.id = ANY (p_exclude))
