@@ -41,6 +41,7 @@
 static SPIPlanPtr claim_plan_claim = NULL;
 static SPIPlanPtr claim_plan_next_due = NULL;
 static SPIPlanPtr claim_plan_record = NULL;
+static SPIPlanPtr claim_plan_announce = NULL;
 
 /*
  * Start a short transaction with SPI and a snapshot, and say so in
@@ -256,8 +257,8 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
  * claim was cut short by the limit.  When nothing was claimed, *next_due
  * is when the next request is due (0 if none), found in the same
  * transaction, so that an idle poll is one transaction; otherwise it is
- * RW_NEXT_DUE_UNKNOWN and the caller asks rw_next_due() once the calls are
- * sent.
+ * RW_NEXT_DUE_UNKNOWN and the caller asks rw_after_claim() once the calls
+ * are sent.
  */
 RwClaimResult
 rw_claim(int limit, List *exclude, bool recover, List **rows,
@@ -286,35 +287,63 @@ rw_claim(int limit, List *exclude, bool recover, List **rows,
 }
 
 /*
- * The look-up proper, in its own read-only transaction; see rw_next_due().
+ * Announce the requests in announce (a list of id strings) with NOTIFY;
+ * runs in the caller's transaction.
+ */
+static void
+claim_announce(List *announce)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	SPIPlanPtr	plan;
+
+	values[0] = claim_ids_array(announce);
+	plan = claim_plan(&claim_plan_announce,
+					  "SELECT restart_worker.worker_announce($1::uuid[])",
+					  1, types);
+	if (SPI_execute_plan(plan, values, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "restart_worker: announcing claimed requests failed");
+}
+
+/*
+ * The work after a claim proper, in its own transaction; see
+ * rw_after_claim().
  */
 static TimestampTz
-claim_next_due_run(List *exclude)
+claim_after_run(List *announce, List *exclude)
 {
 	TimestampTz next_due = 0;
 
-	claim_begin("restart_worker: look for the next due request");
+	claim_begin("restart_worker: announce claimed requests, look for the next due");
 	if (claim_extension_exists())
+	{
+		if (announce != NIL)
+			claim_announce(announce);
 		next_due = claim_next_due_query(exclude);
+	}
 	claim_end();
 	return next_due;
 }
 
 /*
- * When the next request the worker does not have in flight (exclude) is
- * due, or its deadline passes: 0 if there is none.  Run after a claim's
- * calls have been sent, so that it costs them no latency.  If the look-up
- * fails (logged), the worker looks again in a second.
+ * After a claim whose calls have been sent: announce the requests it made
+ * dispatching (announce, a list of id strings; their NOTIFY is left out of
+ * the claim, see worker_announce() in src/sql/50_worker.sql), and say when
+ * the next request the worker does not have in flight (exclude) is due, or
+ * its deadline passes: 0 if there is none.  One short transaction,
+ * committed asynchronously, so that it costs the calls no latency and
+ * holds the cluster's NOTIFY lock only briefly.  If it fails (logged), the
+ * announcements are lost and the worker looks again in a second.
  */
 TimestampTz
-rw_next_due(List *exclude)
+rw_after_claim(List *announce, List *exclude)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile TimestampTz next_due = 0;
 
 	PG_TRY();
 	{
-		next_due = claim_next_due_run(exclude);
+		next_due = claim_after_run(announce, exclude);
 	}
 	PG_CATCH();
 	{

@@ -212,7 +212,7 @@ typedef enum RwClaimResult
 #define RW_NEXT_DUE_UNKNOWN ((TimestampTz) -1)
 extern RwClaimResult rw_claim(int limit, List *exclude, bool recover, List **rows,
 							  TimestampTz *next_due, bool *more);
-extern TimestampTz rw_next_due(List *exclude);
+extern TimestampTz rw_after_claim(List *announce, List *exclude);
 extern RwOutcome rw_record(RwCall *call, TimestampTz *next_at);
 
 /* src/dispatch.c */

@@ -172,6 +172,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 {
 	static int	failures = 0;
 	List	   *rows;
+	List	   *announce = NIL;
 	ListCell   *lc;
 	RwClaimResult result;
 
@@ -194,18 +195,25 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	*recover = *recover && *more;
 	rw_status_note_poll(list_length(rows));
 	foreach(lc, rows)
-		rw_dispatch_start((RwClaimed *) lfirst(lc));
+	{
+		RwClaimed  *row = (RwClaimed *) lfirst(lc);
+
+		rw_dispatch_start(row);
+		if (!row->maybe_sent)
+			announce = lappend(announce, row->id);
+	}
 
 	/*
-	 * Send the calls before anything else, then look for the next due.  A
-	 * request found due now committed after the claim's snapshot (its
-	 * wake-up may even have been lost: waiting for a synchronous standby
-	 * resets the latch), so the next turn claims it.
+	 * Send the calls before anything else, then announce the requests that
+	 * were pending and look for the next due.  A request found due now
+	 * committed after the claim's snapshot (its wake-up may even have been
+	 * lost: waiting for a synchronous standby resets the latch), so the next
+	 * turn claims it.
 	 */
 	if (*next_due == RW_NEXT_DUE_UNKNOWN)
 	{
 		rw_http_timer_event();
-		*next_due = rw_next_due(rw_dispatch_ids());
+		*next_due = rw_after_claim(announce, rw_dispatch_ids());
 		return true;
 	}
 

@@ -79,6 +79,9 @@ like($out, qr/Asynchronous notification "restart_worker" with payload "\{"id" : 
 	'NOTIFY announces pending');
 like($out, qr/"id" : "$id".*"status" : "dispatching"/, 'NOTIFY announces dispatching');
 like($out, qr/"id" : "$id".*"status" : "completed"/, 'NOTIFY announces completed');
+my @seen = $out =~ /"id" : "$id", "service_name" : "ok_svc", "status" : "(\w+)"/g;
+is(join(',', grep { $_ ne 'running' } @seen), 'pending,dispatching,completed',
+	"each status announced once, in order (dispatching by the worker after the claim): @seen");
 
 # status() shows the worker and its counters.
 my $st = $node->safe_psql('postgres',
