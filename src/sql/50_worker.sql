@@ -472,12 +472,16 @@ BEGIN
 END;
 $$;
 
--- Every status change but the claim's pending -> dispatching. A new request (pending) and
--- its claim are announced by the worker itself with worker_announce(), right after it sent
--- the call: a transaction that notifies holds a lock that serializes the commits of every
--- notifying transaction of the cluster until it has committed, so a NOTIFY in the caller's
--- request (a synchronous commit) or in the claim (another) would make every request wait
--- for the WAL flushes of the others, and the worker for theirs.
+CREATE TRIGGER notify_status_insert
+	AFTER INSERT ON public.service_restart_requests
+	FOR EACH ROW
+	EXECUTE FUNCTION restart_worker.notify_status();
+
+-- Every status change but the claim's pending -> dispatching, which the worker announces
+-- itself with worker_announce(), right after it sent the call: a transaction that
+-- notifies holds a lock that serializes the commits of every notifying transaction of the
+-- cluster until it has committed, and the claim commits synchronously, so a notifying
+-- claim would hold that lock through a WAL flush (requests being made would wait for it).
 CREATE TRIGGER notify_status_update
 	AFTER UPDATE OF status ON public.service_restart_requests
 	FOR EACH ROW
@@ -485,20 +489,17 @@ CREATE TRIGGER notify_status_update
 		  AND NOT (OLD.status = 'pending' AND NEW.status = 'dispatching'))
 	EXECUTE FUNCTION restart_worker.notify_status();
 
--- Announce the requests the worker has just claimed (p_ids, pending before the claim):
--- first as pending (the request was made), then with their status now (dispatching), the
--- payloads notify_status() gives; run by the worker in a transaction of its own (committed
--- asynchronously) once their calls are sent. A request cancelled or failed before any
--- claim is announced only with that final status.
+-- Announce the requests the worker has just claimed (p_ids, pending before the claim)
+-- with their status now (dispatching), the payload notify_status() gives; run by the
+-- worker in a transaction of its own (committed asynchronously) once their calls are sent.
 CREATE FUNCTION restart_worker.worker_announce(p_ids uuid[])
 RETURNS void
 LANGUAGE sql VOLATILE
 BEGIN ATOMIC
 	SELECT pg_catalog.count(pg_catalog.pg_notify('restart_worker',
 		pg_catalog.json_build_object('id', q.id, 'service_name', q.service_name,
-									 'status', s.status)::pg_catalog.text))
-	FROM public.service_restart_requests q,
-		LATERAL (VALUES (1, 'pending'::pg_catalog.text), (2, q.status)) s(n, status)
+									 'status', q.status)::pg_catalog.text))
+	FROM public.service_restart_requests q
 	WHERE q.id = ANY (p_ids);
 END;
 
