@@ -183,24 +183,35 @@ claim_copy_rows(MemoryContext cxt)
 }
 
 /*
+ * Run one of the worker's statements whose only parameter is a list of
+ * request ids (a list of id strings, passed as uuid[]), in the caller's
+ * transaction; it returns one row, left in SPI_tuptable.
+ */
+static void
+claim_run_with_ids(SPIPlanPtr *plan, const char *query, List *ids, bool read_only)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+
+	values[0] = claim_ids_array(ids);
+	if (SPI_execute_plan(claim_plan(plan, query, 1, types), values, NULL,
+						 read_only, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "restart_worker: \"%s\" failed", query);
+}
+
+/*
  * When the next request not in flight (exclude) is due, or 0; runs in the
  * caller's transaction.
  */
 static TimestampTz
 claim_next_due_query(List *exclude)
 {
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1];
-	SPIPlanPtr	plan;
 	bool		isnull;
 	Datum		d;
 
-	values[0] = claim_ids_array(exclude);
-	plan = claim_plan(&claim_plan_next_due,
-					  "SELECT restart_worker.worker_next_due($1::uuid[])",
-					  1, types);
-	if (SPI_execute_plan(plan, values, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "restart_worker: next due look-up failed");
+	claim_run_with_ids(&claim_plan_next_due,
+					   "SELECT restart_worker.worker_next_due($1::uuid[])",
+					   exclude, true);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return isnull ? 0 : DatumGetTimestampTz(d);
 }
@@ -293,16 +304,9 @@ rw_claim(int limit, List *exclude, bool recover, List **rows,
 static void
 claim_announce(List *announce)
 {
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1];
-	SPIPlanPtr	plan;
-
-	values[0] = claim_ids_array(announce);
-	plan = claim_plan(&claim_plan_announce,
-					  "SELECT restart_worker.worker_announce($1::uuid[])",
-					  1, types);
-	if (SPI_execute_plan(plan, values, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "restart_worker: announcing claimed requests failed");
+	claim_run_with_ids(&claim_plan_announce,
+					   "SELECT restart_worker.worker_announce($1::uuid[])",
+					   announce, false);
 }
 
 /*
