@@ -218,8 +218,8 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	}
 
 	/*
-	 * Due rows left behind without the limit are locked by someone (they
-	 * are skipped, never waited for): look again in a second.
+	 * Nothing was claimed, yet a row is due: someone holds its lock (locked
+	 * rows are skipped, never waited for).  Look again in a second.
 	 */
 	if (!*more && *next_due != 0 && *next_due <= GetCurrentTimestamp())
 		*next_due = GetCurrentTimestamp() + USECS_PER_SEC;
