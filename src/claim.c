@@ -32,6 +32,7 @@
 #include "pgstat.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -268,8 +269,8 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
  * claim was cut short by the limit.  When nothing was claimed, *next_due
  * is when the next request is due (0 if none), found in the same
  * transaction, so that an idle poll is one transaction; otherwise it is
- * RW_NEXT_DUE_UNKNOWN and the caller asks rw_after_claim() once the calls
- * are sent.
+ * RW_NEXT_DUE_UNKNOWN and the caller defers that look-up with
+ * rw_after_claim_defer() once the calls are sent.
  */
 RwClaimResult
 rw_claim(int limit, List *exclude, bool recover, List **rows,
@@ -310,51 +311,126 @@ claim_announce(List *announce)
 }
 
 /*
- * The work after a claim proper, in its own transaction; see
- * rw_after_claim().
+ * The work left after a claim whose calls have been sent: announce the
+ * requests it made dispatching (their NOTIFY is left out of the claim, see
+ * worker_announce() in src/sql/50_worker.sql), and find when the next
+ * request the worker does not have in flight is due.  It is done in the
+ * next transaction that records an answer, which for a request made now is
+ * its agent's answer a few milliseconds later, so that a request costs the
+ * worker two transactions, not three; rw_after_claim() does it on its own
+ * if no answer comes within CLAIM_AFTER_MS.
  */
-static TimestampTz
-claim_after_run(List *announce, List *exclude)
-{
-	TimestampTz next_due = 0;
+#define CLAIM_AFTER_MS 10
 
-	claim_begin("restart_worker: announce claimed requests, look for the next due");
-	if (claim_extension_exists())
-	{
-		if (announce != NIL)
-			claim_announce(announce);
-		next_due = claim_next_due_query(exclude);
-	}
-	claim_end();
-	return next_due;
+static MemoryContext claim_after_cxt = NULL;
+static List *claim_after_announce = NIL;	/* ids to announce */
+static TimestampTz claim_after_at = 0;	/* work to do by then, or 0 */
+static bool claim_after_found = false;	/* claim_after_next_due is new */
+static TimestampTz claim_after_next_due = 0;
+
+/*
+ * Remember the after-claim work of a claim: announce (a list of id
+ * strings, copied) and the look-up of the next due.
+ */
+void
+rw_after_claim_defer(List *announce)
+{
+	MemoryContext old;
+	ListCell   *lc;
+
+	if (claim_after_cxt == NULL)
+		claim_after_cxt = AllocSetContextCreate(TopMemoryContext,
+												"restart_worker announcements",
+												ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(claim_after_cxt);
+	foreach(lc, announce)
+		claim_after_announce = lappend(claim_after_announce, pstrdup(lfirst(lc)));
+	MemoryContextSwitchTo(old);
+	if (claim_after_at == 0)
+		claim_after_at = GetCurrentTimestamp() + CLAIM_AFTER_MS * 1000;
+	claim_after_next_due = 0;	/* stays so if the extension is gone */
 }
 
 /*
- * After a claim whose calls have been sent: announce the requests it made
- * dispatching (announce, a list of id strings; their NOTIFY is left out of
- * the claim, see worker_announce() in src/sql/50_worker.sql), and say when
- * the next request the worker does not have in flight (exclude) is due, or
- * its deadline passes: 0 if there is none.  One short transaction,
- * committed asynchronously, so that it costs the calls no latency and
- * holds the cluster's NOTIFY lock only briefly.  If it fails (logged), the
- * announcements are lost and the worker looks again in a second.
+ * When the after-claim work must be done at the latest, or 0 if there is
+ * none.
  */
 TimestampTz
-rw_after_claim(List *announce, List *exclude)
+rw_after_claim_due(void)
+{
+	return claim_after_at;
+}
+
+/*
+ * Do the after-claim work in the caller's transaction, if there is any.
+ */
+static void
+claim_after_work(void)
+{
+	if (claim_after_at == 0)
+		return;
+	if (claim_after_announce != NIL)
+		claim_announce(claim_after_announce);
+	claim_after_next_due = claim_next_due_query(rw_dispatch_ids());
+}
+
+/*
+ * Forget the after-claim work: it was committed (ok), or it failed with
+ * its transaction and the worker looks again in a second (the error is
+ * logged; the announcements are lost).
+ */
+static void
+claim_after_done(bool ok)
+{
+	if (claim_after_at == 0)
+		return;
+	if (!ok)
+		claim_after_next_due = GetCurrentTimestamp() + USECS_PER_SEC;
+	claim_after_found = true;
+	claim_after_at = 0;
+	claim_after_announce = NIL;
+	MemoryContextReset(claim_after_cxt);
+}
+
+/*
+ * Say when the next request not in flight is due (0 if none), if the
+ * after-claim work found it since the last call; otherwise return false.
+ */
+bool
+rw_after_claim_result(TimestampTz *next_due)
+{
+	if (!claim_after_found)
+		return false;
+	claim_after_found = false;
+	*next_due = claim_after_next_due;
+	return true;
+}
+
+/*
+ * Do the after-claim work now, in a transaction of its own, committed
+ * asynchronously; return when the next request is due (0 if none).
+ */
+TimestampTz
+rw_after_claim(void)
 {
 	MemoryContext cxt = CurrentMemoryContext;
-	volatile TimestampTz next_due = 0;
+	TimestampTz next_due = 0;
 
 	PG_TRY();
 	{
-		next_due = claim_after_run(announce, exclude);
+		claim_begin("restart_worker: announce claimed requests, look for the next due");
+		if (claim_extension_exists())
+			claim_after_work();
+		claim_end();
+		claim_after_done(true);
 	}
 	PG_CATCH();
 	{
 		claim_recover(cxt);
-		next_due = GetCurrentTimestamp() + USECS_PER_SEC;
+		claim_after_done(false);
 	}
 	PG_END_TRY();
+	(void) rw_after_claim_result(&next_due);
 	return next_due;
 }
 
@@ -366,6 +442,8 @@ claim_outcome(const char *action)
 {
 	if (strcmp(action, "follow") == 0)
 		return RW_OUTCOME_FOLLOW;
+	if (strcmp(action, "locked") == 0)
+		return RW_OUTCOME_LOCKED;
 	if (strcmp(action, "retry") == 0)
 	{
 		RW_COUNT(retries);
@@ -379,29 +457,22 @@ claim_outcome(const char *action)
 }
 
 /*
- * The recording proper, in its own transaction; see rw_record().
+ * Record the outcome of one call in the caller's transaction; see
+ * rw_record().
  */
 static RwOutcome
-claim_record_run(RwCall *call, TimestampTz *next_at)
+claim_record_one(RwCall *call, TimestampTz accepted_at, TimestampTz *next_at)
 {
-	Oid			types[10] = {TEXTOID, TEXTOID, INT4OID, TEXTOID, BOOLOID,
-	BOOLOID, INT4OID, INT4OID, INT4OID, INT4OID};
-	Datum		values[10];
-	char		nulls[10];
+	Oid			types[11] = {TEXTOID, TEXTOID, INT4OID, TEXTOID, BOOLOID,
+	BOOLOID, INT4OID, INT4OID, INT4OID, INT4OID, TIMESTAMPTZOID};
+	Datum		values[11];
+	char		nulls[11];
 	bool		answered = call->kind == RW_CALL_ANSWER;
 	bool		isnull;
-	char	   *action;
-	RwOutcome	outcome;
 	SPIPlanPtr	plan;
 	Datum		d;
 
 	memset(nulls, ' ', sizeof(nulls));
-	claim_begin("restart_worker: record an agent's answer");
-	if (!claim_extension_exists())
-	{
-		claim_end();
-		return RW_OUTCOME_DONE;
-	}
 	values[0] = CStringGetTextDatum(call->id);
 	values[1] = CStringGetTextDatum(rw_http_kind_name(call->kind));
 	values[2] = Int32GetDatum((int32) call->http_status);
@@ -418,30 +489,58 @@ claim_record_run(RwCall *call, TimestampTz *next_at)
 	values[7] = Int32GetDatum(rw_retry_base);
 	values[8] = Int32GetDatum(rw_retry_max);
 	values[9] = Int32GetDatum(claim_lease_ms());
+	values[10] = TimestampTzGetDatum(accepted_at);
+	if (accepted_at == 0)
+		nulls[10] = 'n';
 	plan = claim_plan(&claim_plan_record,
 					  "SELECT action, next_at FROM restart_worker.worker_record("
-					  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-					  10, types);
+					  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+					  11, types);
 	if (SPI_execute_plan(plan, values, nulls, false, 1) != SPI_OK_SELECT ||
 		SPI_processed != 1)
 		elog(ERROR, "restart_worker: recording an outcome failed");
-	action = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
-	if (!isnull)
-		*next_at = DatumGetTimestampTz(d);
-	outcome = strcmp(action, "locked") == 0 ? RW_OUTCOME_LOCKED : claim_outcome(action);
+	*next_at = isnull ? 0 : DatumGetTimestampTz(d);
+	return claim_outcome(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
+}
+
+/*
+ * The recording proper, in its own transaction; see rw_record().
+ */
+static RwOutcome
+claim_record_run(RwCall *first, RwCall *second, TimestampTz accepted_at,
+				 TimestampTz *next_at)
+{
+	RwOutcome	outcome;
+
+	claim_begin("restart_worker: record an agent's answer");
+	if (!claim_extension_exists())
+	{
+		claim_end();
+		return RW_OUTCOME_DONE;
+	}
+	claim_after_work();
+	outcome = claim_record_one(first, accepted_at, next_at);
+	if (outcome == RW_OUTCOME_FOLLOW && second != NULL)
+		outcome = claim_record_one(second, accepted_at, next_at);
 	claim_end();
 	return outcome;
 }
 
 /*
- * Record the outcome of one call in its own transaction and say what to do
- * next.  For a retry, *next_at is when the request is due again.  If the
- * extension is gone, the request is forgotten.  If recording fails, the
- * error is logged and the request is left to its lease.
+ * Record the outcome of a call in its own transaction and say what to do
+ * next; if second is not NULL and the first outcome says to follow the
+ * job, record second (the answer of that next call) in the same
+ * transaction.  accepted_at is when the agent accepted the job, if an
+ * earlier answer said so (0 if not).  For a retry, *next_at is when the
+ * request is due again.  Any after-claim work is done in the same
+ * transaction.  If the extension is gone, the request is forgotten.  If
+ * recording fails, the error is logged and the request is left to its
+ * lease.
  */
 RwOutcome
-rw_record(RwCall *call, TimestampTz *next_at)
+rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,
+		  TimestampTz *next_at)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile RwOutcome outcome = RW_OUTCOME_ERROR;
@@ -449,11 +548,13 @@ rw_record(RwCall *call, TimestampTz *next_at)
 	*next_at = 0;
 	PG_TRY();
 	{
-		outcome = claim_record_run(call, next_at);
+		outcome = claim_record_run(first, second, accepted_at, next_at);
+		claim_after_done(true);
 	}
 	PG_CATCH();
 	{
 		claim_recover(cxt);
+		claim_after_done(false);
 		*next_at = 0;
 		outcome = RW_OUTCOME_ERROR;
 	}

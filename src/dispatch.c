@@ -10,6 +10,15 @@
  * use is bounded by restart_worker.max_in_flight, which bounds the
  * worker's sockets.
  *
+ * A 202 (the agent accepted the job and runs it) is not recorded at once:
+ * the job is followed right away, and the 202 is recorded together with
+ * that long-poll's answer, in one transaction, if it comes within
+ * DISPATCH_HOLD_MS of the long-poll's start, else on its own then (and
+ * within DISPATCH_HOLD_MAX_MS of the 202 in any case: a long-poll may wait
+ * for its turn).  A job that ends quickly so costs the worker one
+ * transaction less; the row still goes through running, and dispatched_at
+ * is when the 202 came.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -22,6 +31,8 @@
 #include "restart_worker.h"
 
 #define RW_MAX_SLOTS 512
+#define DISPATCH_HOLD_MS 20
+#define DISPATCH_HOLD_MAX_MS 1000
 
 static RwCall *dispatch_slots = NULL;
 static int	dispatch_in_flight = 0;
@@ -89,6 +100,8 @@ dispatch_release(RwCall *call)
 		pfree(call->body);
 	if (call->resp)
 		free(call->resp);
+	if (call->held_resp)
+		free(call->held_resp);
 	memset(call, 0, sizeof(RwCall));
 	dispatch_in_flight--;
 	rw_status_set_in_flight(dispatch_in_flight);
@@ -243,50 +256,109 @@ dispatch_start_queued_follows(void)
 		rw_http_start(call);
 		if (call->easy != NULL)
 			agent->n++;
+		if (call->held_resp != NULL)
+			call->record_at = Min(call->record_at,
+								  GetCurrentTimestamp() + DISPATCH_HOLD_MS * 1000);
 	}
 }
 
 /*
- * Record the outcome of one finished call and move its request on: a
- * running job is followed with a long-poll, a locked row is recorded again
- * a little later, anything else frees the slot.  Lowers *next_at to the
- * earliest retry put back.  Returns true if the slot was freed.
+ * Hold the answer of a call that is a 202 to a POST: follow the job at
+ * once and record the 202 with the next answer (see the head comment).
+ * Returns false if the call is something else.
+ */
+static bool
+dispatch_hold(RwCall *call)
+{
+	if (call->following || call->kind != RW_CALL_ANSWER ||
+		call->http_status != 202 || call->resp == NULL)
+		return false;
+	call->held_resp = call->resp;
+	call->held_len = call->resp_len;
+	call->resp = NULL;
+	call->resp_len = 0;
+	call->unrecorded = false;
+	call->accepted_at = GetCurrentTimestamp();
+	call->record_at = call->accepted_at + DISPATCH_HOLD_MAX_MS * 1000;
+	call->maybe_sent = true;
+	call->record_tries = 0;
+	dispatch_follow(call);
+	return true;
+}
+
+/*
+ * Fill *held with call, its answer replaced by the 202 it holds.
+ */
+static void
+dispatch_held_answer(RwCall *call, RwCall *held)
+{
+	*held = *call;
+	held->following = false;
+	held->resp = call->held_resp;
+	held->resp_len = call->held_len;
+	held->resp_too_big = false;
+	held->http_status = 202;
+	held->kind = RW_CALL_ANSWER;
+	held->sent = true;
+}
+
+/*
+ * Record what is due for a request and move it on: its held 202 and the
+ * outcome of its finished call, or either alone.  A running job is
+ * followed with a long-poll, a locked row is recorded again a little
+ * later, anything else frees the slot (and drops a long-poll still on its
+ * way).  Lowers *next_at to the earliest retry put back.  Returns true if
+ * the slot was freed.
  */
 static bool
 dispatch_record(RwCall *call, TimestampTz *next_at)
 {
+	RwCall		held;
+	bool		holding = call->held_resp != NULL;
+	bool		finished = call->unrecorded;
 	TimestampTz at = 0;
+	RwOutcome	outcome;
 
 	call->record_at = 0;
-	switch (rw_record(call, &at))
+	if (holding)
+		dispatch_held_answer(call, &held);
+	outcome = rw_record(holding ? &held : call, holding && finished ? call : NULL,
+						call->accepted_at, &at);
+	if (outcome == RW_OUTCOME_LOCKED)
 	{
-		case RW_OUTCOME_FOLLOW:
-			/* A job that runs: follow it; a retried POST finds it. */
-			call->maybe_sent = true;
-			call->record_tries = 0;
-			dispatch_follow(call);
-			return false;
-		case RW_OUTCOME_LOCKED:
-			/* Never wait for a row lock: try again, less and less often. */
-			call->record_tries++;
-			call->record_at = GetCurrentTimestamp() +
-				(TimestampTz) Min(100L << Min(call->record_tries, 6), 5000L) * 1000;
-			return false;
-		case RW_OUTCOME_RETRY:
-			if (at != 0 && (*next_at == 0 || at < *next_at))
-				*next_at = at;
-			break;
-		case RW_OUTCOME_DONE:
-		case RW_OUTCOME_ERROR:
-			break;
+		/* Never wait for a row lock: try again, less and less often. */
+		call->record_tries++;
+		call->record_at = GetCurrentTimestamp() +
+			(TimestampTz) Min(100L << Min(call->record_tries, 6), 5000L) * 1000;
+		return false;
 	}
+	if (holding)
+	{
+		free(call->held_resp);
+		call->held_resp = NULL;
+		call->held_len = 0;
+	}
+	call->accepted_at = 0;
+	call->unrecorded = false;
+	if (outcome == RW_OUTCOME_FOLLOW)
+	{
+		/* A job that runs: follow it (unless a long-poll is on its way). */
+		call->maybe_sent = true;
+		call->record_tries = 0;
+		if (finished)
+			dispatch_follow(call);
+		return false;
+	}
+	if (outcome == RW_OUTCOME_RETRY && at != 0 && (*next_at == 0 || at < *next_at))
+		*next_at = at;
+	rw_http_abort(call);
 	dispatch_release(call);
 	return true;
 }
 
 /*
- * Record the outcome of every finished call, and again those whose row was
- * locked when they are due.  Lowers *next_at to the earliest retry put
+ * Record the outcome of every finished call, held 202s when they are due,
+ * and again those whose row was locked.  Lowers *next_at to the earliest retry put
  * back.  Returns true if a slot was freed.  A new request comes first: when
  * the worker's latch is set (a request committed) it stops after the
  * outcome at hand, so that the worker claims the request before it records
@@ -303,7 +375,9 @@ rw_dispatch_finish(TimestampTz *next_at, bool *more_done)
 	*more_done = false;
 	while ((call = rw_http_next_done()) != NULL)
 	{
-		freed |= dispatch_record(call, next_at);
+		call->unrecorded = true;
+		if (!dispatch_hold(call))
+			freed |= dispatch_record(call, next_at);
 		if (MyLatch->is_set)
 		{
 			*more_done = true;
@@ -321,8 +395,8 @@ rw_dispatch_finish(TimestampTz *next_at, bool *more_done)
 }
 
 /*
- * When the earliest outcome that found its row locked is to be recorded
- * again, or 0 if there is none.
+ * When the earliest outcome that found its row locked, or held 202, is to
+ * be recorded, or 0 if there is none.
  */
 TimestampTz
 rw_dispatch_next_record(void)

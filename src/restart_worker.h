@@ -151,8 +151,14 @@ typedef struct RwCall
 	int			keylen;
 	TimestampTz deadline;		/* deadline_at of the request */
 	bool		maybe_sent;		/* an earlier call may have reached the agent */
-	TimestampTz record_at;		/* outcome to record again then (row locked) */
+	TimestampTz record_at;		/* record then: an outcome whose row was
+								 * locked, or a held 202 (src/dispatch.c) */
 	int			record_tries;	/* times recording found the row locked */
+	bool		unrecorded;		/* the call ended; its outcome is not recorded */
+	char	   *held_resp;		/* a 202 recorded with the next answer,
+								 * malloc'd */
+	size_t		held_len;
+	TimestampTz accepted_at;	/* when the held 202 came */
 	/* the transfer (src/http.c) */
 	void	   *easy;			/* CURL * */
 	void	   *headers;		/* struct curl_slist * */
@@ -212,8 +218,12 @@ typedef enum RwClaimResult
 #define RW_NEXT_DUE_UNKNOWN ((TimestampTz) -1)
 extern RwClaimResult rw_claim(int limit, List *exclude, bool recover, List **rows,
 							  TimestampTz *next_due, bool *more);
-extern TimestampTz rw_after_claim(List *announce, List *exclude);
-extern RwOutcome rw_record(RwCall *call, TimestampTz *next_at);
+extern void rw_after_claim_defer(List *announce);
+extern TimestampTz rw_after_claim_due(void);
+extern TimestampTz rw_after_claim(void);
+extern bool rw_after_claim_result(TimestampTz *next_due);
+extern RwOutcome rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,
+						   TimestampTz *next_at);
 
 /* src/dispatch.c */
 extern void rw_dispatch_init(void);

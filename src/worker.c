@@ -136,7 +136,8 @@ worker_ms_until(TimestampTz t, TimestampTz now)
 
 /*
  * How long to wait: until libcurl's timer, the next due request (only if a
- * slot is free to take it) or the safety-net poll, whichever is first.
+ * slot is free to take it), an outcome or after-claim work to record, or
+ * the safety-net poll, whichever is first.
  */
 static long
 worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
@@ -146,12 +147,15 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 	long		curl_ms = rw_http_timeout();
 
 	TimestampTz record_at = rw_dispatch_next_record();
+	TimestampTz after_claim_at = rw_after_claim_due();
 
 	timeout = worker_ms_until(last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC, now);
 	if (next_due != 0 && rw_dispatch_free_slots() > 0)
 		timeout = Min(timeout, worker_ms_until(next_due, now));
 	if (record_at != 0)
 		timeout = Min(timeout, worker_ms_until(record_at, now));
+	if (after_claim_at != 0)
+		timeout = Min(timeout, worker_ms_until(after_claim_at, now));
 	if (curl_ms >= 0)
 		timeout = Min(timeout, curl_ms);
 	return timeout;
@@ -204,16 +208,18 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	}
 
 	/*
-	 * Send the calls before anything else, then announce the requests that
-	 * were pending and look for the next due.  A request found due now
-	 * committed after the claim's snapshot (its wake-up may even have been
-	 * lost: waiting for a synchronous standby resets the latch), so the next
-	 * turn claims it.
+	 * Send the calls before anything else; announcing the requests that were
+	 * pending and looking for the next due is left to the next transaction
+	 * (src/claim.c), at most a few milliseconds later.  A request then found
+	 * due committed after the claim's snapshot (its wake-up may even have
+	 * been lost: waiting for a synchronous standby resets the latch), so the
+	 * next turn claims it.
 	 */
 	if (*next_due == RW_NEXT_DUE_UNKNOWN)
 	{
 		rw_http_timer_event();
-		*next_due = rw_after_claim(announce, rw_dispatch_ids());
+		rw_after_claim_defer(announce);
+		*next_due = 0;
 		return true;
 	}
 
@@ -329,6 +335,10 @@ worker_loop(void)
 			if (rw_dispatch_finish(&retry_at, &more_done) && more)
 				need_claim = true;
 		}
+		if (rw_after_claim_due() != 0 && rw_after_claim_due() <= GetCurrentTimestamp())
+			next_due = rw_after_claim();
+		else
+			(void) rw_after_claim_result(&next_due);
 		if (retry_at != 0 && (next_due == 0 || retry_at < next_due))
 			next_due = retry_at;
 	}
@@ -358,6 +368,14 @@ restart_worker_main(Datum main_arg)
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_SESSION);
+
+	/*
+	 * Every query of the worker has an index to use.  Their plans are kept
+	 * for the life of the worker: one made while the requests table was
+	 * nearly empty would otherwise scan it whole once it has grown, until
+	 * the next ANALYZE.
+	 */
+	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("application_name", "restart_worker", PGC_USERSET, PGC_S_OVERRIDE);
 
 	rw_http_init();

@@ -245,17 +245,26 @@ END;
 $$;
 
 -- When the worker next has something to do for requests it does not have in flight:
--- the earliest due attempt or deadline, or NULL if there is none.
+-- the earliest due attempt or deadline, or NULL if there is none. PL/pgSQL rather than a
+-- SQL-standard body: its subqueries keep such a function from being inlined, and a
+-- function that is not inlined is planned again at every call; PL/pgSQL keeps the plan.
 CREATE FUNCTION restart_worker.worker_next_due(p_exclude uuid[])
 RETURNS timestamptz
-LANGUAGE sql STABLE
-RETURN least(
-	(SELECT q.next_attempt_at FROM public.service_restart_requests q
-	 WHERE q.status IN ('pending', 'dispatching', 'running') AND NOT (q.id = ANY (p_exclude))
-	 ORDER BY q.next_attempt_at LIMIT 1),
-	(SELECT q.deadline_at FROM public.service_restart_requests q
-	 WHERE q.status IN ('pending', 'dispatching', 'running') AND NOT (q.id = ANY (p_exclude))
-	 ORDER BY q.deadline_at LIMIT 1));
+LANGUAGE plpgsql STABLE
+SET search_path = ''
+AS $$
+BEGIN
+	RETURN least(
+		(SELECT q.next_attempt_at FROM public.service_restart_requests q
+		 WHERE q.status IN ('pending', 'dispatching', 'running')
+		   AND NOT (q.id = ANY (p_exclude))
+		 ORDER BY q.next_attempt_at LIMIT 1),
+		(SELECT q.deadline_at FROM public.service_restart_requests q
+		 WHERE q.status IN ('pending', 'dispatching', 'running')
+		   AND NOT (q.id = ANY (p_exclude))
+		 ORDER BY q.deadline_at LIMIT 1));
+END;
+$$;
 
 -- How a call without a usable answer went, from the worker's kind of failure (src/http.c)
 -- or the HTTP status and body of the answer: the text for error, whether it may succeed
@@ -318,9 +327,12 @@ $$;
 
 -- Copy a job object the agent answered with (see parse_job()) to the request, and say
 -- what the worker does next: follow a running job, or the terminal status it reached.
+-- p_dispatched_at is when the agent accepted the job, if the worker learnt it from an
+-- earlier answer than this one (NULL: now).
 CREATE FUNCTION restart_worker.record_job(p_row public.service_restart_requests,
 	p_status text, p_started_at timestamptz, p_finished_at timestamptz,
-	p_exit_code integer, p_output text, p_error text, p_lease_ms integer)
+	p_exit_code integer, p_output text, p_error text, p_lease_ms integer,
+	p_dispatched_at timestamptz)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = ''
@@ -328,7 +340,7 @@ AS $$
 BEGIN
 	-- One update, also for a job that already ended: each row version costs.
 	UPDATE public.service_restart_requests
-		SET dispatched_at = coalesce(dispatched_at, pg_catalog.now()),
+		SET dispatched_at = coalesce(dispatched_at, p_dispatched_at, pg_catalog.now()),
 			started_at = coalesce(p_started_at, started_at),
 			output = p_output,
 			exit_code = p_exit_code,
@@ -358,14 +370,15 @@ $$;
 --   'gone'      the request is no longer the worker's (deleted, or ended elsewhere).
 -- p_kind is 'answer' when the agent answered (p_http, p_body), else the kind of failure
 -- (see classify()); p_sent whether any of this call's request was sent; p_maybe_sent
--- whether an earlier call may have reached the agent. A job object in a 200/202 answer is
--- copied to the row; any other answer that cannot succeed later fails the request at
+-- whether an earlier call may have reached the agent; p_dispatched_at when the agent
+-- accepted the job, if an earlier answer (a 202 not recorded on its own) said so. A job
+-- object in a 200/202 answer is copied to the row; any other answer that cannot succeed later fails the request at
 -- once. A request the agent never accepted fails after its maximum attempts; any request
 -- fails past its deadline.
 CREATE FUNCTION restart_worker.worker_record(
 	p_id uuid, p_kind text, p_http integer, p_body text, p_sent boolean,
 	p_maybe_sent boolean, p_max_attempts integer, p_retry_base_ms integer,
-	p_retry_max_ms integer, p_lease_ms integer,
+	p_retry_max_ms integer, p_lease_ms integer, p_dispatched_at timestamptz,
 	OUT action text, OUT next_at timestamptz)
 LANGUAGE plpgsql VOLATILE
 SET search_path = ''
@@ -400,7 +413,8 @@ BEGIN
 		SELECT * INTO v_job FROM restart_worker.parse_job(p_id, v_answer);
 		IF v_job.status IS NOT NULL THEN
 			action := restart_worker.record_job(v_row, v_job.status, v_job.started_at,
-				v_job.finished_at, v_job.exit_code, v_job.output, v_job.error, p_lease_ms);
+				v_job.finished_at, v_job.exit_code, v_job.output, v_job.error, p_lease_ms,
+				p_dispatched_at);
 			RETURN;
 		END IF;
 		RAISE LOG 'restart_worker: request %: the agent answered HTTP % with no valid job object: %',
@@ -491,17 +505,21 @@ CREATE TRIGGER notify_status_update
 
 -- Announce the requests the worker has just claimed (p_ids, pending before the claim)
 -- with their status now (dispatching), the payload notify_status() gives; run by the
--- worker in a transaction of its own (committed asynchronously) once their calls are sent.
+-- worker once their calls are sent, in the next transaction it commits (see
+-- src/claim.c). PL/pgSQL for its kept plan (see worker_next_due()).
 CREATE FUNCTION restart_worker.worker_announce(p_ids uuid[])
 RETURNS void
-LANGUAGE sql VOLATILE
-BEGIN ATOMIC
-	SELECT pg_catalog.count(pg_catalog.pg_notify('restart_worker',
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $$
+BEGIN
+	PERFORM pg_catalog.pg_notify('restart_worker',
 		pg_catalog.json_build_object('id', q.id, 'service_name', q.service_name,
-									 'status', q.status)::pg_catalog.text))
+									 'status', q.status)::pg_catalog.text)
 	FROM public.service_restart_requests q
 	WHERE q.id = ANY (p_ids);
 END;
+$$;
 
 -- The worker's own view of itself, from shared memory.
 CREATE FUNCTION restart_worker.worker_state(

@@ -80,8 +80,9 @@ like($out, qr/Asynchronous notification "restart_worker" with payload "\{"id" : 
 like($out, qr/"id" : "$id".*"status" : "dispatching"/, 'NOTIFY announces dispatching');
 like($out, qr/"id" : "$id".*"status" : "completed"/, 'NOTIFY announces completed');
 my @seen = $out =~ /"id" : "$id", "service_name" : "ok_svc", "status" : "(\w+)"/g;
-is(join(',', grep { $_ ne 'running' } @seen), 'pending,dispatching,completed',
-	"each status announced once, in order (dispatching by the worker after the claim): @seen");
+is(join(',', @seen), 'pending,dispatching,running,completed',
+	"each status announced once, in order (dispatching by the worker after the claim; running "
+	  . "also when the 202 is recorded with the job's end): @seen");
 
 # status() shows the worker and its counters.
 my $st = $node->safe_psql('postgres',
