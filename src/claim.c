@@ -42,6 +42,7 @@
 static SPIPlanPtr claim_plan_claim = NULL;
 static SPIPlanPtr claim_plan_next_due = NULL;
 static SPIPlanPtr claim_plan_record = NULL;
+static SPIPlanPtr claim_plan_record_job = NULL;
 static SPIPlanPtr claim_plan_announce = NULL;
 
 /*
@@ -435,42 +436,133 @@ rw_after_claim(void)
 }
 
 /*
- * Count a recorded outcome and translate it for the caller.
+ * What the last answer recorded did to its request, counted in
+ * restart_worker.status() once its transaction has committed.
+ */
+typedef enum ClaimCount
+{
+	CLAIM_COUNT_NONE,
+	CLAIM_COUNT_RETRY,
+	CLAIM_COUNT_COMPLETED,
+	CLAIM_COUNT_FAILED
+} ClaimCount;
+
+static ClaimCount claim_count = CLAIM_COUNT_NONE;
+
+/*
+ * Translate a recorded outcome for the caller, and note what to count.
  */
 static RwOutcome
 claim_outcome(const char *action)
 {
+	claim_count = CLAIM_COUNT_NONE;
 	if (strcmp(action, "follow") == 0)
 		return RW_OUTCOME_FOLLOW;
 	if (strcmp(action, "locked") == 0)
 		return RW_OUTCOME_LOCKED;
 	if (strcmp(action, "retry") == 0)
 	{
-		RW_COUNT(retries);
+		claim_count = CLAIM_COUNT_RETRY;
 		return RW_OUTCOME_RETRY;
 	}
 	if (strcmp(action, "completed") == 0)
-		RW_COUNT(completed);
+		claim_count = CLAIM_COUNT_COMPLETED;
 	else if (strcmp(action, "failed") == 0)
-		RW_COUNT(failed);
+		claim_count = CLAIM_COUNT_FAILED;
 	return RW_OUTCOME_DONE;
 }
 
 /*
+ * Count what the committed recording did.
+ */
+static void
+claim_count_committed(void)
+{
+	if (claim_count == CLAIM_COUNT_RETRY)
+		RW_COUNT(retries);
+	else if (claim_count == CLAIM_COUNT_COMPLETED)
+		RW_COUNT(completed);
+	else if (claim_count == CLAIM_COUNT_FAILED)
+		RW_COUNT(failed);
+	claim_count = CLAIM_COUNT_NONE;
+}
+
+/*
+ * Record a job object read by src/job.c with worker_record_job(), in the
+ * caller's transaction.  Returns false if that left the request alone
+ * (its row is locked or no longer the worker's): worker_record() then says
+ * what it is.
+ */
+static bool
+claim_record_job(RwCall *call, const RwJob *job, TimestampTz accepted_at,
+				 RwOutcome *outcome)
+{
+	Oid			types[9] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	INT4OID, TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID};
+	Datum		values[9];
+	char		nulls[9];
+	SPIPlanPtr	plan;
+	bool		isnull;
+	Datum		d;
+
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = CStringGetTextDatum(call->id);
+	values[1] = CStringGetTextDatum(job->status);
+	values[2] = TimestampTzGetDatum(job->started_at);
+	nulls[2] = job->started_at == 0 ? 'n' : ' ';
+	values[3] = TimestampTzGetDatum(job->finished_at);
+	nulls[3] = job->finished_at == 0 ? 'n' : ' ';
+	values[4] = Int32GetDatum(job->exit_code);
+	nulls[4] = job->has_exit_code ? ' ' : 'n';
+	values[5] = job->output ? CStringGetTextDatum(job->output) : (Datum) 0;
+	nulls[5] = job->output ? ' ' : 'n';
+	values[6] = job->error ? CStringGetTextDatum(job->error) : (Datum) 0;
+	nulls[6] = job->error ? ' ' : 'n';
+	values[7] = Int32GetDatum(claim_lease_ms());
+	values[8] = TimestampTzGetDatum(accepted_at);
+	nulls[8] = accepted_at == 0 ? 'n' : ' ';
+	plan = claim_plan(&claim_plan_record_job,
+					  "SELECT restart_worker.worker_record_job("
+					  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9)",
+					  9, types);
+	if (SPI_execute_plan(plan, values, nulls, false, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "restart_worker: recording a job failed");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+		return false;
+	*outcome = claim_outcome(TextDatumGetCString(d));
+	return true;
+}
+
+/*
  * Record the outcome of one call in the caller's transaction; see
- * rw_record().
+ * rw_record().  The common answer, a job object in a 200 or 202, is read
+ * in C (src/job.c) if fast is true; anything else is judged by
+ * worker_record().
  */
 static RwOutcome
-claim_record_one(RwCall *call, TimestampTz accepted_at, TimestampTz *next_at)
+claim_record_one(RwCall *call, TimestampTz accepted_at, bool fast,
+				 TimestampTz *next_at)
 {
 	Oid			types[11] = {TEXTOID, TEXTOID, INT4OID, TEXTOID, BOOLOID,
 	BOOLOID, INT4OID, INT4OID, INT4OID, INT4OID, TIMESTAMPTZOID};
 	Datum		values[11];
 	char		nulls[11];
 	bool		answered = call->kind == RW_CALL_ANSWER;
+	bool		valid = answered && call->resp != NULL && call->resp_len > 0 &&
+		pg_verifymbstr(call->resp, call->resp_len, true);
 	bool		isnull;
 	SPIPlanPtr	plan;
 	Datum		d;
+	RwJob		job;
+	RwOutcome	outcome;
+
+	*next_at = 0;
+	if (fast && valid && (call->http_status == 200 || call->http_status == 202) &&
+		rw_job_read(call->id, call->resp, call->resp_len, &job) &&
+		claim_record_job(call, &job, accepted_at, &outcome))
+		return outcome;
 
 	memset(nulls, ' ', sizeof(nulls));
 	values[0] = CStringGetTextDatum(call->id);
@@ -478,8 +570,7 @@ claim_record_one(RwCall *call, TimestampTz accepted_at, TimestampTz *next_at)
 	values[2] = Int32GetDatum((int32) call->http_status);
 	if (!answered)
 		nulls[2] = 'n';
-	if (answered && call->resp != NULL && call->resp_len > 0 &&
-		pg_verifymbstr(call->resp, call->resp_len, true))
+	if (valid)
 		values[3] = PointerGetDatum(cstring_to_text_with_len(call->resp, call->resp_len));
 	else
 		nulls[3] = 'n';
@@ -509,10 +600,11 @@ claim_record_one(RwCall *call, TimestampTz accepted_at, TimestampTz *next_at)
  */
 static RwOutcome
 claim_record_run(RwCall *first, RwCall *second, TimestampTz accepted_at,
-				 TimestampTz *next_at)
+				 bool fast, TimestampTz *next_at)
 {
 	RwOutcome	outcome;
 
+	claim_count = CLAIM_COUNT_NONE;
 	claim_begin("restart_worker: record an agent's answer");
 	if (!claim_extension_exists())
 	{
@@ -520,11 +612,61 @@ claim_record_run(RwCall *first, RwCall *second, TimestampTz accepted_at,
 		return RW_OUTCOME_DONE;
 	}
 	claim_after_work();
-	outcome = claim_record_one(first, accepted_at, next_at);
+	outcome = claim_record_one(first, accepted_at, fast, next_at);
 	if (outcome == RW_OUTCOME_FOLLOW && second != NULL)
-		outcome = claim_record_one(second, accepted_at, next_at);
+		outcome = claim_record_one(second, accepted_at, fast, next_at);
 	claim_end();
 	return outcome;
+}
+
+/*
+ * Run claim_record_run() and count what it did.  If it fails, roll back:
+ * after an attempt with the fast path (src/job.c) quietly, returning false
+ * so that the caller tries again without it; otherwise logging the error
+ * and returning RW_OUTCOME_ERROR in *outcome.
+ */
+static bool
+claim_record_try(RwCall *first, RwCall *second, TimestampTz accepted_at,
+				 bool fast, TimestampTz *next_at, RwOutcome *outcome)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool done = true;
+
+	*next_at = 0;
+	PG_TRY();
+	{
+		*outcome = claim_record_run(first, second, accepted_at, fast, next_at);
+		claim_after_done(true);
+		claim_count_committed();
+	}
+	PG_CATCH();
+	{
+		if (fast)
+		{
+			ErrorData  *edata;
+
+			HOLD_INTERRUPTS();
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			pgstat_report_activity(STATE_IDLE, NULL);
+			RESUME_INTERRUPTS();
+			elog(DEBUG1, "restart_worker: recording with the fast path failed: %s",
+				 edata->message);
+			FreeErrorData(edata);
+			done = false;
+		}
+		else
+		{
+			claim_recover(cxt);
+			claim_after_done(false);
+			*outcome = RW_OUTCOME_ERROR;
+		}
+		*next_at = 0;
+	}
+	PG_END_TRY();
+	return done;
 }
 
 /*
@@ -536,28 +678,17 @@ claim_record_run(RwCall *first, RwCall *second, TimestampTz accepted_at,
  * request is due again.  Any after-claim work is done in the same
  * transaction.  If the extension is gone, the request is forgotten.  If
  * recording fails, the error is logged and the request is left to its
- * lease.
+ * lease.  An error met on the fast path (a job object read in C, say one
+ * nested too deep for the parser) is not logged: the transaction is done
+ * again, with every answer judged in SQL.
  */
 RwOutcome
 rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,
 		  TimestampTz *next_at)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	volatile RwOutcome outcome = RW_OUTCOME_ERROR;
+	RwOutcome	outcome;
 
-	*next_at = 0;
-	PG_TRY();
-	{
-		outcome = claim_record_run(first, second, accepted_at, next_at);
-		claim_after_done(true);
-	}
-	PG_CATCH();
-	{
-		claim_recover(cxt);
-		claim_after_done(false);
-		*next_at = 0;
-		outcome = RW_OUTCOME_ERROR;
-	}
-	PG_END_TRY();
+	if (!claim_record_try(first, second, accepted_at, true, next_at, &outcome))
+		(void) claim_record_try(first, second, accepted_at, false, next_at, &outcome);
 	return outcome;
 }

@@ -10,6 +10,7 @@
  *							wake-ups, timers and sockets;
  *	src/claim.c				short transactions: claim due rows, record
  *							outcomes (policy in src/sql/50_worker.sql);
+ *	src/job.c				reads the common answer, a job object;
  *	src/dispatch.c			one call slot per request in flight;
  *	src/http.c				libcurl's multi interface on the worker's
  *							wait event set;
@@ -224,6 +225,19 @@ extern TimestampTz rw_after_claim(void);
 extern bool rw_after_claim_result(TimestampTz *next_due);
 extern RwOutcome rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,
 						   TimestampTz *next_at);
+
+/* src/job.c */
+typedef struct RwJob
+{
+	const char *status;			/* running, completed or failed */
+	TimestampTz started_at;		/* 0 if none */
+	TimestampTz finished_at;	/* 0 if none */
+	bool		has_exit_code;
+	int32		exit_code;
+	const char *output;			/* NULL if none */
+	const char *error;			/* NULL if none */
+} RwJob;
+extern bool rw_job_read(const char *id, char *body, size_t len, RwJob *job);
 
 /* src/dispatch.c */
 extern void rw_dispatch_init(void);

@@ -325,11 +325,15 @@ BEGIN
 END;
 $$;
 
--- Copy a job object the agent answered with (see parse_job()) to the request, and say
--- what the worker does next: follow a running job, or the terminal status it reached.
+-- Copy a job object the agent answered with to request p_id, and say what the worker does
+-- next: 'follow' a running job, or the terminal status it reached ('failed' for a running
+-- job past its deadline). The worker calls it directly for the common answer, a job object
+-- it has read and checked itself (src/job.c); worker_record() calls it for a job object it
+-- has parsed (parse_job()). Returns NULL, changing nothing, if the request is not
+-- dispatching or running, or someone else holds its row: worker_record() sorts that out.
 -- p_dispatched_at is when the agent accepted the job, if the worker learnt it from an
 -- earlier answer than this one (NULL: now).
-CREATE FUNCTION restart_worker.record_job(p_row public.service_restart_requests,
+CREATE FUNCTION restart_worker.worker_record_job(p_id uuid,
 	p_status text, p_started_at timestamptz, p_finished_at timestamptz,
 	p_exit_code integer, p_output text, p_error text, p_lease_ms integer,
 	p_dispatched_at timestamptz)
@@ -337,24 +341,35 @@ RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 AS $$
+DECLARE
+	v_deadline	timestamptz;
 BEGIN
 	-- One update, also for a job that already ended: each row version costs.
-	UPDATE public.service_restart_requests
-		SET dispatched_at = coalesce(dispatched_at, p_dispatched_at, pg_catalog.now()),
-			started_at = coalesce(p_started_at, started_at),
-			output = p_output,
+	WITH mine AS (
+		SELECT r.id FROM public.service_restart_requests r
+		WHERE r.id = p_id AND r.status IN ('dispatching', 'running')
+		FOR UPDATE SKIP LOCKED)
+	UPDATE public.service_restart_requests q
+		SET dispatched_at = coalesce(q.dispatched_at, p_dispatched_at, pg_catalog.now()),
+			started_at = coalesce(p_started_at, q.started_at),
+			output = pg_catalog.left(p_output, 1048576),
 			exit_code = p_exit_code,
 			status = p_status,
-			error = CASE WHEN p_status = 'running' THEN NULL ELSE p_error END,
+			error = CASE WHEN p_status = 'running' THEN NULL
+						 ELSE pg_catalog.left(p_error, 1000) END,
 			completed_at = CASE WHEN p_status = 'running' THEN NULL
 								ELSE coalesce(p_finished_at, pg_catalog.now()) END,
 			next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 			updated_at = pg_catalog.now()
-		WHERE id = p_row.id;
-	IF p_status <> 'running' THEN
+		FROM mine
+		WHERE q.id = mine.id
+		RETURNING q.deadline_at INTO v_deadline;
+	IF NOT FOUND THEN
+		RETURN NULL;
+	ELSIF p_status <> 'running' THEN
 		RETURN p_status;
-	ELSIF p_row.deadline_at <= pg_catalog.now() THEN
-		PERFORM restart_worker.finish(p_row.id, 'failed', restart_worker.timeout_error('running', NULL));
+	ELSIF v_deadline <= pg_catalog.now() THEN
+		PERFORM restart_worker.finish(p_id, 'failed', restart_worker.timeout_error('running', NULL));
 		RETURN 'failed';
 	END IF;
 	RETURN 'follow';
@@ -412,7 +427,7 @@ BEGIN
 	IF p_kind = 'answer' AND p_http IN (200, 202) THEN
 		SELECT * INTO v_job FROM restart_worker.parse_job(p_id, v_answer);
 		IF v_job.status IS NOT NULL THEN
-			action := restart_worker.record_job(v_row, v_job.status, v_job.started_at,
+			action := restart_worker.worker_record_job(p_id, v_job.status, v_job.started_at,
 				v_job.finished_at, v_job.exit_code, v_job.output, v_job.error, p_lease_ms,
 				p_dispatched_at);
 			RETURN;

@@ -108,6 +108,48 @@ my $big = fake_service('big', '', sub {
 $row = run_to($big, 'failed');
 like($row->{error}, qr/^invalid answer from the agent \(HTTP 200\)/, "big: $row->{error}");
 
+# The common answer, a job object, is read in C (src/job.c), anything else in SQL; both
+# take an answer the same way.  Escapes, a time zone offset, a key given twice (the last
+# one counts, as in jsonb) and a negative exit code, on the C path:
+my $esc = fake_service('esc', '', sub {
+	my ($m, $p, $id) = @_;
+	my $json = job_json($id, exit_code => -3, started_at => '2026-11-26T07:00:00.5+02:00',
+		output => 'OUT');
+	$json =~ s/"OUT"/"caf\\u00e9 \\"q\\"\\n\\ud83d\\ude00"/;
+	$json =~ s/^\{/{"status":"failed",/;
+	return [200, $json];
+});
+$row = run_to($esc, 'completed');
+is($node->safe_psql('postgres', qq{
+	SELECT output = E'caf\\u00e9 "q"\\n\\U0001F600', exit_code,
+		   started_at = '2026-11-26 05:00:00.5+00'
+	FROM public.service_restart_requests WHERE id = '$row->{id}'}),
+	't|-3|t', 'esc: escapes, offset and a repeated key read as jsonb reads them');
+
+# A zero character in the output: jsonb has none, so the SQL path takes this answer and
+# puts U+FFFD in its place.
+my $nul = fake_service('nul', '', sub {
+	my ($m, $p, $id) = @_;
+	my $json = job_json($id, output => 'OUT');
+	$json =~ s/"OUT"/"a\\u0000b"/;
+	return [200, $json];
+});
+$row = run_to($nul, 'completed');
+is($node->safe_psql('postgres',
+	"SELECT output = E'a\\uFFFDb' FROM public.service_restart_requests WHERE id = '$row->{id}'"),
+	't', 'nul: the zero character is replaced');
+
+# Nested too deep for the parser (an error on the C path, caught on the SQL path): the
+# request fails with "invalid answer", the worker goes on.
+my $deep = fake_service('deep', '', sub {
+	my ($m, $p, $id) = @_;
+	my $json = job_json($id, status => 'running', finished_at => undef, output => 'OUT');
+	$json =~ s/"OUT"/'[' x 200000 . ']' x 200000/e;
+	return [202, $json];
+});
+$row = run_to($deep, 'failed');
+like($row->{error}, qr/^invalid answer from the agent \(HTTP 202\)/, "deep: $row->{error}");
+
 is($node->safe_psql('postgres',
 	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
 	$worker, 'the same worker survived every odd answer');
