@@ -88,6 +88,7 @@ extern RestartWorkerShared *restart_worker_shared;
 extern void restart_worker_wake_init(void);
 extern void restart_worker_wake_publish(void);
 extern void restart_worker_wake_unpublish(void);
+extern uint64 restart_worker_wake_count(void);
 
 /* src/guc.c */
 extern char *rw_database;

@@ -201,6 +201,23 @@ restart_worker_wake_worker_at_commit(PG_FUNCTION_ARGS)
 }
 
 /*
+ * The number of wake-ups committing transactions have sent since the
+ * server started.  The worker compares it before it waits: a wait inside
+ * one of its own transactions (for a lock, say) resets its latch, and so
+ * may use up a wake-up meant for the main loop.
+ */
+uint64
+restart_worker_wake_count(void)
+{
+	uint64		count;
+
+	SpinLockAcquire(&restart_worker_shared->mutex);
+	count = restart_worker_shared->commit_wakeups;
+	SpinLockRelease(&restart_worker_shared->mutex);
+	return count;
+}
+
+/*
  * SQL function: the number of wake-ups committing transactions have sent
  * since the server started, or NULL when the library was not preloaded.
  */

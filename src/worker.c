@@ -283,6 +283,7 @@ worker_loop(void)
 	bool		more = false;
 	bool		more_done = false;
 	bool		deferred = false;
+	uint64		wakes_seen = 0;
 
 	for (;;)
 	{
@@ -305,6 +306,7 @@ worker_loop(void)
 			need_claim = true;
 		if (need_claim && rw_dispatch_free_slots() > 0)
 		{
+			wakes_seen = restart_worker_wake_count();
 			extension_seen = worker_claim(&recover, &next_due, &more);
 			last_poll = now;
 			need_claim = false;
@@ -312,6 +314,9 @@ worker_loop(void)
 		rw_status_set_state(!extension_seen ? RW_STATE_NO_EXTENSION :
 							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
 
+		/* A wake-up used up inside a transaction (see src/wake.c) counts. */
+		if (rw_dispatch_free_slots() > 0 && restart_worker_wake_count() != wakes_seen)
+			more_done = need_claim = true;
 		if (worker_wait(&set, more_done ? 0 : worker_wait_timeout(next_due, last_poll)))
 		{
 			rw_status_note_wake();
