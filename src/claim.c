@@ -488,6 +488,18 @@ claim_count_committed(void)
 }
 
 /*
+ * Whether an answer is a job object src/job.c reads, in *job.
+ */
+static bool
+claim_read_job(RwCall *call, RwJob *job)
+{
+	return call->kind == RW_CALL_ANSWER && call->resp != NULL && call->resp_len > 0 &&
+		(call->http_status == 200 || call->http_status == 202) &&
+		pg_verifymbstr(call->resp, call->resp_len, true) &&
+		rw_job_read(call->id, call->resp, call->resp_len, job);
+}
+
+/*
  * Record a job object read by src/job.c with worker_record_job(), in the
  * caller's transaction.  Returns false if that left the request alone
  * (its row is locked or no longer the worker's): worker_record() then says
@@ -495,12 +507,12 @@ claim_count_committed(void)
  */
 static bool
 claim_record_job(RwCall *call, const RwJob *job, TimestampTz accepted_at,
-				 RwOutcome *outcome)
+				 bool running_first, RwOutcome *outcome)
 {
-	Oid			types[9] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-	INT4OID, TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID};
-	Datum		values[9];
-	char		nulls[9];
+	Oid			types[10] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	INT4OID, TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID, BOOLOID};
+	Datum		values[10];
+	char		nulls[10];
 	SPIPlanPtr	plan;
 	bool		isnull;
 	Datum		d;
@@ -521,10 +533,11 @@ claim_record_job(RwCall *call, const RwJob *job, TimestampTz accepted_at,
 	values[7] = Int32GetDatum(claim_lease_ms());
 	values[8] = TimestampTzGetDatum(accepted_at);
 	nulls[8] = accepted_at == 0 ? 'n' : ' ';
+	values[9] = BoolGetDatum(running_first);
 	plan = claim_plan(&claim_plan_record_job,
 					  "SELECT restart_worker.worker_record_job("
-					  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9)",
-					  9, types);
+					  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+					  10, types);
 	if (SPI_execute_plan(plan, values, nulls, false, 1) != SPI_OK_SELECT ||
 		SPI_processed != 1)
 		elog(ERROR, "restart_worker: recording a job failed");
@@ -550,8 +563,7 @@ claim_record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 	Datum		values[11];
 	char		nulls[11];
 	bool		answered = call->kind == RW_CALL_ANSWER;
-	bool		valid = answered && call->resp != NULL && call->resp_len > 0 &&
-		pg_verifymbstr(call->resp, call->resp_len, true);
+	bool		valid;
 	bool		isnull;
 	SPIPlanPtr	plan;
 	Datum		d;
@@ -559,11 +571,12 @@ claim_record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 	RwOutcome	outcome;
 
 	*next_at = 0;
-	if (fast && valid && (call->http_status == 200 || call->http_status == 202) &&
-		rw_job_read(call->id, call->resp, call->resp_len, &job) &&
-		claim_record_job(call, &job, accepted_at, &outcome))
+	if (fast && claim_read_job(call, &job) &&
+		claim_record_job(call, &job, accepted_at, false, &outcome))
 		return outcome;
 
+	valid = answered && call->resp != NULL && call->resp_len > 0 &&
+		pg_verifymbstr(call->resp, call->resp_len, true);
 	memset(nulls, ' ', sizeof(nulls));
 	values[0] = CStringGetTextDatum(call->id);
 	values[1] = CStringGetTextDatum(rw_http_kind_name(call->kind));
@@ -596,6 +609,24 @@ claim_record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 }
 
 /*
+ * Two answers recorded at once, a job's 202 (first) and its end (second),
+ * with one row update instead of two (see worker_record_job()), in the
+ * caller's transaction.  Returns false if they are anything else, or the
+ * update left the request alone: the caller records them one by one.
+ */
+static bool
+claim_record_ended(RwCall *first, RwCall *second, TimestampTz accepted_at,
+				   RwOutcome *outcome)
+{
+	RwJob		running;
+	RwJob		ended;
+
+	return claim_read_job(first, &running) && strcmp(running.status, "running") == 0 &&
+		claim_read_job(second, &ended) && strcmp(ended.status, "running") != 0 &&
+		claim_record_job(second, &ended, accepted_at, true, outcome);
+}
+
+/*
  * The recording proper, in its own transaction; see rw_record().
  */
 static RwOutcome
@@ -612,6 +643,12 @@ claim_record_run(RwCall *first, RwCall *second, TimestampTz accepted_at,
 		return RW_OUTCOME_DONE;
 	}
 	claim_after_work();
+	if (fast && second != NULL && claim_record_ended(first, second, accepted_at, &outcome))
+	{
+		*next_at = 0;
+		claim_end();
+		return outcome;
+	}
 	outcome = claim_record_one(first, accepted_at, fast, next_at);
 	if (outcome == RW_OUTCOME_FOLLOW && second != NULL)
 		outcome = claim_record_one(second, accepted_at, fast, next_at);

@@ -332,11 +332,15 @@ $$;
 -- has parsed (parse_job()). Returns NULL, changing nothing, if the request is not
 -- dispatching or running, or someone else holds its row: worker_record() sorts that out.
 -- p_dispatched_at is when the agent accepted the job, if the worker learnt it from an
--- earlier answer than this one (NULL: now).
+-- earlier answer than this one (NULL: now). p_running_first says that the worker records
+-- two answers at once, the 202 of a job (running) and its end: the row goes from
+-- dispatching to the end in one update, and running is announced first, as an update to
+-- running would have announced it (in the same transaction, nobody could see that row
+-- version anyway).
 CREATE FUNCTION restart_worker.worker_record_job(p_id uuid,
 	p_status text, p_started_at timestamptz, p_finished_at timestamptz,
 	p_exit_code integer, p_output text, p_error text, p_lease_ms integer,
-	p_dispatched_at timestamptz)
+	p_dispatched_at timestamptz, p_running_first boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = ''
@@ -344,6 +348,15 @@ AS $$
 DECLARE
 	v_deadline	timestamptz;
 BEGIN
+	IF p_running_first THEN
+		-- Lock the row before announcing, so that a locked row announces nothing.
+		PERFORM pg_catalog.pg_notify('restart_worker',
+			pg_catalog.json_build_object('id', r.id, 'service_name', r.service_name,
+										 'status', 'running')::pg_catalog.text)
+		FROM (SELECT q.id, q.service_name FROM public.service_restart_requests q
+			  WHERE q.id = p_id AND q.status = 'dispatching'
+			  FOR UPDATE SKIP LOCKED) r;
+	END IF;
 	-- One update, also for a job that already ended: each row version costs.
 	WITH mine AS (
 		SELECT r.id FROM public.service_restart_requests r
