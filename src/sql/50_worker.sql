@@ -200,28 +200,34 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 AS $$
 BEGIN
-	WITH late AS (
-		SELECT q.id FROM public.service_restart_requests q
-		WHERE q.status IN ('pending', 'dispatching', 'running')
-		  AND q.deadline_at <= pg_catalog.now()
-		  AND NOT (q.id = ANY (p_exclude))
-		FOR UPDATE SKIP LOCKED)
-	UPDATE public.service_restart_requests r
-		SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
-			error = restart_worker.timeout_error(r.status, r.error),
-			-- A dispatching row may have reached its agent: it holds the cooldown.
-			uncertain_at = CASE WHEN r.status = 'dispatching'
-								THEN coalesce(r.uncertain_at, pg_catalog.now())
-								ELSE r.uncertain_at END
-		FROM late
-		WHERE r.id = late.id;
+	-- Requests past their deadline are rare: look for one before running the update.
+	IF EXISTS (SELECT FROM public.service_restart_requests q
+			   WHERE q.status IN ('pending', 'dispatching', 'running')
+				 AND q.deadline_at <= pg_catalog.now()) THEN
+		WITH late AS (
+			SELECT q.id FROM public.service_restart_requests q
+			WHERE q.status IN ('pending', 'dispatching', 'running')
+			  AND q.deadline_at <= pg_catalog.now()
+			  AND NOT (q.id = ANY (p_exclude))
+			FOR UPDATE SKIP LOCKED)
+		UPDATE public.service_restart_requests r
+			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
+				error = restart_worker.timeout_error(r.status, r.error),
+				-- A dispatching row may have reached its agent: it holds the cooldown.
+				uncertain_at = CASE WHEN r.status = 'dispatching'
+									THEN coalesce(r.uncertain_at, pg_catalog.now())
+									ELSE r.uncertain_at END
+			FROM late
+			WHERE r.id = late.id;
+	END IF;
 
 	RETURN QUERY
 	WITH due AS (
 		SELECT q.id, q.status AS old_status FROM public.service_restart_requests q
 		WHERE q.status IN ('pending', 'dispatching', 'running')
 		  AND (q.next_attempt_at <= pg_catalog.now() OR (p_recover AND q.status <> 'pending'))
-		  AND NOT (q.id = ANY (p_exclude))
+		  -- what the worker has in flight is never pending
+		  AND (q.status = 'pending' OR NOT (q.id = ANY (p_exclude)))
 		ORDER BY q.next_attempt_at
 		LIMIT p_limit
 		FOR UPDATE SKIP LOCKED),
