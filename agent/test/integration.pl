@@ -65,7 +65,17 @@ sub lines { my $s = slurp(@_); return scalar(() = $s =~ /\n/g); }
 sub journal_lines
 {
 	my ($state) = @_;
-	return split /\n/, slurp("$state/journal");
+	(my $text = slurp("$state/journal")) =~ s/\0+\z//;    # the room made for appends
+	return split /\n/, $text;
+}
+
+# Where the journal's last record ends: the file goes on with zeros, the room the agent
+# makes for the records to come.
+sub journal_end
+{
+	my ($state) = @_;
+	my $text = slurp("$state/journal");
+	return rindex($text, "\n") + 1;
 }
 
 # The last record of an id in the journal, decoded ({} if unreadable), or
@@ -733,7 +743,7 @@ SKIP: {
 	my $pad = uuid();
 	post_restart($b, $pad, 'noisy');
 	wait_job($b, $pad);
-	my $size = -s "$state/journal";
+	my $size = journal_end($state);
 	my $id = uuid();
 	$fsize->($size + 100);
 	my ($s) = post_restart($b, $id, 'efbig');
@@ -749,7 +759,7 @@ SKIP: {
 		'once the limit is raised the same request is accepted and runs once', $json->encode($j // {}));
 	# the accept record fits under the limit, the final state (64 KiB of output) does not
 	$id = uuid();
-	$fsize->((-s "$state/journal") + 4096);
+	$fsize->(journal_end($state) + 4096);
 	($s) = post_restart($b, $id, 'noisy');
 	my $blocked = wait_until(sub { slurp($b->{log}) =~ /ERROR: job $id: cannot journal its final state/ }, 10);
 	(undef, $j) = get_job($b, $id);

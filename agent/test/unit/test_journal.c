@@ -1,7 +1,8 @@
 /*
  * Unit tests of journal.c on a real state directory: concurrent writers
- * sharing flushes, compaction at run time (also after pruning), and the
- * last record of each id read back after a restart.
+ * sharing flushes, compaction at run time (also after pruning), the zeros
+ * written ahead of appends, and the last record of each id read back after
+ * a restart.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -11,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -193,6 +195,56 @@ test_concurrent_writes_and_compaction(void **state)
 	free_jobs(jobs, n);
 }
 
+/*
+ * Appends overwrite zeros written ahead of them (journal_make_room()): the
+ * file ends in zeros after the last record, and those read back as
+ * nothing, also after more records were written.
+ */
+static void
+test_room_made_for_appends(void **state)
+{
+	char		path[128];
+	char		id[UUID_TEXT_LEN + 1];
+	char	   *text;
+	char	   *buf;
+	struct stat st;
+	FILE	   *f;
+	job		  **jobs;
+	int			n;
+	size_t		len;
+	size_t		end;
+
+	(void) state;
+	make_id(id, 100, 1);
+	text = make_record(id, "running", 16);
+	assert_true(journal_write(id, text));
+	free(text);
+	snprintf(path, sizeof(path), "%s/journal", state_dir);
+	assert_int_equal(stat(path, &st), 0);
+	assert_true(st.st_size >= 1024 * 1024);
+	assert_non_null(f = fopen(path, "rb"));
+	buf = malloc((size_t) st.st_size);
+	len = fread(buf, 1, (size_t) st.st_size, f);
+	fclose(f);
+	assert_int_equal(len, (size_t) st.st_size);
+	end = (size_t) ((char *) memrchr(buf, '\n', len) - buf) + 1;
+	assert_true(end < len);
+	for (size_t i = end; i < len; i++)
+		assert_int_equal(buf[i], 0);
+	free(buf);
+
+	n = reload(&jobs);
+	assert_non_null(find_job(jobs, n, 100, 1));
+	free_jobs(jobs, n);
+	text = make_record(id, "completed", 16);
+	assert_true(journal_write(id, text));
+	free(text);
+	n = reload(&jobs);
+	assert_true(find_job(jobs, n, 100, 1) != NULL &&
+				find_job(jobs, n, 100, 1)->status == JOB_COMPLETED);
+	free_jobs(jobs, n);
+}
+
 /* Create the state directory and open the journal in it. */
 static int
 setup(void **state)
@@ -230,6 +282,7 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_records_refused),
 		cmocka_unit_test(test_concurrent_writes_and_compaction),
+		cmocka_unit_test(test_room_made_for_appends),
 	};
 
 	return cmocka_run_group_tests_name("journal", tests, setup, teardown);
