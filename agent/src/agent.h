@@ -211,7 +211,8 @@ typedef struct job_step
 
 typedef struct job
 {
-	struct job *next;			/* next in jobs.c's finished FIFO */
+	struct job *next;			/* next in jobs.c's finished FIFO, or before
+								 * it starts, in its hand-off queue */
 	char		id[UUID_TEXT_LEN + 1];
 	char		service[SERVICE_NAME_MAX + 1];
 	bool		has_requested_by;

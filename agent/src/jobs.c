@@ -40,6 +40,11 @@
  * (the restart_worker keeps dozens in flight).  Waits for a journaling
  * job, and for the end of the runners at shutdown, use jobs_cond.
  *
+ * Runner threads are kept for the next job: a runner whose job ended waits
+ * up to JOBS_RUNNER_IDLE_SEC for another one (handed over through
+ * jobs_handoff) before it exits, so that a busy agent does not create, and
+ * tear down with its stack, a thread per job.
+ *
  * Journal writes (each waits for an fdatasync) are done without jobs_lock,
  * so that concurrent requests share the journal's flushes (group commit,
  * see journal.c).  A new job is first reserved (indexed) under the lock,
@@ -69,10 +74,16 @@
 #define JOBS_RETRY_MAX_MSEC 5000
 #define JOBS_RETRY_WHEN_STOPPING 3
 #define JOBS_POLL_CONDS 64
+#define JOBS_RUNNER_IDLE_SEC 60
 
 static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t jobs_cond;
 static pthread_cond_t jobs_poll_conds[JOBS_POLL_CONDS];
+static pthread_cond_t jobs_runner_cond;	/* idle runners wait here */
+static job *jobs_handoff_head;	/* jobs waiting for an idle runner, by next */
+static job *jobs_handoff_tail;
+static int	jobs_handoff_n;
+static int	jobs_idle_runners;
 static const agent_config *jobs_cfg;
 static void *jobs_by_id;		/* tsearch tree of every job's id */
 static job **jobs_busy;			/* running job of each service, or NULL */
@@ -449,6 +460,7 @@ jobs_init(const agent_config *cfg, char *errbuf, size_t errsize)
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 	pthread_cond_init(&jobs_cond, &attr);
+	pthread_cond_init(&jobs_runner_cond, &attr);
 	for (int i = 0; i < JOBS_POLL_CONDS; i++)
 		pthread_cond_init(&jobs_poll_conds[i], &attr);
 	pthread_condattr_destroy(&attr);
@@ -622,13 +634,12 @@ jobs_may_start_step(job *j, int idx)
 }
 
 /*
- * Runner thread: run the service's steps in order, stopping at the first
- * failure.
+ * Run the service's steps of job j in order, stopping at the first
+ * failure, and finish the job.
  */
-static void *
-jobs_runner(void *arg)
+static void
+jobs_run(job *j)
 {
-	job		   *j = arg;
 	const config_service *svc = j->svc;
 	bool		ok = true;
 
@@ -648,6 +659,48 @@ jobs_runner(void *arg)
 		ok = jobs_step_end(j, &svc->steps[i], i, &res);
 	}
 	jobs_finish(j, ok ? JOB_COMPLETED : JOB_FAILED);
+}
+
+/*
+ * Wait, as an idle runner, for the next job handed over by jobs_start():
+ * up to JOBS_RUNNER_IDLE_SEC, or until the agent stops.  Returns NULL if
+ * none came: the runner then exits.
+ */
+static job *
+jobs_next_for_runner(void)
+{
+	struct timespec until;
+	job		   *j;
+
+	clock_gettime(CLOCK_MONOTONIC, &until);
+	until.tv_sec += JOBS_RUNNER_IDLE_SEC;
+	pthread_mutex_lock(&jobs_lock);
+	jobs_idle_runners++;
+	while (jobs_handoff_head == NULL && !jobs_stopping &&
+		   pthread_cond_timedwait(&jobs_runner_cond, &jobs_lock, &until) != ETIMEDOUT)
+		;
+	if ((j = jobs_handoff_head) != NULL)
+	{
+		jobs_handoff_head = j->next;
+		if (jobs_handoff_head == NULL)
+			jobs_handoff_tail = NULL;
+		j->next = NULL;
+		jobs_handoff_n--;
+	}
+	jobs_idle_runners--;
+	pthread_mutex_unlock(&jobs_lock);
+	return j;
+}
+
+/*
+ * Runner thread: run its job, then the jobs handed over to it while it
+ * stays idle for less than JOBS_RUNNER_IDLE_SEC.
+ */
+static void *
+jobs_runner(void *arg)
+{
+	for (job *j = arg; j != NULL; j = jobs_next_for_runner())
+		jobs_run(j);
 	return NULL;
 }
 
@@ -743,8 +796,9 @@ jobs_unreserve(job *j)
 }
 
 /*
- * Start the runner thread of a job whose accept record is on disk; caller
- * holds the lock.  If no thread can be started the job fails at once.
+ * Start a job whose accept record is on disk: hand it to an idle runner if
+ * one is free, else start a runner thread for it; caller holds the lock.
+ * If no thread can be started the job fails at once.
  */
 static void
 jobs_start(job *j)
@@ -752,6 +806,18 @@ jobs_start(job *j)
 	pthread_attr_t attr;
 	pthread_t	tid;
 
+	if (jobs_idle_runners > jobs_handoff_n)
+	{
+		j->next = NULL;
+		if (jobs_handoff_tail != NULL)
+			jobs_handoff_tail->next = j;
+		else
+			jobs_handoff_head = j;
+		jobs_handoff_tail = j;
+		jobs_handoff_n++;
+		pthread_cond_signal(&jobs_runner_cond);
+		return;
+	}
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	if (pthread_create(&tid, &attr, jobs_runner, j) != 0)
@@ -883,6 +949,7 @@ jobs_shutdown(void)
 	pthread_mutex_lock(&jobs_lock);
 	jobs_stopping = true;
 	pthread_cond_broadcast(&jobs_cond);
+	pthread_cond_broadcast(&jobs_runner_cond);
 	for (int i = 0; i < JOBS_POLL_CONDS; i++)
 		pthread_cond_broadcast(&jobs_poll_conds[i]);
 	if (jobs_running > 0)
