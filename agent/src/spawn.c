@@ -20,7 +20,9 @@
  * asks each listed process for its session with getsid(), one cheap
  * system call, and reads /proc/<pid>/stat (costly for the kernel to
  * render) only for members of the session, to skip zombies: after a step
- * that left nothing behind, only its own zombie process.
+ * that left nothing behind, only its own zombie process.  Steps that end
+ * together share one scan (spawn_sweep()): with many jobs running, a scan
+ * per step end read /proc more often than anything else the agent did.
  *
  *-------------------------------------------------------------------------
  */
@@ -29,6 +31,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -47,6 +50,20 @@
 #define SPAWN_DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 static int	spawn_stop_fd = -1;
+
+/*
+ * Sessions of steps whose program exited, waiting to be emptied by the
+ * next sweep; a runner thread that finds no sweep running leads one for
+ * every session waiting then (see spawn_sweep()).
+ */
+static pthread_mutex_t spawn_sweep_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t spawn_sweep_cond = PTHREAD_COND_INITIALIZER;
+static pid_t *spawn_sweep_sids;
+static int	spawn_sweep_n;
+static int	spawn_sweep_cap;
+static bool spawn_sweeping;
+static uint64_t spawn_sweep_next = 1;	/* the batch new sessions join */
+static uint64_t spawn_sweep_done;	/* the last batch swept */
 
 typedef struct spawn_state
 {
@@ -277,6 +294,132 @@ spawn_signal_session_once(pid_t sid, int sig)
 }
 
 /*
+ * qsort and bsearch comparator of session ids.
+ */
+static int
+spawn_sid_cmp(const void *a, const void *b)
+{
+	pid_t		x = *(const pid_t *) a;
+	pid_t		y = *(const pid_t *) b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * Send SIGKILL to every live process of the n sessions in sids (sorted),
+ * with one reading of /proc for all of them; returns how many got it.
+ */
+static int
+spawn_kill_sessions_once(const pid_t *sids, int n)
+{
+	DIR		   *d = opendir("/proc");
+	struct dirent *de;
+	int			count = 0;
+
+	if (d == NULL)
+	{
+		log_msg("cannot scan /proc for the steps' processes: %s", strerror(errno));
+		return 0;
+	}
+	while ((de = readdir(d)) != NULL)
+	{
+		pid_t		pid;
+		pid_t		sid;
+		char		state;
+
+		if (!isdigit((unsigned char) de->d_name[0]))
+			continue;
+		pid = (pid_t) atoi(de->d_name);
+		if ((sid = getsid(pid)) < 0 &&
+			(errno == ESRCH || !spawn_proc_session(pid, &sid, &state)))
+			continue;
+		if (bsearch(&sid, sids, n, sizeof(pid_t), spawn_sid_cmp) != NULL)
+			count += spawn_signal_member(pid, sid, SIGKILL);
+	}
+	closedir(d);
+	return count;
+}
+
+/*
+ * Empty the n sessions of sids: SIGKILL until none has a live member left
+ * (a member may fork while the list is read), within SPAWN_KILL_ROUNDS.
+ */
+static void
+spawn_kill_sessions(pid_t *sids, int n)
+{
+	qsort(sids, n, sizeof(pid_t), spawn_sid_cmp);
+	for (int round = 0; round < SPAWN_KILL_ROUNDS; round++)
+	{
+		if (spawn_kill_sessions_once(sids, n) == 0)
+			return;
+		usleep(2000);			/* let the killed ones die */
+	}
+	log_msg("processes of %d step session(s) keep appearing after %d rounds of SIGKILL",
+			n, SPAWN_KILL_ROUNDS);
+}
+
+/*
+ * Kill whatever a step whose program exited left in its session sid, and
+ * return once that is done.  Runners whose steps end at about the same
+ * time share the work, as writers share a flush in journal.c: the session
+ * joins the next batch, and a runner that finds no sweep running sweeps
+ * every session waiting, in one scan of /proc per round.  If memory runs
+ * out, the session is swept alone.
+ */
+static void
+spawn_sweep(pid_t sid)
+{
+	uint64_t	batch;
+
+	pthread_mutex_lock(&spawn_sweep_lock);
+	if (spawn_sweep_n == spawn_sweep_cap)
+	{
+		int			cap = spawn_sweep_cap ? spawn_sweep_cap * 2 : 64;
+		pid_t	   *p = realloc(spawn_sweep_sids, (size_t) cap * sizeof(pid_t));
+
+		if (p == NULL)
+		{
+			pthread_mutex_unlock(&spawn_sweep_lock);
+			spawn_kill_sessions(&sid, 1);
+			return;
+		}
+		spawn_sweep_sids = p;
+		spawn_sweep_cap = cap;
+	}
+	spawn_sweep_sids[spawn_sweep_n++] = sid;
+	batch = spawn_sweep_next;
+	while (spawn_sweep_done < batch)
+	{
+		if (spawn_sweeping)
+		{
+			pthread_cond_wait(&spawn_sweep_cond, &spawn_sweep_lock);
+			continue;
+		}
+		spawn_sweeping = true;
+		spawn_sweep_next++;
+		{
+			int			n = spawn_sweep_n;
+			pid_t	   *sids = malloc((size_t) n * sizeof(pid_t));
+
+			if (sids != NULL)
+				memcpy(sids, spawn_sweep_sids, (size_t) n * sizeof(pid_t));
+			spawn_sweep_n = 0;
+			pthread_mutex_unlock(&spawn_sweep_lock);
+			if (sids != NULL)
+				spawn_kill_sessions(sids, n);
+			else
+				spawn_kill_sessions(&sid, 1);
+			free(sids);
+			pthread_mutex_lock(&spawn_sweep_lock);
+		}
+		spawn_sweeping = false;
+		spawn_sweep_done = batch;
+		pthread_cond_broadcast(&spawn_sweep_cond);
+	}
+	pthread_mutex_unlock(&spawn_sweep_lock);
+}
+
+/*
  * Signal every process of the step's session: the step's process (the
  * session leader, kept as a zombie until the step is over) and everything
  * it started that did not start a session of its own, whatever process
@@ -346,7 +489,7 @@ spawn_check_exit(spawn_state *st, spawn_result *res)
 	else
 		res->signal = si.si_status;
 	/* kill anything the step left behind in its session */
-	spawn_signal_session(st->pid, SIGKILL);
+	spawn_sweep(st->pid);
 	st->drain_until = util_monotonic_msec() + SPAWN_DRAIN_MSEC;
 }
 
