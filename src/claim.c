@@ -185,6 +185,19 @@ claim_copy_rows(MemoryContext cxt)
 }
 
 /*
+ * Run one of the worker's statements that return one row (left in
+ * SPI_tuptable), in the caller's transaction; see claim_plan().
+ */
+static void
+claim_run_one_row(SPIPlanPtr *plan, const char *query, int nargs, Oid *types,
+				  Datum *values, const char *nulls, bool read_only)
+{
+	if (SPI_execute_plan(claim_plan(plan, query, nargs, types), values, nulls,
+						 read_only, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "restart_worker: \"%s\" failed", query);
+}
+
+/*
  * Run one of the worker's statements whose only parameter is a list of
  * request ids (a list of id strings, passed as uuid[]), in the caller's
  * transaction; it returns one row, left in SPI_tuptable.
@@ -196,9 +209,7 @@ claim_run_with_ids(SPIPlanPtr *plan, const char *query, List *ids, bool read_onl
 	Datum		values[1];
 
 	values[0] = claim_ids_array(ids);
-	if (SPI_execute_plan(claim_plan(plan, query, 1, types), values, NULL,
-						 read_only, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "restart_worker: \"%s\" failed", query);
+	claim_run_one_row(plan, query, 1, types, values, NULL, read_only);
 }
 
 /*
@@ -513,7 +524,6 @@ claim_record_job(RwCall *call, const RwJob *job, TimestampTz accepted_at,
 	INT4OID, TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID, BOOLOID};
 	Datum		values[10];
 	char		nulls[10];
-	SPIPlanPtr	plan;
 	bool		isnull;
 	Datum		d;
 
@@ -534,13 +544,10 @@ claim_record_job(RwCall *call, const RwJob *job, TimestampTz accepted_at,
 	values[8] = TimestampTzGetDatum(accepted_at);
 	nulls[8] = accepted_at == 0 ? 'n' : ' ';
 	values[9] = BoolGetDatum(running_first);
-	plan = claim_plan(&claim_plan_record_job,
+	claim_run_one_row(&claim_plan_record_job,
 					  "SELECT restart_worker.worker_record_job("
 					  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-					  10, types);
-	if (SPI_execute_plan(plan, values, nulls, false, 1) != SPI_OK_SELECT ||
-		SPI_processed != 1)
-		elog(ERROR, "restart_worker: recording a job failed");
+					  10, types, values, nulls, false);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	if (isnull)
 		return false;
@@ -565,7 +572,6 @@ claim_record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 	bool		answered = call->kind == RW_CALL_ANSWER;
 	bool		valid;
 	bool		isnull;
-	SPIPlanPtr	plan;
 	Datum		d;
 	RwJob		job;
 	RwOutcome	outcome;
@@ -596,13 +602,10 @@ claim_record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 	values[10] = TimestampTzGetDatum(accepted_at);
 	if (accepted_at == 0)
 		nulls[10] = 'n';
-	plan = claim_plan(&claim_plan_record,
+	claim_run_one_row(&claim_plan_record,
 					  "SELECT action, next_at FROM restart_worker.worker_record("
 					  "$1::uuid, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-					  11, types);
-	if (SPI_execute_plan(plan, values, nulls, false, 1) != SPI_OK_SELECT ||
-		SPI_processed != 1)
-		elog(ERROR, "restart_worker: recording an outcome failed");
+					  11, types, values, nulls, false);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	*next_at = isnull ? 0 : DatumGetTimestampTz(d);
 	return claim_outcome(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));

@@ -246,51 +246,20 @@ spawn_signal_member(pid_t pid, pid_t sid, int sig)
 }
 
 /*
- * Tell whether process pid is in session sid (spawn_signal_member() then
- * checks that it is not a zombie).  getsid() reports the same session as
- * /proc/<pid>/stat without the cost of rendering that file; only if it is
- * refused (a security module may) is the file read.
+ * The session of process pid, in *sid.  getsid() reports it without the
+ * cost of rendering /proc/<pid>/stat; only if it is refused (a security
+ * module may) is the file read.  Returns false if the process is gone.
  */
 static bool
-spawn_maybe_member(pid_t pid, pid_t sid)
+spawn_session_of(pid_t pid, pid_t *sid)
 {
-	pid_t		s = getsid(pid);
 	char		state;
 
-	if (s >= 0)
-		return s == sid;
+	if ((*sid = getsid(pid)) >= 0)
+		return true;
 	if (errno == ESRCH)
 		return false;
-	return spawn_proc_session(pid, &s, &state) && s == sid && state != 'Z';
-}
-
-/*
- * Send sig to every live process of session sid; returns how many got it.
- */
-static int
-spawn_signal_session_once(pid_t sid, int sig)
-{
-	DIR		   *d = opendir("/proc");
-	struct dirent *de;
-	int			count = 0;
-
-	if (d == NULL)
-	{
-		log_msg("cannot scan /proc for the step's processes: %s", strerror(errno));
-		return 0;
-	}
-	while ((de = readdir(d)) != NULL)
-	{
-		pid_t		pid;
-
-		if (!isdigit((unsigned char) de->d_name[0]))
-			continue;
-		pid = (pid_t) atoi(de->d_name);
-		if (spawn_maybe_member(pid, sid))
-			count += spawn_signal_member(pid, sid, sig);
-	}
-	closedir(d);
-	return count;
+	return spawn_proc_session(pid, sid, &state);
 }
 
 /*
@@ -306,11 +275,11 @@ spawn_sid_cmp(const void *a, const void *b)
 }
 
 /*
- * Send SIGKILL to every live process of the n sessions in sids (sorted),
- * with one reading of /proc for all of them; returns how many got it.
+ * Send sig to every live process of the n sessions in sids (sorted), with
+ * one listing of /proc for all of them; returns how many got it.
  */
 static int
-spawn_kill_sessions_once(const pid_t *sids, int n)
+spawn_signal_sessions_once(const pid_t *sids, int n, int sig)
 {
 	DIR		   *d = opendir("/proc");
 	struct dirent *de;
@@ -325,37 +294,47 @@ spawn_kill_sessions_once(const pid_t *sids, int n)
 	{
 		pid_t		pid;
 		pid_t		sid;
-		char		state;
 
 		if (!isdigit((unsigned char) de->d_name[0]))
 			continue;
 		pid = (pid_t) atoi(de->d_name);
-		if ((sid = getsid(pid)) < 0 &&
-			(errno == ESRCH || !spawn_proc_session(pid, &sid, &state)))
-			continue;
-		if (bsearch(&sid, sids, n, sizeof(pid_t), spawn_sid_cmp) != NULL)
-			count += spawn_signal_member(pid, sid, SIGKILL);
+		if (spawn_session_of(pid, &sid) &&
+			bsearch(&sid, sids, n, sizeof(pid_t), spawn_sid_cmp) != NULL)
+			count += spawn_signal_member(pid, sid, sig);
 	}
 	closedir(d);
 	return count;
 }
 
 /*
- * Empty the n sessions of sids: SIGKILL until none has a live member left
- * (a member may fork while the list is read), within SPAWN_KILL_ROUNDS.
+ * Signal every process of the n sessions in sids: each step's process (the
+ * session leader, kept as a zombie until the step is over) and everything
+ * it started that did not start a session of its own, whatever process
+ * group it moved to.  For SIGKILL, repeat until no member is left (a
+ * member may fork while the list is read), within SPAWN_KILL_ROUNDS.
  */
 static void
-spawn_kill_sessions(pid_t *sids, int n)
+spawn_signal_sessions(pid_t *sids, int n, int sig)
 {
 	qsort(sids, n, sizeof(pid_t), spawn_sid_cmp);
 	for (int round = 0; round < SPAWN_KILL_ROUNDS; round++)
 	{
-		if (spawn_kill_sessions_once(sids, n) == 0)
+		if (spawn_signal_sessions_once(sids, n, sig) == 0 || sig != SIGKILL)
 			return;
 		usleep(2000);			/* let the killed ones die */
 	}
 	log_msg("processes of %d step session(s) keep appearing after %d rounds of SIGKILL",
 			n, SPAWN_KILL_ROUNDS);
+}
+
+/*
+ * Signal every process of the step's session sid (see
+ * spawn_signal_sessions()).
+ */
+static void
+spawn_signal_session(pid_t sid, int sig)
+{
+	spawn_signal_sessions(&sid, 1, sig);
 }
 
 /*
@@ -380,7 +359,7 @@ spawn_sweep(pid_t sid)
 		if (p == NULL)
 		{
 			pthread_mutex_unlock(&spawn_sweep_lock);
-			spawn_kill_sessions(&sid, 1);
+			spawn_signal_sessions(&sid, 1, SIGKILL);
 			return;
 		}
 		spawn_sweep_sids = p;
@@ -406,9 +385,9 @@ spawn_sweep(pid_t sid)
 			spawn_sweep_n = 0;
 			pthread_mutex_unlock(&spawn_sweep_lock);
 			if (sids != NULL)
-				spawn_kill_sessions(sids, n);
+				spawn_signal_sessions(sids, n, SIGKILL);
 			else
-				spawn_kill_sessions(&sid, 1);
+				spawn_signal_sessions(&sid, 1, SIGKILL);
 			free(sids);
 			pthread_mutex_lock(&spawn_sweep_lock);
 		}
@@ -417,26 +396,6 @@ spawn_sweep(pid_t sid)
 		pthread_cond_broadcast(&spawn_sweep_cond);
 	}
 	pthread_mutex_unlock(&spawn_sweep_lock);
-}
-
-/*
- * Signal every process of the step's session: the step's process (the
- * session leader, kept as a zombie until the step is over) and everything
- * it started that did not start a session of its own, whatever process
- * group it moved to.  For SIGKILL, repeat until no member is left (a
- * member may fork while the list is read), within SPAWN_KILL_ROUNDS.
- */
-static void
-spawn_signal_session(pid_t sid, int sig)
-{
-	for (int round = 0; round < SPAWN_KILL_ROUNDS; round++)
-	{
-		if (spawn_signal_session_once(sid, sig) == 0 || sig != SIGKILL)
-			return;
-		usleep(2000);			/* let the killed ones die */
-	}
-	log_msg("processes of a step's session %d keep appearing after %d rounds of SIGKILL",
-			(int) sid, SPAWN_KILL_ROUNDS);
 }
 
 /*
