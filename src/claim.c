@@ -531,9 +531,9 @@ claim_record_job(RwCall *call, const RwJob *job, TimestampTz accepted_at,
 	values[0] = CStringGetTextDatum(call->id);
 	values[1] = CStringGetTextDatum(job->status);
 	values[2] = TimestampTzGetDatum(job->started_at);
-	nulls[2] = job->started_at == 0 ? 'n' : ' ';
+	nulls[2] = job->has_started_at ? ' ' : 'n';
 	values[3] = TimestampTzGetDatum(job->finished_at);
-	nulls[3] = job->finished_at == 0 ? 'n' : ' ';
+	nulls[3] = job->has_finished_at ? ' ' : 'n';
 	values[4] = Int32GetDatum(job->exit_code);
 	nulls[4] = job->has_exit_code ? ' ' : 'n';
 	values[5] = job->output ? CStringGetTextDatum(job->output) : (Datum) 0;
@@ -661,13 +661,13 @@ claim_record_run(RwCall *first, RwCall *second, TimestampTz accepted_at,
 
 /*
  * Run claim_record_run() and count what it did.  If it fails, roll back:
- * after an attempt with the fast path (src/job.c) quietly, returning false
- * so that the caller tries again without it; otherwise logging the error
- * and returning RW_OUTCOME_ERROR in *outcome.
+ * unless this is the last attempt, log the error as a LOG line and return
+ * false, so that the caller tries again; on the last attempt log it as
+ * the error it is and return RW_OUTCOME_ERROR in *outcome.
  */
 static bool
 claim_record_try(RwCall *first, RwCall *second, TimestampTz accepted_at,
-				 bool fast, TimestampTz *next_at, RwOutcome *outcome)
+				 bool fast, bool last, TimestampTz *next_at, RwOutcome *outcome)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool done = true;
@@ -681,7 +681,7 @@ claim_record_try(RwCall *first, RwCall *second, TimestampTz accepted_at,
 	}
 	PG_CATCH();
 	{
-		if (fast)
+		if (!last)
 		{
 			ErrorData  *edata;
 
@@ -692,8 +692,11 @@ claim_record_try(RwCall *first, RwCall *second, TimestampTz accepted_at,
 			AbortCurrentTransaction();
 			pgstat_report_activity(STATE_IDLE, NULL);
 			RESUME_INTERRUPTS();
-			elog(DEBUG1, "restart_worker: recording with the fast path failed: %s",
-				 edata->message);
+			ereport(LOG,
+					(errmsg("restart_worker: recording an agent's answer failed, trying again%s: %s",
+							fast ? " with every answer judged in SQL" :
+							" without the announcements and next-due look-up of the last claim",
+							edata->message)));
 			FreeErrorData(edata);
 			done = false;
 		}
@@ -718,9 +721,10 @@ claim_record_try(RwCall *first, RwCall *second, TimestampTz accepted_at,
  * request is due again.  Any after-claim work is done in the same
  * transaction.  If the extension is gone, the request is forgotten.  If
  * recording fails, the error is logged and the request is left to its
- * lease.  An error met on the fast path (a job object read in C, say one
- * nested too deep for the parser) is not logged: the transaction is done
- * again, with every answer judged in SQL.
+ * lease.  After an error (say, a job object nested too deep for the
+ * parser of the fast path) the transaction is done again with every answer
+ * judged in SQL, and if that fails too, once more without the after-claim
+ * work, so that an error there cannot keep an answer from being recorded.
  */
 RwOutcome
 rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,
@@ -728,7 +732,15 @@ rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,
 {
 	RwOutcome	outcome;
 
-	if (!claim_record_try(first, second, accepted_at, true, next_at, &outcome))
-		(void) claim_record_try(first, second, accepted_at, false, next_at, &outcome);
+	if (claim_record_try(first, second, accepted_at, true, false, next_at, &outcome))
+		return outcome;
+	if (rw_after_claim_due() == 0)
+		(void) claim_record_try(first, second, accepted_at, false, true, next_at, &outcome);
+	else if (!claim_record_try(first, second, accepted_at, false, false, next_at, &outcome))
+	{
+		/* The after-claim work may be what fails: the answer goes first. */
+		claim_after_done(false);
+		(void) claim_record_try(first, second, accepted_at, false, true, next_at, &outcome);
+	}
 	return outcome;
 }

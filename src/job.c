@@ -127,7 +127,8 @@ job_field_start(void *state, char *fname, bool isnull)
 }
 
 /*
- * A scalar: keep the value of a top-level field of ours.
+ * A scalar: keep the value of a top-level field of ours, which must be a
+ * number for exit_code and a string for the others (or null).
  */
 static JOB_CALLBACK
 job_scalar(void *state, char *token, JsonTokenType type)
@@ -140,8 +141,7 @@ job_scalar(void *state, char *token, JsonTokenType type)
 		JOB_CALLBACK_DONE;
 	p->is_null[p->field] = (type == JSON_TOKEN_NULL);
 	p->text[p->field] = NULL;
-	if (type == JSON_TOKEN_STRING ||
-		(type == JSON_TOKEN_NUMBER && p->field == JOB_EXIT_CODE))
+	if (type == (p->field == JOB_EXIT_CODE ? JSON_TOKEN_NUMBER : JSON_TOKEN_STRING))
 		p->text[p->field] = token;
 	else if (type != JSON_TOKEN_NULL)
 		p->bad = true;
@@ -209,12 +209,13 @@ job_time_shape(const char *s)
 }
 
 /*
- * A time stamp field: 0 for null or missing, else the time, decoded by
- * PostgreSQL's own date/time code (which reports an impossible date
- * instead of raising an error).  Returns false if it is no time stamp.
+ * A time stamp field: *has false for null or missing, else the time in
+ * *out, decoded by PostgreSQL's own date/time code (which reports an
+ * impossible date instead of raising an error).  Returns false if it is
+ * no time stamp.
  */
 static bool
-job_time(const JobParse *p, JobField f, TimestampTz *out)
+job_time(const JobParse *p, JobField f, bool *has, TimestampTz *out)
 {
 	char		workbuf[MAXDATELEN + MAXDATEFIELDS];
 	char	   *field[MAXDATEFIELDS];
@@ -229,9 +230,11 @@ job_time(const JobParse *p, JobField f, TimestampTz *out)
 	DateTimeErrorExtra extra;
 #endif
 
+	*has = false;
 	*out = 0;
 	if (s == NULL)
 		return true;
+	*has = true;
 	if (!job_time_shape(s) ||
 		ParseDateTime(s, workbuf, sizeof(workbuf), field, ftype,
 					  MAXDATEFIELDS, &nf) != 0)
@@ -296,8 +299,8 @@ rw_job_read(const char *id, char *body, size_t len, RwJob *job)
 		(strcmp(status, "running") != 0 && strcmp(status, "completed") != 0 &&
 		 strcmp(status, "failed") != 0))
 		return false;
-	if (!job_time(&p, JOB_STARTED_AT, &job->started_at) ||
-		!job_time(&p, JOB_FINISHED_AT, &job->finished_at) ||
+	if (!job_time(&p, JOB_STARTED_AT, &job->has_started_at, &job->started_at) ||
+		!job_time(&p, JOB_FINISHED_AT, &job->has_finished_at, &job->finished_at) ||
 		!job_exit_code(&p, &job->has_exit_code, &job->exit_code))
 		return false;
 	job->status = status;

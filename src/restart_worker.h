@@ -231,8 +231,10 @@ extern RwOutcome rw_record(RwCall *first, RwCall *second, TimestampTz accepted_a
 typedef struct RwJob
 {
 	const char *status;			/* running, completed or failed */
-	TimestampTz started_at;		/* 0 if none */
-	TimestampTz finished_at;	/* 0 if none */
+	bool		has_started_at;
+	TimestampTz started_at;
+	bool		has_finished_at;
+	TimestampTz finished_at;
 	bool		has_exit_code;
 	int32		exit_code;
 	const char *output;			/* NULL if none */

@@ -377,17 +377,14 @@ spawn_sweep(pid_t sid)
 		spawn_sweeping = true;
 		spawn_sweep_next++;
 		{
+			/* take the batch over; later sessions start a new array */
 			int			n = spawn_sweep_n;
-			pid_t	   *sids = malloc((size_t) n * sizeof(pid_t));
+			pid_t	   *sids = spawn_sweep_sids;
 
-			if (sids != NULL)
-				memcpy(sids, spawn_sweep_sids, (size_t) n * sizeof(pid_t));
-			spawn_sweep_n = 0;
+			spawn_sweep_sids = NULL;
+			spawn_sweep_n = spawn_sweep_cap = 0;
 			pthread_mutex_unlock(&spawn_sweep_lock);
-			if (sids != NULL)
-				spawn_signal_sessions(sids, n, SIGKILL);
-			else
-				spawn_signal_sessions(&sid, 1, SIGKILL);
+			spawn_signal_sessions(sids, n, SIGKILL);
 			free(sids);
 			pthread_mutex_lock(&spawn_sweep_lock);
 		}

@@ -58,8 +58,11 @@ LANGUAGE plpgsql IMMUTABLE
 SET search_path = ''
 AS $$
 BEGIN
-	-- jsonb has no NUL character; the agent's output tail may contain one.
-	RETURN pg_catalog.replace(p_text, '\u0000', '\ufffd')::jsonb;
+	-- jsonb has no NUL character; the agent's output tail may contain one. Only an escape
+	-- \u0000 is replaced, not the text "\u0000" (escaped as \\u0000): an even number of
+	-- backslashes, or none, comes before it.
+	RETURN pg_catalog.regexp_replace(p_text, '(?<=(?:^|[^\\])(?:\\\\)*)\\u0000', '\\ufffd',
+									 'g')::jsonb;
 EXCEPTION
 	WHEN others THEN
 		RETURN NULL;

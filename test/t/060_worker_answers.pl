@@ -127,17 +127,38 @@ is($node->safe_psql('postgres', qq{
 	't|-3|t', 'esc: escapes, offset and a repeated key read as jsonb reads them');
 
 # A zero character in the output: jsonb has none, so the SQL path takes this answer and
-# puts U+FFFD in its place.
+# puts U+FFFD in its place; the text "\u0000" (its backslash escaped) stays as it is.
 my $nul = fake_service('nul', '', sub {
 	my ($m, $p, $id) = @_;
 	my $json = job_json($id, output => 'OUT');
-	$json =~ s/"OUT"/"a\\u0000b"/;
+	$json =~ s/"OUT"/"a\\u0000b \\\\u0000"/;
 	return [200, $json];
 });
 $row = run_to($nul, 'completed');
 is($node->safe_psql('postgres',
-	"SELECT output = E'a\\uFFFDb' FROM public.service_restart_requests WHERE id = '$row->{id}'"),
-	't', 'nul: the zero character is replaced');
+	"SELECT output = E'a\\uFFFDb \\\\u0000' FROM public.service_restart_requests WHERE id = '$row->{id}'"),
+	't', 'nul: the zero character is replaced, the text \u0000 is not');
+
+# exit_code must be a number, a time stamp may be 2000-01-01 (PostgreSQL's epoch): both
+# paths agree.
+my $strcode = fake_service('strcode', '', sub {
+	my ($m, $p, $id) = @_;
+	my $json = job_json($id, exit_code => 'EXIT');
+	$json =~ s/"EXIT"/"3"/;
+	return [200, $json];
+});
+$row = run_to($strcode, 'failed');
+like($row->{error}, qr/^invalid answer from the agent \(HTTP 200\)/, "strcode: $row->{error}");
+my $epoch = fake_service('epoch', '', sub {
+	my ($m, $p, $id) = @_;
+	return [200, job_json($id, started_at => '2000-01-01T00:00:00Z',
+		finished_at => '2000-01-01T00:00:00Z')];
+});
+$row = run_to($epoch, 'completed');
+is($node->safe_psql('postgres',
+	"SELECT started_at = '2000-01-01 00:00:00+00' AND completed_at = '2000-01-01 00:00:00+00'
+	 FROM public.service_restart_requests WHERE id = '$row->{id}'"),
+	't', 'epoch: 2000-01-01 is a time like any other');
 
 # Nested too deep for the parser (an error on the C path, caught on the SQL path): the
 # request fails with "invalid answer", the worker goes on.
