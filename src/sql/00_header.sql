@@ -1,4 +1,4 @@
--- restart_worker 1.0: request restarts of services on other hosts.
+-- restart_worker 1.1: request restarts of services on other hosts.
 --
 -- This script is assembled by the Makefile from src/sql/*.sql, one file per concern:
 -- schema and tables, the public request API, the registry administration, the wake-up

@@ -1,0 +1,38 @@
+-- Upgrading from 1.0 (the install script as it shipped) to 1.1 keeps the rows and gives
+-- the same functions, privileges and objects as installing 1.1 afresh.
+\set VERBOSITY terse
+DROP EXTENSION IF EXISTS restart_worker CASCADE;
+CREATE EXTENSION restart_worker VERSION '1.0';
+SELECT restart_worker.register_agent('host1', 'http://127.0.0.1:8787', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+SELECT restart_worker.register_service('svc1', 'host1', '0');
+ALTER EXTENSION restart_worker UPDATE TO '1.1';
+SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
+SELECT name, agent FROM restart_worker.services;
+
+-- What makes up the extension: every member object, and every function's definition and
+-- privileges, each as one digest.
+CREATE FUNCTION pg_temp.members() RETURNS text LANGUAGE sql AS $$
+	SELECT md5(string_agg(pg_describe_object(d.classid, d.objid, 0), E'\n'
+						  ORDER BY pg_describe_object(d.classid, d.objid, 0)))
+	FROM pg_depend d
+	WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+	  AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'restart_worker')
+$$;
+CREATE FUNCTION pg_temp.functions() RETURNS text LANGUAGE sql AS $$
+	SELECT md5(string_agg(pg_get_functiondef(p.oid) || ' '
+						  || coalesce((SELECT string_agg(a::text, ',' ORDER BY a::text)
+									   FROM unnest(p.proacl) a), 'default'),
+						  E'\n' ORDER BY p.oid::regprocedure::text))
+	FROM pg_proc p
+	WHERE p.oid IN (SELECT d.objid FROM pg_depend d
+					WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+					  AND d.classid = 'pg_proc'::regclass
+					  AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'restart_worker'))
+$$;
+SELECT pg_temp.members() AS members, pg_temp.functions() AS functions \gset upgraded_
+
+DROP EXTENSION restart_worker CASCADE;
+CREATE EXTENSION restart_worker;
+SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
+SELECT pg_temp.members() = :'upgraded_members' AS same_objects,
+	   pg_temp.functions() = :'upgraded_functions' AS same_functions;
