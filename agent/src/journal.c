@@ -31,8 +31,12 @@
  * file.  At start, and whenever the file has grown past both 4 MiB and
  * twice its size after the last compaction, those records are copied to
  * journal.tmp, which is fsynced and renamed over the journal before the
- * directory is fsynced.  At run time a flush leader compacts with
- * journal_lock held, so no concurrent append can be lost.
+ * directory is fsynced.  At run time a flush leader starts a compaction
+ * thread on a snapshot of the places: it copies those records and flushes
+ * the copy while appends and flushes go on, then, with journal_lock held
+ * and no flush running, copies the records appended since the snapshot,
+ * flushes and renames, so no concurrent append can be lost and the journal
+ * waits only for that last part.
  * journal_remove() (retention) only forgets an id's place: its records go
  * at the next compaction, and until then a restart loads them again.
  *
@@ -106,6 +110,17 @@ static uint64_t journal_appended;	/* records appended so far */
 static uint64_t journal_synced;	/* how many of them are known on disk */
 static bool journal_syncing;	/* a leader is in fdatasync */
 static int	journal_failed;		/* errno that failed the journal, or 0 */
+
+/*
+ * A compaction at run time runs in a thread of its own (see
+ * journal_compact_begin()): the records of a snapshot of the entries (copies
+ * of them, by offset) and where the journal ended then.
+ */
+static bool journal_compacting;
+static journal_entry *journal_snap;
+static journal_entry **journal_snap_v;
+static size_t journal_snap_n;
+static off_t journal_snap_end;
 
 /*
  * Ids pruned by retention, not yet dropped from the table: journal_remove()
@@ -498,11 +513,184 @@ journal_compact(void)
 }
 
 /*
+ * The place in the compacted file of the snapshot record that was at
+ * offset (spans are the snapshot's new places), or NULL.
+ */
+static journal_span *
+journal_snap_span(off_t offset, journal_span *spans)
+{
+	size_t		lo = 0;
+	size_t		hi = journal_snap_n;
+
+	while (lo < hi)
+	{
+		size_t		mid = lo + (hi - lo) / 2;
+
+		if (journal_snap[mid].offset == offset)
+			return &spans[mid];
+		if (journal_snap[mid].offset < offset)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return NULL;
+}
+
+/*
+ * Finish a compaction at run time, with journal_lock held and no flush in
+ * progress: append to the compacted file fd (total bytes so far, the
+ * snapshot's records at spans, already on disk) the records appended since
+ * the snapshot, flush it, rename it over the journal, move every entry to
+ * its new place and fsync the directory.  Returns false (the journal is
+ * left as it was) if anything before the rename fails.
+ */
+static bool
+journal_compact_finish(int fd, journal_span *spans, off_t total)
+{
+	off_t		tail = journal_size - journal_snap_end;
+	off_t		before = journal_size;
+	char	   *buf = malloc(JOURNAL_COPY_CHUNK);
+	bool		ok;
+
+	ok = buf != NULL &&
+		(tail == 0 || journal_copy(fd, total, journal_snap_end, (size_t) tail, buf)) &&
+		fdatasync(fd) == 0 &&
+		renameat(journal_statefd, JOURNAL_TMP_NAME, journal_statefd, JOURNAL_NAME) == 0;
+	free(buf);
+	if (!ok)
+		return false;
+	for (size_t i = 0; i < journal_nbuckets; i++)
+		for (journal_entry *e = journal_buckets[i]; e != NULL; e = e->next)
+		{
+			journal_span *span;
+
+			if (e->offset >= journal_snap_end)
+				e->offset = total + (e->offset - journal_snap_end);
+			else if ((span = journal_snap_span(e->offset, spans)) != NULL)
+			{
+				e->offset = span->offset;
+				e->length = span->length;
+			}
+		}
+	close(journal_fd);
+	journal_fd = fd;
+	journal_size = journal_allocated = total + tail;
+	journal_compact_at = journal_next_compaction(journal_size);
+	if (fsync(journal_statefd) != 0)
+	{
+		journal_fail(errno, "the directory fsync after a compaction");
+		return true;
+	}
+	journal_synced = journal_appended;
+	log_msg("journal: compacted to %zu records, %lld bytes (was %lld bytes)",
+			journal_nentries, (long long) journal_size, (long long) before);
+	return true;
+}
+
+/*
+ * The compaction thread: copy the snapshot's records to journal.tmp and
+ * flush it without journal_lock (appends and flushes go on meanwhile), then
+ * finish with the lock held, once no flush is in progress: only the records
+ * appended since the snapshot are copied then, so the journal waits for a
+ * small copy and two small flushes, not for the whole file.
+ */
+static void *
+journal_compactor_main(void *arg)
+{
+	journal_span *spans = malloc((journal_snap_n ? journal_snap_n : 1) * sizeof(journal_span));
+	off_t		total = 0;
+	int			fd = openat(journal_statefd, JOURNAL_TMP_NAME,
+							O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+	bool		ok = spans != NULL && fd >= 0 &&
+		journal_compact_write(fd, journal_snap_v, journal_snap_n, spans, &total);
+	int			err = errno;
+
+	(void) arg;
+	pthread_mutex_lock(&journal_lock);
+	while (journal_syncing)
+		pthread_cond_wait(&journal_cond, &journal_lock);
+	if (ok && journal_failed == 0)
+	{
+		ok = journal_compact_finish(fd, spans, total);
+		err = errno;
+	}
+	if (!ok)
+	{
+		log_msg("journal: cannot compact the journal, it stays as it is: %s", strerror(err));
+		if (fd >= 0)
+		{
+			close(fd);
+			unlinkat(journal_statefd, JOURNAL_TMP_NAME, 0);
+		}
+		journal_compact_at = journal_next_compaction(journal_size);
+	}
+	free(spans);
+	free(journal_snap);
+	free(journal_snap_v);
+	journal_snap = NULL;
+	journal_snap_v = NULL;
+	journal_compacting = false;
+	pthread_cond_broadcast(&journal_cond);
+	pthread_mutex_unlock(&journal_lock);
+	return NULL;
+}
+
+/*
+ * Start a compaction at run time in a thread of its own, from a snapshot
+ * of the entries; called by a flush leader with journal_lock held.  If it
+ * cannot start, the next try is postponed.
+ */
+static void
+journal_compact_begin(void)
+{
+	journal_entry **v;
+	pthread_attr_t attr;
+	pthread_t	tid;
+	size_t		n;
+	bool		ok;
+
+	journal_apply_removals();
+	n = journal_nentries;
+	v = journal_sorted();
+	journal_snap = malloc((n ? n : 1) * sizeof(journal_entry));
+	journal_snap_v = malloc((n ? n : 1) * sizeof(journal_entry *));
+	ok = v != NULL && journal_snap != NULL && journal_snap_v != NULL;
+	for (size_t i = 0; ok && i < n; i++)
+	{
+		journal_snap[i] = *v[i];
+		journal_snap[i].next = NULL;
+		journal_snap[i].loaded = NULL;
+		journal_snap_v[i] = &journal_snap[i];
+	}
+	free(v);
+	journal_snap_n = n;
+	journal_snap_end = journal_size;
+	journal_compacting = ok;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (ok && pthread_create(&tid, &attr, journal_compactor_main, NULL) != 0)
+	{
+		log_msg("journal: cannot start a compaction: %s", strerror(errno));
+		journal_compacting = ok = false;
+	}
+	pthread_attr_destroy(&attr);
+	if (!ok)
+	{
+		free(journal_snap);
+		free(journal_snap_v);
+		journal_snap = NULL;
+		journal_snap_v = NULL;
+		journal_compact_at = journal_next_compaction(journal_size);
+	}
+}
+
+/*
  * Flush the journal for every record appended so far, as the leader of a
  * group commit: the flush runs without journal_lock, so that more records
  * can be appended meanwhile (they wait for the next flush).  If the journal
- * has grown enough, a compaction replaces the flush.  Called with
- * journal_lock held and no flush in progress.
+ * has grown enough, the leader also starts a compaction, which runs beside
+ * the appends and flushes.  Called with journal_lock held and no flush in
+ * progress.
  */
 static void
 journal_lead_flush(void)
@@ -512,11 +700,8 @@ journal_lead_flush(void)
 	int			rc;
 	int			err;
 
-	if (journal_size >= journal_compact_at && (journal_compact() || journal_failed != 0))
-	{
-		pthread_cond_broadcast(&journal_cond);
-		return;
-	}
+	if (journal_size >= journal_compact_at && !journal_compacting)
+		journal_compact_begin();
 	journal_syncing = true;
 	pthread_mutex_unlock(&journal_lock);
 	rc = fdatasync(fd);
@@ -1519,6 +1704,10 @@ journal_open(const char *state_dir, char *errbuf, size_t errsize)
 void
 journal_close(void)
 {
+	pthread_mutex_lock(&journal_lock);
+	while (journal_compacting)
+		pthread_cond_wait(&journal_cond, &journal_lock);
+	pthread_mutex_unlock(&journal_lock);
 	if (journal_fd >= 0)
 		close(journal_fd);
 	if (journal_statefd >= 0)
