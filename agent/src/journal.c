@@ -437,6 +437,30 @@ journal_compact_write(int fd, journal_entry **v, size_t n, journal_span *spans, 
 }
 
 /*
+ * Make fd, a compacted file of size bytes just renamed over the journal,
+ * the journal (it was before bytes): the directory fsync makes the rename
+ * durable, and a failure of it fails the journal (returns false).  Every
+ * record appended so far is then on disk.
+ */
+static bool
+journal_swap(int fd, off_t size, off_t before)
+{
+	close(journal_fd);
+	journal_fd = fd;
+	journal_size = journal_allocated = size;
+	journal_compact_at = journal_next_compaction(size);
+	if (fsync(journal_statefd) != 0)
+	{
+		journal_fail(errno, "the directory fsync after a compaction");
+		return false;
+	}
+	journal_synced = journal_appended;
+	log_msg("journal: compacted to %zu records, %lld bytes (was %lld bytes)",
+			journal_nentries, (long long) size, (long long) before);
+	return true;
+}
+
+/*
  * Make the compacted file fd (total bytes, the records of v at spans) the
  * journal, once it has been renamed over the old one: the directory fsync
  * makes the rename durable, and a failure of it fails the journal.
@@ -451,19 +475,7 @@ journal_compact_install(int fd, journal_entry **v, size_t n, journal_span *spans
 		v[i]->offset = spans[i].offset;
 		v[i]->length = spans[i].length;
 	}
-	close(journal_fd);
-	journal_fd = fd;
-	journal_size = journal_allocated = total;
-	journal_compact_at = journal_next_compaction(total);
-	if (fsync(journal_statefd) != 0)
-	{
-		journal_fail(errno, "the directory fsync after a compaction");
-		return false;
-	}
-	journal_synced = journal_appended;
-	log_msg("journal: compacted to %zu records, %lld bytes (was %lld bytes)",
-			n, (long long) total, (long long) before);
-	return true;
+	return journal_swap(fd, total, before);
 }
 
 /*
@@ -572,18 +584,7 @@ journal_compact_finish(int fd, journal_span *spans, off_t total)
 				e->length = span->length;
 			}
 		}
-	close(journal_fd);
-	journal_fd = fd;
-	journal_size = journal_allocated = total + tail;
-	journal_compact_at = journal_next_compaction(journal_size);
-	if (fsync(journal_statefd) != 0)
-	{
-		journal_fail(errno, "the directory fsync after a compaction");
-		return true;
-	}
-	journal_synced = journal_appended;
-	log_msg("journal: compacted to %zu records, %lld bytes (was %lld bytes)",
-			journal_nentries, (long long) journal_size, (long long) before);
+	(void) journal_swap(fd, total + tail, before);
 	return true;
 }
 
