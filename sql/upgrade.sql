@@ -1,8 +1,11 @@
 -- Upgrading from 1.0 (the install script as it shipped) to 1.1 keeps the rows and gives
--- the same functions, privileges and objects as installing 1.1 afresh.
+-- the same functions, privileges and objects as installing 1.1 afresh, also for a role
+-- made an admin (restart_worker.grant_admin()) before the upgrade.
 \set VERBOSITY terse
 DROP EXTENSION IF EXISTS restart_worker CASCADE;
 CREATE EXTENSION restart_worker VERSION '1.0';
+CREATE ROLE upgrade_ops NOLOGIN;
+SELECT restart_worker.grant_admin('upgrade_ops');
 SELECT restart_worker.register_agent('host1', 'http://127.0.0.1:8787', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
 SELECT restart_worker.register_service('svc1', 'host1', '0');
 ALTER EXTENSION restart_worker UPDATE TO '1.1';
@@ -33,6 +36,9 @@ SELECT pg_temp.members() AS members, pg_temp.functions() AS functions \gset upgr
 
 DROP EXTENSION restart_worker CASCADE;
 CREATE EXTENSION restart_worker;
+SELECT restart_worker.grant_admin('upgrade_ops');
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 SELECT pg_temp.members() = :'upgraded_members' AS same_objects,
 	   pg_temp.functions() = :'upgraded_functions' AS same_functions;
+DROP OWNED BY upgrade_ops;
+DROP ROLE upgrade_ops;

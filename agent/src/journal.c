@@ -117,6 +117,7 @@ static int	journal_failed;		/* errno that failed the journal, or 0 */
  * of them, by offset) and where the journal ended then.
  */
 static bool journal_compacting;
+static bool journal_compactor_waiting;	/* for the lock with no flush running */
 static journal_entry *journal_snap;
 static journal_entry **journal_snap_v;
 static size_t journal_snap_n;
@@ -481,8 +482,8 @@ journal_compact_install(int fd, journal_entry **v, size_t n, journal_span *spans
 /*
  * Rewrite the journal as the last record of every id it knows, in file
  * order: journal.tmp is written and fsynced, renamed over the journal, and
- * the directory is fsynced.  Called at start, or by a flush leader with
- * journal_lock held (no append or flush can run meanwhile).  On success
+ * the directory is fsynced.  Called at start, when no append or flush can
+ * run (at run time, see journal_compact_begin()).  On success
  * every record appended so far is on disk.  A failure before the rename
  * leaves the journal as it was (and postpones the next try).
  */
@@ -608,13 +609,21 @@ journal_compactor_main(void *arg)
 
 	(void) arg;
 	pthread_mutex_lock(&journal_lock);
+	/* no new flush is led meanwhile (journal_wait_durable()): finishing makes all durable */
+	journal_compactor_waiting = true;
 	while (journal_syncing)
 		pthread_cond_wait(&journal_cond, &journal_lock);
-	if (ok && journal_failed == 0)
+	if (ok && journal_failed != 0)
+	{
+		ok = false;
+		err = journal_failed;
+	}
+	if (ok)
 	{
 		ok = journal_compact_finish(fd, spans, total);
 		err = errno;
 	}
+	journal_compactor_waiting = false;
 	if (!ok)
 	{
 		log_msg("journal: cannot compact the journal, it stays as it is: %s", strerror(err));
@@ -649,6 +658,7 @@ journal_compact_begin(void)
 	pthread_t	tid;
 	size_t		n;
 	bool		ok;
+	int			rc;
 
 	journal_apply_removals();
 	n = journal_nentries;
@@ -669,9 +679,9 @@ journal_compact_begin(void)
 	journal_compacting = ok;
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	if (ok && pthread_create(&tid, &attr, journal_compactor_main, NULL) != 0)
+	if (ok && (rc = pthread_create(&tid, &attr, journal_compactor_main, NULL)) != 0)
 	{
-		log_msg("journal: cannot start a compaction: %s", strerror(errno));
+		log_msg("journal: cannot start a compaction: %s", strerror(rc));
 		journal_compacting = ok = false;
 	}
 	pthread_attr_destroy(&attr);
@@ -727,7 +737,7 @@ journal_wait_durable(uint64_t seq)
 {
 	while (journal_synced < seq && journal_failed == 0)
 	{
-		if (journal_syncing)
+		if (journal_syncing || journal_compactor_waiting)
 			pthread_cond_wait(&journal_cond, &journal_lock);
 		else
 			journal_lead_flush();

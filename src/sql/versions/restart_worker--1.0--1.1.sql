@@ -24,10 +24,16 @@ SET search_path = ''
 AS $$
 BEGIN
 	-- jsonb has no NUL character; the agent's output tail may contain one. Only an escape
-	-- \u0000 is replaced, not the text "\u0000" (escaped as \\u0000): an even number of
-	-- backslashes, or none, comes before it.
-	RETURN pg_catalog.regexp_replace(p_text, '(?<=(?:^|[^\\])(?:\\\\)*)\\u0000', '\\ufffd',
-									 'g')::jsonb;
+	-- \u0000 is replaced, not the text "\u0000" (escaped as \\u0000): escaped backslashes
+	-- are set aside first (as a character JSON text cannot hold raw), in linear time.
+	IF pg_catalog.strpos(p_text, '\u0000') = 0 THEN
+		RETURN p_text::jsonb;
+	ELSIF pg_catalog.strpos(p_text, pg_catalog.chr(1)) > 0 THEN
+		RETURN NULL;
+	END IF;
+	RETURN pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(p_text, '\\', pg_catalog.chr(1)),
+												 '\u0000', '\ufffd'),
+							  pg_catalog.chr(1), '\\')::jsonb;
 EXCEPTION
 	WHEN others THEN
 		RETURN NULL;
