@@ -29,6 +29,8 @@
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "mb/pg_wchar.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
 #include "pgstat.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
@@ -98,6 +100,41 @@ static bool
 claim_extension_exists(void)
 {
 	return OidIsValid(get_extension_oid("restart_worker", true));
+}
+
+/*
+ * Whether the extension's SQL is what this build calls.  After a new build
+ * is installed, and until ALTER EXTENSION restart_worker UPDATE, the worker
+ * claims nothing (it would send calls whose answers it could not record)
+ * and says so in the log once.  worker_record_job() is new in 1.1; once it
+ * is found for an extension, that extension is taken as current.
+ */
+static bool
+claim_extension_current(void)
+{
+	static Oid	current = InvalidOid;
+	static bool logged = false;
+	Oid			ext = get_extension_oid("restart_worker", true);
+	Oid			types[10] = {UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	INT4OID, TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID, BOOLOID};
+
+	if (!OidIsValid(ext) || ext == current)
+		return OidIsValid(ext);
+	if (OidIsValid(LookupFuncName(list_make2(makeString(pstrdup("restart_worker")),
+											 makeString(pstrdup("worker_record_job"))),
+								  10, types, true)))
+	{
+		current = ext;
+		logged = false;
+		return true;
+	}
+	if (!logged)
+		ereport(LOG,
+				(errmsg("restart_worker: the extension in database \"%s\" is older than this build; "
+						"no request is sent until ALTER EXTENSION restart_worker UPDATE",
+						rw_database)));
+	logged = true;
+	return false;
 }
 
 /*
@@ -242,7 +279,7 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 	SPIPlanPtr	plan;
 
 	claim_begin("restart_worker: claim due requests");
-	if (!claim_extension_exists())
+	if (!claim_extension_current())
 	{
 		claim_end();
 		return RW_CLAIM_NO_EXTENSION;
