@@ -480,6 +480,23 @@ journal_compact_install(int fd, journal_entry **v, size_t n, journal_span *spans
 }
 
 /*
+ * Give up a compaction that failed before its rename (err says why): the
+ * journal stays as it is, journal.tmp (open as fd, or -1) goes, and the
+ * next try is postponed.
+ */
+static void
+journal_compact_abandon(int fd, int err)
+{
+	log_msg("journal: cannot compact the journal, it stays as it is: %s", strerror(err));
+	if (fd >= 0)
+	{
+		close(fd);
+		unlinkat(journal_statefd, JOURNAL_TMP_NAME, 0);
+	}
+	journal_compact_at = journal_next_compaction(journal_size);
+}
+
+/*
  * Rewrite the journal as the last record of every id it knows, in file
  * order: journal.tmp is written and fsynced, renamed over the journal, and
  * the directory is fsynced.  Called at start, when no append or flush can
@@ -511,15 +528,7 @@ journal_compact(void)
 	if (ok)
 		ok = journal_compact_install(fd, v, n, spans, total);
 	else
-	{
-		log_msg("journal: cannot compact the journal, it stays as it is: %s", strerror(err));
-		if (fd >= 0)
-		{
-			close(fd);
-			unlinkat(journal_statefd, JOURNAL_TMP_NAME, 0);
-		}
-		journal_compact_at = journal_next_compaction(journal_size);
-	}
+		journal_compact_abandon(fd, err);
 	free(v);
 	free(spans);
 	return ok;
@@ -625,15 +634,7 @@ journal_compactor_main(void *arg)
 	}
 	journal_compactor_waiting = false;
 	if (!ok)
-	{
-		log_msg("journal: cannot compact the journal, it stays as it is: %s", strerror(err));
-		if (fd >= 0)
-		{
-			close(fd);
-			unlinkat(journal_statefd, JOURNAL_TMP_NAME, 0);
-		}
-		journal_compact_at = journal_next_compaction(journal_size);
-	}
+		journal_compact_abandon(fd, err);
 	free(spans);
 	free(journal_snap);
 	free(journal_snap_v);
