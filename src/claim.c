@@ -366,8 +366,8 @@ claim_announce(List *announce)
  * request the worker does not have in flight is due.  It is done in the
  * next transaction that records an answer, which for a request made now is
  * its agent's answer a few milliseconds later, so that a request costs the
- * worker two transactions, not three; rw_after_claim() does it on its own
- * if no answer comes within CLAIM_AFTER_MS.
+ * worker two transactions, not three; rw_after_claim_next_due() does it
+ * on its own if no answer comes within CLAIM_AFTER_MS.
  */
 #define CLAIM_AFTER_MS 10
 
@@ -442,28 +442,13 @@ claim_after_done(bool ok)
 }
 
 /*
- * Say when the next request not in flight is due (0 if none), if the
- * after-claim work found it since the last call; otherwise return false.
+ * Do the after-claim work in a transaction of its own, committed
+ * asynchronously.
  */
-bool
-rw_after_claim_result(TimestampTz *next_due)
-{
-	if (!claim_after_found)
-		return false;
-	claim_after_found = false;
-	*next_due = claim_after_next_due;
-	return true;
-}
-
-/*
- * Do the after-claim work now, in a transaction of its own, committed
- * asynchronously; return when the next request is due (0 if none).
- */
-TimestampTz
-rw_after_claim(void)
+static void
+claim_after_run(void)
 {
 	MemoryContext cxt = CurrentMemoryContext;
-	TimestampTz next_due = 0;
 
 	PG_TRY();
 	{
@@ -479,8 +464,24 @@ rw_after_claim(void)
 		claim_after_done(false);
 	}
 	PG_END_TRY();
-	(void) rw_after_claim_result(&next_due);
-	return next_due;
+}
+
+/*
+ * Called by the worker at each turn: do the after-claim work now if its
+ * time has come and no recording did it meanwhile, and set *next_due to
+ * when the next request not in flight is due (0 if none) if the work was
+ * done since the last call.  Otherwise *next_due is left as it is.
+ */
+void
+rw_after_claim_next_due(TimestampTz *next_due)
+{
+	if (claim_after_at != 0 && claim_after_at <= GetCurrentTimestamp())
+		claim_after_run();
+	if (claim_after_found)
+	{
+		claim_after_found = false;
+		*next_due = claim_after_next_due;
+	}
 }
 
 /*

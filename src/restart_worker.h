@@ -222,8 +222,7 @@ extern RwClaimResult rw_claim(int limit, List *exclude, bool recover, List **row
 							  TimestampTz *next_due, bool *more);
 extern void rw_after_claim_defer(List *announce);
 extern TimestampTz rw_after_claim_due(void);
-extern TimestampTz rw_after_claim(void);
-extern bool rw_after_claim_result(TimestampTz *next_due);
+extern void rw_after_claim_next_due(TimestampTz *next_due);
 extern RwOutcome rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,
 						   TimestampTz *next_at);
 

@@ -340,10 +340,7 @@ worker_loop(void)
 			if (rw_dispatch_finish(&retry_at, &more_done) && more)
 				need_claim = true;
 		}
-		if (rw_after_claim_due() != 0 && rw_after_claim_due() <= GetCurrentTimestamp())
-			next_due = rw_after_claim();
-		else
-			(void) rw_after_claim_result(&next_due);
+		rw_after_claim_next_due(&next_due);
 		if (retry_at != 0 && (next_due == 0 || retry_at < next_due))
 			next_due = retry_at;
 	}
