@@ -374,19 +374,24 @@ claim_announce(List *announce)
 static MemoryContext claim_after_cxt = NULL;
 static List *claim_after_announce = NIL;	/* ids to announce */
 static TimestampTz claim_after_at = 0;	/* work to do by then, or 0 */
+static bool claim_after_want_due = false;	/* look up the next due too */
 static bool claim_after_found = false;	/* claim_after_next_due is new */
 static TimestampTz claim_after_next_due = 0;
 
 /*
  * Remember the after-claim work of a claim: announce (a list of id
- * strings, copied) and the look-up of the next due.
+ * strings, copied) and, if want_due, the look-up of the next due.  A claim
+ * cut short by the number of free slots wants none: the worker claims
+ * again as soon as a slot is free, and that claim looks.
  */
 void
-rw_after_claim_defer(List *announce)
+rw_after_claim_defer(List *announce, bool want_due)
 {
 	MemoryContext old;
 	ListCell   *lc;
 
+	if (announce == NIL && !want_due)
+		return;
 	if (claim_after_cxt == NULL)
 		claim_after_cxt = AllocSetContextCreate(TopMemoryContext,
 												"restart_worker announcements",
@@ -397,6 +402,7 @@ rw_after_claim_defer(List *announce)
 	MemoryContextSwitchTo(old);
 	if (claim_after_at == 0)
 		claim_after_at = GetCurrentTimestamp() + CLAIM_AFTER_MS * 1000;
+	claim_after_want_due |= want_due;
 	claim_after_next_due = 0;	/* stays so if the extension is gone */
 }
 
@@ -420,7 +426,8 @@ claim_after_work(void)
 		return;
 	if (claim_after_announce != NIL)
 		claim_announce(claim_after_announce);
-	claim_after_next_due = claim_next_due_query(rw_dispatch_ids());
+	if (claim_after_want_due)
+		claim_after_next_due = claim_next_due_query(rw_dispatch_ids());
 }
 
 /*
@@ -435,7 +442,8 @@ claim_after_done(bool ok)
 		return;
 	if (!ok)
 		claim_after_next_due = GetCurrentTimestamp() + USECS_PER_SEC;
-	claim_after_found = true;
+	claim_after_found = claim_after_want_due || !ok;
+	claim_after_want_due = false;
 	claim_after_at = 0;
 	claim_after_announce = NIL;
 	MemoryContextReset(claim_after_cxt);
@@ -469,8 +477,9 @@ claim_after_run(void)
 /*
  * Called by the worker at each turn: do the after-claim work now if its
  * time has come and no recording did it meanwhile, and set *next_due to
- * when the next request not in flight is due (0 if none) if the work was
- * done since the last call.  Otherwise *next_due is left as it is.
+ * when the next request not in flight is due (0 if none) if it was looked
+ * up since the last call (or to a second from now if the work failed).
+ * Otherwise *next_due is left as it is.
  */
 void
 rw_after_claim_next_due(TimestampTz *next_due)

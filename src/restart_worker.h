@@ -220,7 +220,7 @@ typedef enum RwClaimResult
 #define RW_NEXT_DUE_UNKNOWN ((TimestampTz) -1)
 extern RwClaimResult rw_claim(int limit, List *exclude, bool recover, List **rows,
 							  TimestampTz *next_due, bool *more);
-extern void rw_after_claim_defer(List *announce);
+extern void rw_after_claim_defer(List *announce, bool want_due);
 extern TimestampTz rw_after_claim_due(void);
 extern void rw_after_claim_next_due(TimestampTz *next_due);
 extern RwOutcome rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,

@@ -210,7 +210,9 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	/*
 	 * Send the calls before anything else; announcing the requests that were
 	 * pending and looking for the next due is left to the next transaction
-	 * (src/claim.c), at most a few milliseconds later.  A request then found
+	 * (src/claim.c), at most a few milliseconds later.  A claim cut short by
+	 * the free slots looks for none: the next claim comes as soon as a slot
+	 * is free, and does.  A request then found
 	 * due committed after the claim's snapshot (its wake-up may even have
 	 * been lost: waiting for a synchronous standby resets the latch), so the
 	 * next turn claims it.
@@ -218,7 +220,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	if (*next_due == RW_NEXT_DUE_UNKNOWN)
 	{
 		rw_http_timer_event();
-		rw_after_claim_defer(announce);
+		rw_after_claim_defer(announce, !*more);
 		*next_due = 0;
 		return true;
 	}
