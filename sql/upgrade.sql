@@ -1,6 +1,6 @@
--- Upgrading from 1.0 (the install script as it shipped) to 1.1 keeps the rows and gives
--- the same functions, privileges and objects as installing 1.1 afresh, also for a role
--- made an admin (restart_worker.grant_admin()) before the upgrade.
+-- Upgrading from 1.0 (the install script as it shipped) through 1.1 to 1.2 keeps the rows
+-- and gives the same functions, privileges and objects as installing 1.2 afresh, also for
+-- a role made an admin (restart_worker.grant_admin()) before the upgrade.
 \set VERBOSITY terse
 DROP EXTENSION IF EXISTS restart_worker CASCADE;
 CREATE EXTENSION restart_worker VERSION '1.0';
@@ -9,6 +9,8 @@ SELECT restart_worker.grant_admin('upgrade_ops');
 SELECT restart_worker.register_agent('host1', 'http://127.0.0.1:8787', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
 SELECT restart_worker.register_service('svc1', 'host1', '0');
 ALTER EXTENSION restart_worker UPDATE TO '1.1';
+SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
+ALTER EXTENSION restart_worker UPDATE TO '1.2';
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 SELECT name, agent FROM restart_worker.services;
 

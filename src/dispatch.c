@@ -5,8 +5,10 @@
  *
  * A claimed request takes a slot and stays in it while the worker calls
  * its agent: the POST, then long-polls while the job runs.  Its outcome
- * is recorded after each call (src/claim.c); the slot is freed when the
- * request ends or is put back for a later attempt.  The number of slots in
+ * is recorded after each call (src/record.c), in one transaction with the
+ * outcomes of the other calls that ended by the same turn of the worker's
+ * loop; the slot is freed when the request ends or is put back for a later
+ * attempt.  The number of slots in
  * use is bounded by restart_worker.max_in_flight, which bounds the
  * worker's sockets.
  *
@@ -303,27 +305,35 @@ dispatch_held_answer(RwCall *call, RwCall *held)
 }
 
 /*
- * Record what is due for a request and move it on: its held 202 and the
- * outcome of its finished call, or either alone.  A running job is
- * followed with a long-poll, a locked row is recorded again a little
- * later, anything else frees the slot (and drops a long-poll still on its
- * way).  Lowers *next_at to the earliest retry put back.  Returns true if
- * the slot was freed.
+ * Fill *rec with what is due to be recorded for a request: its held 202
+ * (copied to *held) and the answer of its finished call, or either alone.
  */
-static bool
-dispatch_record(RwCall *call, TimestampTz *next_at)
+static void
+dispatch_prepare(RwCall *call, RwCall *held, RwRecord *rec)
 {
-	RwCall		held;
 	bool		holding = call->held_resp != NULL;
-	bool		finished = call->unrecorded;
-	TimestampTz at = 0;
-	RwOutcome	outcome;
 
 	call->record_at = 0;
 	if (holding)
-		dispatch_held_answer(call, &held);
-	outcome = rw_record(holding ? &held : call, holding && finished ? call : NULL,
-						call->accepted_at, &at);
+		dispatch_held_answer(call, held);
+	rec->first = holding ? held : call;
+	rec->second = holding && call->unrecorded ? call : NULL;
+	rec->accepted_at = call->accepted_at;
+}
+
+/*
+ * Move a request on after its answers were recorded (see
+ * dispatch_prepare()) with this outcome: a running job is followed with a
+ * long-poll, a locked row is recorded again a little later, anything else
+ * frees the slot (and drops a long-poll still on its way).  Lowers *next_at
+ * to the earliest retry put back.  Returns true if the slot was freed.
+ */
+static bool
+dispatch_recorded(RwCall *call, RwOutcome outcome, TimestampTz at,
+				  TimestampTz *next_at)
+{
+	bool		finished = call->unrecorded;
+
 	if (outcome == RW_OUTCOME_LOCKED)
 	{
 		/* Never wait for a row lock: try again, less and less often. */
@@ -332,7 +342,7 @@ dispatch_record(RwCall *call, TimestampTz *next_at)
 			(TimestampTz) Min(100L << Min(call->record_tries, 6), 5000L) * 1000;
 		return false;
 	}
-	if (holding)
+	if (call->held_resp != NULL)
 	{
 		free(call->held_resp);
 		call->held_resp = NULL;
@@ -357,19 +367,49 @@ dispatch_record(RwCall *call, TimestampTz *next_at)
 }
 
 /*
+ * Record what is due for the requests in calls[] (n of them), together
+ * (src/record.c), and move each on.  Lowers *next_at to the earliest retry
+ * put back.  Returns true if a slot was freed.
+ */
+static bool
+dispatch_record(RwCall **calls, int n, TimestampTz *next_at)
+{
+	RwRecord   *records;
+	RwCall	   *helds;
+	bool		freed = false;
+	int			i;
+
+	if (n == 0)
+		return false;
+	records = palloc0(sizeof(RwRecord) * n);
+	helds = palloc(sizeof(RwCall) * n);
+	for (i = 0; i < n; i++)
+		dispatch_prepare(calls[i], &helds[i], &records[i]);
+	rw_record_all(records, n);
+	for (i = 0; i < n; i++)
+		freed |= dispatch_recorded(calls[i], records[i].outcome, records[i].next_at,
+								   next_at);
+	pfree(records);
+	pfree(helds);
+	return freed;
+}
+
+/*
  * Record the outcome of every finished call, held 202s when they are due,
- * and again those whose row was locked.  Lowers *next_at to the earliest retry put
- * back.  Returns true if a slot was freed.  A new request comes first: when
- * the worker's latch is set (a request committed) it stops after the
- * outcome at hand, so that the worker claims the request before it records
- * the rest, and says so in *more_done.
+ * and again those whose row was locked, all in one transaction.  Lowers
+ * *next_at to the earliest retry put back.  Returns true if a slot was
+ * freed.  A new request comes first: when the worker's latch is set (a
+ * request committed) it takes no more finished calls, so that the worker
+ * claims the request soon, and says so in *more_done.
  */
 bool
 rw_dispatch_finish(TimestampTz *next_at, bool *more_done)
 {
+	RwCall	   *due[RW_MAX_SLOTS];
 	RwCall	   *call;
-	bool		freed = false;
 	TimestampTz now = GetCurrentTimestamp();
+	bool		freed;
+	int			n = 0;
 	int			i;
 
 	*more_done = false;
@@ -377,7 +417,10 @@ rw_dispatch_finish(TimestampTz *next_at, bool *more_done)
 	{
 		call->unrecorded = true;
 		if (!dispatch_hold(call))
-			freed |= dispatch_record(call, next_at);
+		{
+			call->record_at = 0;
+			due[n++] = call;
+		}
 		if (MyLatch->is_set)
 		{
 			*more_done = true;
@@ -388,8 +431,9 @@ rw_dispatch_finish(TimestampTz *next_at, bool *more_done)
 	{
 		call = &dispatch_slots[i];
 		if (call->in_use && call->record_at != 0 && call->record_at <= now)
-			freed |= dispatch_record(call, next_at);
+			due[n++] = call;
 	}
+	freed = dispatch_record(due, n, next_at);
 	dispatch_start_queued_follows();
 	return freed;
 }

@@ -10,7 +10,7 @@
  * worker records one or two answers per request.  So the fields the row
  * takes are read here with PostgreSQL's own JSON parser and date/time
  * decoder, both of which report bad input instead of raising an error,
- * and checked as worker_record() checks them; src/claim.c then records
+ * and checked as worker_record() checks them; src/record.c then records
  * them with worker_record_job().  An answer that is not such an object, or
  * that this code is not sure of, goes to worker_record() as before: this
  * is only a faster path to the same outcome.

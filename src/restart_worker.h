@@ -8,13 +8,16 @@
  *	src/wake.c				the insert sets the worker's latch at COMMIT;
  *	src/worker.c			the background worker's main loop waits for
  *							wake-ups, timers and sockets;
- *	src/claim.c				short transactions: claim due rows, record
- *							outcomes (policy in src/sql/50_worker.sql);
- *	src/job.c				reads the common answer, a job object;
+ *	src/claim.c				claims due rows (policy in
+ *							src/sql/50_worker.sql);
  *	src/dispatch.c			one call slot per request in flight;
  *	src/http.c				libcurl's multi interface on the worker's
  *							wait event set;
  *	src/sign.c				Standard Webhooks signatures;
+ *	src/job.c				reads the common answer, a job object;
+ *	src/record.c			records what agents answered, many at once
+ *							when they come in together;
+ *	src/xact.c				the short transactions of claim.c and record.c;
  *	src/status.c			counters in shared memory, restart_worker.status();
  *	src/dropdb.c			lets DROP DATABASE of the worker's database
  *							proceed;
@@ -28,6 +31,7 @@
 #include "postgres.h"
 
 #include "datatype/timestamp.h"
+#include "executor/spi.h"
 #include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
@@ -223,8 +227,32 @@ extern RwClaimResult rw_claim(int limit, List *exclude, bool recover, List **row
 extern void rw_after_claim_defer(List *announce, bool want_due);
 extern TimestampTz rw_after_claim_due(void);
 extern void rw_after_claim_next_due(TimestampTz *next_due);
+extern int	rw_lease_ms(void);
+extern void rw_after_claim_work(void);
+extern void rw_after_claim_done(bool ok);
+
+/* src/record.c */
+typedef struct RwRecord
+{
+	RwCall	   *first;			/* the answer to record, or a held 202 */
+	RwCall	   *second;			/* the answer after a held 202, or NULL */
+	TimestampTz accepted_at;	/* when the agent accepted the job, or 0 */
+	bool		recorded;		/* (used while recording) */
+	RwOutcome	outcome;		/* what to do next */
+	TimestampTz next_at;		/* for a retry, when the request is due */
+} RwRecord;
 extern RwOutcome rw_record(RwCall *first, RwCall *second, TimestampTz accepted_at,
 						   TimestampTz *next_at);
+extern void rw_record_all(RwRecord *records, int n);
+
+/* src/xact.c */
+extern void rw_xact_begin(const char *activity);
+extern void rw_xact_end(void);
+extern void rw_xact_recover(MemoryContext cxt);
+extern bool rw_extension_exists(void);
+extern SPIPlanPtr rw_plan(SPIPlanPtr *plan, const char *query, int nargs, Oid *types);
+extern void rw_run_one_row(SPIPlanPtr *plan, const char *query, int nargs, Oid *types,
+						   Datum *values, const char *nulls, bool read_only);
 
 /* src/job.c */
 typedef struct RwJob
@@ -256,14 +284,15 @@ extern void rw_status_set_state(RestartWorkerState state);
 extern void rw_status_worker_started(void);
 extern void rw_status_note_wake(void);
 extern void rw_status_note_poll(int claimed);
-#define RW_COUNT(field) \
+#define RW_COUNT_ADD(field, n) \
 	do { \
-		if (restart_worker_shared) { \
+		if (restart_worker_shared && (n) != 0) { \
 			SpinLockAcquire(&restart_worker_shared->mutex); \
-			restart_worker_shared->counters.field++; \
+			restart_worker_shared->counters.field += (n); \
 			SpinLockRelease(&restart_worker_shared->mutex); \
 		} \
 	} while (0)
+#define RW_COUNT(field) RW_COUNT_ADD(field, 1)
 extern void rw_status_set_in_flight(int n);
 extern void rw_status_set_sockets(int n);
 

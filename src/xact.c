@@ -1,0 +1,119 @@
+/*-------------------------------------------------------------------------
+ *
+ * xact.c
+ *		The worker's short transactions and its prepared statements.
+ *
+ * Each claim (src/claim.c) and each recording (src/record.c) runs in a
+ * transaction of its own that commits before any network I/O; no snapshot
+ * is held across a call to an agent.
+ *
+ * Outcomes are committed asynchronously (synchronous_commit = off, set in
+ * src/worker.c): an outcome lost in a crash is redone with the same request
+ * id, and the agent answers a repeated id with the existing job, so nothing
+ * runs twice.
+ *
+ * An error in these transactions (a bad answer the SQL did not expect, a
+ * missing privilege, a lock timeout) is logged and the transaction rolled
+ * back; the worker goes on instead of exiting and restarting in a loop.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "pgstat.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "restart_worker.h"
+
+/*
+ * Start a short transaction with SPI and a snapshot, and say so in
+ * pg_stat_activity.
+ */
+void
+rw_xact_begin(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "restart_worker: SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+/*
+ * Commit the short transaction started by rw_xact_begin().
+ */
+void
+rw_xact_end(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * After an error in a short transaction: log it, roll the transaction back
+ * and go back to the caller's memory context, so that the worker can go on.
+ */
+void
+rw_xact_recover(MemoryContext cxt)
+{
+	HOLD_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
+	EmitErrorReport();
+	AbortCurrentTransaction();
+	FlushErrorState();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	RESUME_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
+}
+
+/*
+ * Whether the extension exists in the worker's database.  A catalog
+ * look-up, no query: cheap enough for every wake-up.
+ */
+bool
+rw_extension_exists(void)
+{
+	return OidIsValid(get_extension_oid("restart_worker", true));
+}
+
+/*
+ * The saved plan of one of the worker's queries, prepared at its first use
+ * and kept for the life of the worker, so that each short transaction does
+ * not parse and plan its statement again.  The plan cache re-plans it when
+ * the functions it calls change (DROP and CREATE EXTENSION).
+ */
+SPIPlanPtr
+rw_plan(SPIPlanPtr *plan, const char *query, int nargs, Oid *types)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(query, nargs, types);
+
+		if (p == NULL || SPI_keepplan(p) != 0)
+			elog(ERROR, "restart_worker: could not prepare \"%s\": %s",
+				 query, SPI_result_code_string(SPI_result));
+		*plan = p;
+	}
+	return *plan;
+}
+
+/*
+ * Run one of the worker's statements that return one row (left in
+ * SPI_tuptable), in the caller's transaction; see rw_plan().
+ */
+void
+rw_run_one_row(SPIPlanPtr *plan, const char *query, int nargs, Oid *types,
+				  Datum *values, const char *nulls, bool read_only)
+{
+	if (SPI_execute_plan(rw_plan(plan, query, nargs, types), values, nulls,
+						 read_only, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "restart_worker: \"%s\" failed", query);
+}
