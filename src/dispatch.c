@@ -12,14 +12,17 @@
  * use is bounded by restart_worker.max_in_flight, which bounds the
  * worker's sockets.
  *
- * A 202 (the agent accepted the job and runs it) is not recorded at once:
- * the job is followed right away, and the 202 is recorded together with
- * that long-poll's answer, in one transaction, if it comes within
+ * The agent holds its answer to the POST for a moment while the job runs
+ * (src/http.c), so that a quick job's 202 tells its end: it is recorded
+ * like any final answer.  A 202 of a job that still runs (a longer job, or
+ * an agent that answers at once) is not recorded at once: the job is
+ * followed right away, and the 202 is recorded together with that
+ * long-poll's answer, in one transaction, if it comes within
  * DISPATCH_HOLD_MS of the long-poll's start, else on its own then (and
  * within DISPATCH_HOLD_MAX_MS of the 202 in any case: a long-poll may wait
- * for its turn).  A job that ends quickly so costs the worker one
- * transaction less; the row still goes through running, and dispatched_at
- * is when the 202 came.
+ * for its turn).  Either way a job that ends quickly costs the worker one
+ * transaction; the row still goes through running (announced), and
+ * dispatched_at is when the 202 came.
  *
  *-------------------------------------------------------------------------
  */
@@ -265,15 +268,18 @@ dispatch_start_queued_follows(void)
 }
 
 /*
- * Hold the answer of a call that is a 202 to a POST: follow the job at
- * once and record the 202 with the next answer (see the head comment).
- * Returns false if the call is something else.
+ * Hold the answer of a call that is a 202 to a POST whose job still runs:
+ * follow the job at once and record the 202 with the next answer (see the
+ * head comment).  Returns false if the call is something else, such as a
+ * 202 that already tells the job's end (the agent held the POST's answer
+ * while a quick job ran).
  */
 static bool
 dispatch_hold(RwCall *call)
 {
 	if (call->following || call->kind != RW_CALL_ANSWER ||
-		call->http_status != 202 || call->resp == NULL)
+		call->http_status != 202 || call->resp == NULL ||
+		!rw_job_running(call->id, call->resp, call->resp_len))
 		return false;
 	call->held_resp = call->resp;
 	call->held_len = call->resp_len;

@@ -179,7 +179,13 @@ http_follow_wait(RwCall *call)
 /*
  * Build the URL of a call: the agent's base URL (or http://localhost for
  * an agent on a unix socket) and the path of the POST or the long-poll.
+ * The POST asks the agent to hold its answer for up to HTTP_POST_WAIT_MS
+ * while the job runs (docs/protocol.md), so that the answer to a quick
+ * job is its end: one call, and one transaction to record it, instead of
+ * a POST and a long-poll.  An agent older than that parameter ignores it.
  */
+#define HTTP_POST_WAIT_MS 20
+
 static char *
 http_call_url(RwCall *call, int wait)
 {
@@ -197,6 +203,9 @@ http_call_url(RwCall *call, int wait)
 	appendStringInfoString(&url, "/v1/restarts");
 	if (call->following)
 		appendStringInfo(&url, "/%s?wait=%d", call->id, wait);
+	else
+		appendStringInfo(&url, "?wait=%d.%03d",
+						 HTTP_POST_WAIT_MS / 1000, HTTP_POST_WAIT_MS % 1000);
 	return url.data;
 }
 
@@ -232,7 +241,8 @@ http_call_headers(RwCall *call, const char *body)
 /*
  * The total time allowed for a call: the request timeout, plus a
  * long-poll's wait (which respects the deadline, see http_follow_wait());
- * a POST never runs past the request's deadline.
+ * a POST (whose wait is short, and within the request timeout) never runs
+ * past the request's deadline.
  */
 static long
 http_call_timeout_ms(RwCall *call, int wait)

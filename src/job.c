@@ -308,3 +308,32 @@ rw_job_read(const char *id, char *body, size_t len, RwJob *job)
 	job->error = p.text[JOB_ERROR];
 	return true;
 }
+
+/*
+ * Whether an answer is a job object of request id that still runs: a 202
+ * that src/dispatch.c holds until it knows the job's end.  Runs outside
+ * any transaction; an error of the parser (say, an answer nested too deep)
+ * means no, and the recording of the answer then judges it.
+ */
+bool
+rw_job_running(const char *id, char *body, size_t len)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool running = false;
+	RwJob		job;
+
+	if (body == NULL || len == 0 || !pg_verifymbstr(body, len, true))
+		return false;
+	PG_TRY();
+	{
+		running = rw_job_read(id, body, len, &job) && strcmp(job.status, "running") == 0;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		running = false;
+	}
+	PG_END_TRY();
+	return running;
+}

@@ -90,6 +90,18 @@ record_read_job(RwCall *call, RwJob *job)
 }
 
 /*
+ * Whether an answer is a 202 whose job already ended: the agent accepted
+ * the job and held its answer while it ran (docs/protocol.md, POST with
+ * wait).  The row goes from dispatching to the end in one update, and
+ * running is announced first.
+ */
+static bool
+record_ends_accepted(RwCall *call, const RwJob *job)
+{
+	return call->http_status == 202 && strcmp(job->status, "running") != 0;
+}
+
+/*
  * Record a job object read by src/job.c with worker_record_job(), in the
  * caller's transaction.  Returns false if that left the request alone
  * (its row is locked or no longer the worker's): worker_record() then says
@@ -157,7 +169,7 @@ record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 
 	*next_at = 0;
 	if (fast && record_read_job(call, &job) &&
-		record_job(call, &job, accepted_at, false, &outcome))
+		record_job(call, &job, accepted_at, record_ends_accepted(call, &job), &outcome))
 		return outcome;
 
 	valid = answered && call->resp != NULL && call->resp_len > 0 &&
@@ -352,9 +364,10 @@ typedef struct RecordColumns
 
 /*
  * The job a request's answers leave it in: the job object of its answer,
- * or of the answer after a held 202 that said running (*running_first: the
- * row goes from dispatching to the end in one update, and running is
- * announced first).  Returns false if the answers are anything else.
+ * or of the answer after a held 202 that said running.  *running_first
+ * says that the row goes from dispatching to the end in one update, and
+ * running is announced first: after a held 202, or for a 202 that tells
+ * the job's end.  Returns false if the answers are anything else.
  */
 static bool
 record_batch_job(RwRecord *rec, RwJob *job, bool *running_first)
@@ -363,7 +376,12 @@ record_batch_job(RwRecord *rec, RwJob *job, bool *running_first)
 
 	*running_first = false;
 	if (rec->second == NULL)
-		return record_read_job(rec->first, job);
+	{
+		if (!record_read_job(rec->first, job))
+			return false;
+		*running_first = record_ends_accepted(rec->first, job);
+		return true;
+	}
 	if (!record_read_job(rec->first, &running) ||
 		strcmp(running.status, "running") != 0 ||
 		!record_read_job(rec->second, job))

@@ -268,6 +268,7 @@ typedef struct RwJob
 	const char *error;			/* NULL if none */
 } RwJob;
 extern bool rw_job_read(const char *id, char *body, size_t len, RwJob *job);
+extern bool rw_job_running(const char *id, char *body, size_t len);
 
 /* src/dispatch.c */
 extern void rw_dispatch_init(void);

@@ -59,7 +59,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			abort();
 	}
 	request_parse_wait(s, 30, &wait);
-	if (wait < 0 || wait > 30)
+	if (wait < 0 || wait > 30 * 1000)
 		abort();
 	request_parse_job_path(s, id, &is_job);
 	util_is_rfc3339(s);

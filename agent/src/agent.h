@@ -21,7 +21,7 @@
 
 #include <jansson.h>
 
-#define AGENT_VERSION "1.0.0"
+#define AGENT_VERSION "1.1.0"
 
 #define UUID_TEXT_LEN 36
 #define SERVICE_NAME_MAX 64
@@ -172,7 +172,7 @@ typedef struct restart_request
 extern bool request_parse_restart(const char *body, size_t len,
 								  restart_request *req,
 								  char *errbuf, size_t errsize);
-extern bool request_parse_wait(const char *text, int max_wait, int *wait);
+extern bool request_parse_wait(const char *text, int max_wait, int *wait_ms);
 extern bool request_parse_job_path(const char *url, char *id, bool *is_job);
 
 /* ---------- tail.c ---------- */
@@ -248,7 +248,7 @@ typedef enum jobs_submit_result
 
 extern bool jobs_init(const agent_config *cfg, char *errbuf, size_t errsize);
 extern jobs_submit_result jobs_submit(const restart_request *req, json_t **report);
-extern bool jobs_lookup(const char *id, int wait_seconds, json_t **report);
+extern bool jobs_lookup(const char *id, int wait_ms, json_t **report);
 extern void jobs_shutdown(void);
 extern void jobs_cleanup(void);
 extern const char *job_status_name(job_status st);

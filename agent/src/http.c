@@ -381,7 +381,38 @@ http_json_content_type(struct MHD_Connection *c)
 }
 
 /*
- * POST /v1/restarts: verify, parse, then submit the job.
+ * The "wait" query value of a request, in milliseconds; false if it is
+ * malformed.
+ */
+static bool
+http_wait(struct MHD_Connection *c, int *wait_ms)
+{
+	return request_parse_wait(MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "wait"),
+							  http_cfg->max_wait, wait_ms);
+}
+
+/*
+ * With ?wait on a POST, the job's state once it has finished or wait_ms
+ * have passed (in place of *report, the state it had when submitted).
+ */
+static void
+http_wait_for_job(const char *id, int wait_ms, json_t **report)
+{
+	json_t	   *later;
+	const char *status = *report ? json_string_value(json_object_get(*report, "status")) : NULL;
+
+	if (wait_ms <= 0 || status == NULL || strcmp(status, "running") != 0)
+		return;
+	if (jobs_lookup(id, wait_ms, &later))
+	{
+		json_decref(*report);
+		*report = later;
+	}
+}
+
+/*
+ * POST /v1/restarts[?wait=S]: verify, parse, then submit the job, and
+ * with wait, answer once it has finished or S seconds have passed.
  */
 static enum MHD_Result
 http_post_restart(struct MHD_Connection *c, const http_req *r)
@@ -390,6 +421,8 @@ http_post_restart(struct MHD_Connection *c, const http_req *r)
 	char		err[256];
 	enum MHD_Result ret;
 	json_t	   *report;
+	int			wait_ms;
+	jobs_submit_result res;
 
 	if (!http_verify(c, r, &ret))
 		return ret;
@@ -399,7 +432,12 @@ http_post_restart(struct MHD_Connection *c, const http_req *r)
 		return http_error(c, r, 400, "bad_request", err);
 	if (strcmp(req.request_id, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "webhook-id")) != 0)
 		return http_error(c, r, 400, "bad_request", "request_id must equal the webhook-id header");
-	switch (jobs_submit(&req, &report))
+	if (!http_wait(c, &wait_ms))
+		return http_error(c, r, 400, "bad_request", "wait must be a non-negative number of seconds");
+	res = jobs_submit(&req, &report);
+	if (res == JOBS_ACCEPTED || res == JOBS_EXISTS)
+		http_wait_for_job(req.request_id, wait_ms, &report);
+	switch (res)
 	{
 		case JOBS_ACCEPTED:
 			return http_job(c, r, 202, report, "accepted");
@@ -423,7 +461,7 @@ http_post_restart(struct MHD_Connection *c, const http_req *r)
 }
 
 /*
- * GET /v1/restarts/{id}[?wait=N]: verify, then report the job, after a
+ * GET /v1/restarts/{id}[?wait=S]: verify, then report the job, after a
  * long poll when asked.
  */
 static enum MHD_Result
@@ -431,7 +469,7 @@ http_get_job(struct MHD_Connection *c, const char *url, const http_req *r)
 {
 	char		id[UUID_TEXT_LEN + 1];
 	bool		is_job;
-	int			wait;
+	int			wait_ms;
 	enum MHD_Result ret;
 	json_t	   *report;
 
@@ -441,10 +479,9 @@ http_get_job(struct MHD_Connection *c, const char *url, const http_req *r)
 		return http_error(c, r, 400, "bad_request", "the job id must be a lowercase UUID");
 	if (strcmp(id, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "webhook-id")) != 0)
 		return http_error(c, r, 400, "bad_request", "the webhook-id header must equal the job id in the path");
-	if (!request_parse_wait(MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "wait"),
-							http_cfg->max_wait, &wait))
-		return http_error(c, r, 400, "bad_request", "wait must be a non-negative integer number of seconds");
-	if (!jobs_lookup(id, wait, &report))
+	if (!http_wait(c, &wait_ms))
+		return http_error(c, r, 400, "bad_request", "wait must be a non-negative number of seconds");
+	if (!jobs_lookup(id, wait_ms, &report))
 		return http_error(c, r, 404, "unknown_job", "the agent has no record of this request id");
 	return http_job(c, r, 200, report, "status of");
 }

@@ -906,26 +906,33 @@ jobs_submit(const restart_request *req, json_t **report)
 }
 
 /*
- * Return the job object of id in *report, after waiting up to
- * wait_seconds for it to finish (long poll).  Returns false if the agent
+ * Return the job object of id in *report, after waiting up to wait_ms
+ * milliseconds for it to finish (long poll).  Returns false if the agent
  * has no record of the id.  A job still being journaled is waited for
- * first (it may yet be refused).
+ * first (it may yet be refused).  Waits of a second or more are logged.
  */
 bool
-jobs_lookup(const char *id, int wait_seconds, json_t **report)
+jobs_lookup(const char *id, int wait_ms, json_t **report)
 {
 	struct timespec deadline;
 	job		   *j;
 
 	clock_gettime(CLOCK_MONOTONIC, &deadline);
-	deadline.tv_sec += wait_seconds;
+	deadline.tv_sec += wait_ms / 1000;
+	deadline.tv_nsec += (long) (wait_ms % 1000) * 1000000L;
+	if (deadline.tv_nsec >= 1000000000L)
+	{
+		deadline.tv_sec++;
+		deadline.tv_nsec -= 1000000000L;
+	}
 	*report = NULL;
 	pthread_mutex_lock(&jobs_lock);
 	while ((j = jobs_find(id)) != NULL && j->journaling)
 		pthread_cond_wait(&jobs_cond, &jobs_lock);
-	if (j != NULL && j->status == JOB_RUNNING && wait_seconds > 0 && !jobs_stopping)
-		log_msg("job %s: a long poll waits up to %d s for it to finish", id, wait_seconds);
-	while (j != NULL && j->status == JOB_RUNNING && wait_seconds > 0 && !jobs_stopping)
+	if (j != NULL && j->status == JOB_RUNNING && wait_ms >= 1000 && !jobs_stopping)
+		log_msg("job %s: a long poll waits up to %d.%03d s for it to finish",
+				id, wait_ms / 1000, wait_ms % 1000);
+	while (j != NULL && j->status == JOB_RUNNING && wait_ms > 0 && !jobs_stopping)
 	{
 		int			rc = pthread_cond_timedwait(jobs_poll_cond(id), &jobs_lock, &deadline);
 

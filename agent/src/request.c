@@ -149,21 +149,41 @@ request_parse_restart(const char *body, size_t len, restart_request *req,
 }
 
 /*
- * Parse the "wait" query value: a decimal number of seconds, capped at
- * max_wait.  An absent value means 0.  Returns false for anything that is
- * not a plain non-negative integer.
+ * Parse the "wait" query value into milliseconds: a non-negative decimal
+ * number of seconds, digits with an optional fraction of one to three
+ * digits ("30", "0.02"), capped at max_wait seconds.  An absent value means
+ * 0.  Returns false for anything else.
  */
 bool
-request_parse_wait(const char *text, int max_wait, int *wait)
+request_parse_wait(const char *text, int max_wait, int *wait_ms)
 {
-	int64_t		v;
+	char		whole[16];
+	const char *dot;
+	int64_t		secs;
+	int64_t		frac = 0;
+	size_t		nfrac = 0;
 
-	*wait = 0;
+	*wait_ms = 0;
 	if (text == NULL)
 		return true;
-	if (!util_parse_digits(text, 9, &v))
+	dot = strchr(text, '.');
+	if (dot != NULL)
+	{
+		nfrac = strlen(dot + 1);
+		if ((size_t) (dot - text) >= sizeof(whole) || nfrac < 1 || nfrac > 3 ||
+			!util_parse_digits(dot + 1, 3, &frac))
+			return false;
+		memcpy(whole, text, dot - text);
+		whole[dot - text] = '\0';
+		text = whole;
+	}
+	if (!util_parse_digits(text, 9, &secs))
 		return false;
-	*wait = v > max_wait ? max_wait : (int) v;
+	while (nfrac++ < 3)
+		frac *= 10;
+	*wait_ms = secs >= max_wait ? max_wait * 1000 : (int) (secs * 1000 + frac);
+	if (*wait_ms > max_wait * 1000)
+		*wait_ms = max_wait * 1000;
 	return true;
 }
 

@@ -253,6 +253,7 @@ my $services = <<"SVC";
   bg = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bg"; }; } );
   bgsession = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bgs"; BG_SESSION = "1"; }; } );
   slow = ( { argv = ["$steps/sleep.sh", "1.5"]; } );
+  quick = ( { argv = ["/bin/true"]; } );
   missing = ( { argv = ["/nonexistent/program"]; } );
   escape = ( { argv = ["$steps/escape.sh"]; env = { PID_FILE = "$pids.escape"; }; } );
   escapehang = ( { argv = ["$steps/escape.sh", "hang"]; timeout = 1; env = { PID_FILE = "$pids.escapehang"; }; } );
@@ -419,7 +420,7 @@ my $okid = uuid();
 	($s, $j) = req($a, 'GET', "/v1/restarts/not-a-uuid", id => 'not-a-uuid');
 	ok($s == 400, 'GET of a non-UUID id: 400');
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid?wait=soon", id => $okid);
-	ok($s == 400, 'GET with a non-integer wait: 400');
+	ok($s == 400, 'GET with a wait that is not a number: 400');
 	my $unknown = uuid();
 	($s, $j) = get_job($a, $unknown);
 	ok($s == 404 && $j->{error} eq 'unknown_job', 'GET of an unknown id: 404 unknown_job');
@@ -487,7 +488,7 @@ my $okid = uuid();
 		POSIX::_exit(0);
 	}
 	# open the gate only once the agent holds the long poll
-	my $polling = wait_until(sub { slurp($a->{log}) =~ /job $id1: a long poll waits up to 20 s/ }, 10);
+	my $polling = wait_until(sub { slurp($a->{log}) =~ /job $id1: a long poll waits up to 20\.000 s/ }, 10);
 	spew($gate, "open\n");
 	waitpid($pid, 0);
 	my ($ps, $pst, $pdt) = split ' ', slurp("$tmp/poll");
@@ -506,6 +507,36 @@ my $okid = uuid();
 	my ($s, $j) = get_job($a, $id, 20);
 	my $dt = time - $t0;
 	ok($s == 200 && $j->{status} eq 'completed' && $dt > 1 && $dt < 6, "wait=20 on a 1.5 s job returns when it completes ($dt s)");
+}
+
+# --- POST ?wait: the answer comes once the job ended, or once the wait passed -------------
+{
+	my $id = uuid();
+	my ($s, $j) = req($a, 'POST', '/v1/restarts?wait=5', id => $id, body => restart_body($id, 'quick'));
+	ok($s == 202 && $j->{status} eq 'completed' && defined $j->{finished_at},
+		'POST ?wait=5 of a quick job: 202 with the job completed', $json->encode($j // {}));
+	($s, $j) = req($a, 'POST', '/v1/restarts?wait=5', id => $id, body => restart_body($id, 'quick'));
+	ok($s == 200 && $j->{status} eq 'completed', 'the same POST again: 200 with the job completed');
+	($s, $j) = get_job($a, $id, '0.5');
+	ok($s == 200 && $j->{status} eq 'completed', 'GET with a fractional wait (0.5): 200');
+	my $slow = uuid();
+	my $t0 = time;
+	($s, $j) = req($a, 'POST', '/v1/restarts?wait=0.3', id => $slow, body => restart_body($slow, 'slow'));
+	my $dt = time - $t0;
+	# Behaviour, not speed: the answer came only after the wait (no upper bound asserted).
+	ok($s == 202 && $j->{status} eq 'running' && $dt >= 0.25,
+		"POST ?wait=0.3 of a 1.5 s job: 202 with the job running, after the wait ($dt s)");
+	($s, $j) = req($a, 'POST', '/v1/restarts?wait=20', id => $slow, body => restart_body($slow, 'slow'));
+	ok($s == 200 && $j->{status} eq 'completed',
+		'the same POST with wait=20: 200 once the job completed');
+	for my $bad ('0.0001', 'soon', '-1', '1.', '.5')
+	{
+		my $never = uuid();
+		($s, $j) = req($a, 'POST', "/v1/restarts?wait=$bad", id => $never, body => restart_body($never, 'quick'));
+		ok($s == 400 && $j->{error} eq 'bad_request', "POST with wait=$bad: 400 bad_request");
+		($s) = get_job($a, $never);
+		ok($s == 404, "... and nothing was accepted (wait=$bad)");
+	}
 }
 
 # --- concurrent long polls each return when their own job ends ---------------------------

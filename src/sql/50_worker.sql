@@ -531,9 +531,11 @@ BEGIN
 	IF p_kind = 'answer' AND p_http IN (200, 202) THEN
 		SELECT * INTO v_job FROM restart_worker.parse_job(p_id, v_answer);
 		IF v_job.status IS NOT NULL THEN
+			-- A 202 that tells the job's end: the agent held the POST's answer while
+			-- the job ran; running is announced first.
 			action := restart_worker.worker_record_job(p_id, v_job.status, v_job.started_at,
 				v_job.finished_at, v_job.exit_code, v_job.output, v_job.error, p_lease_ms,
-				p_dispatched_at);
+				p_dispatched_at, p_http = 202 AND v_job.status <> 'running');
 			RETURN;
 		END IF;
 		RAISE LOG 'restart_worker: request %: the agent answered HTTP % with no valid job object: %',

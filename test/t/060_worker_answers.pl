@@ -71,7 +71,7 @@ is($row->{error},
 	'gave up after 4 attempts: timed out waiting for the agent; the agent may have received the request',
 	'mute: error says it may have reached the agent');
 my @calls = fake_calls($mute);
-is(scalar(grep { $_ eq "POST /v1/restarts $id" } @calls), 4,
+is(scalar(grep { $_ eq "POST /v1/restarts?wait=0.020 $id" } @calls), 4,
 	'mute: four POSTs, all with the same request id');
 clean_error($row, $mute);
 $node->safe_psql('postgres', "SELECT restart_worker.register_service('mute_svc', 'mute', '1 hour')");

@@ -197,7 +197,7 @@ my @calls = fake_calls($fake);
 is(scalar(@calls), 2 * $held, 'SIGTERM: agent A got each request twice');
 for my $id (@a_ids)
 {
-	is(scalar(grep { $_ eq "POST /v1/restarts $id" } @calls), 2,
+	is(scalar(grep { $_ eq "POST /v1/restarts?wait=0.020 $id" } @calls), 2,
 		"SIGTERM: request $id was sent again with the same id");
 }
 

@@ -140,12 +140,32 @@ test_wait(void **state)
 	assert_true(request_parse_wait(NULL, 30, &w));
 	assert_int_equal(w, 0);
 	assert_true(request_parse_wait("10", 30, &w));
-	assert_int_equal(w, 10);
+	assert_int_equal(w, 10000);
+	assert_true(request_parse_wait("0", 30, &w));
+	assert_int_equal(w, 0);
 	assert_true(request_parse_wait("999", 30, &w));
-	assert_int_equal(w, 30);
+	assert_int_equal(w, 30000);
+	assert_true(request_parse_wait("1.5", 30, &w));
+	assert_int_equal(w, 1500);
+	assert_true(request_parse_wait("0.02", 30, &w));
+	assert_int_equal(w, 20);
+	assert_true(request_parse_wait("0.005", 30, &w));
+	assert_int_equal(w, 5);
+	assert_true(request_parse_wait("29.999", 30, &w));
+	assert_int_equal(w, 29999);
+	assert_true(request_parse_wait("30.5", 30, &w));
+	assert_int_equal(w, 30000);
 	assert_false(request_parse_wait("", 30, &w));
 	assert_false(request_parse_wait("-1", 30, &w));
-	assert_false(request_parse_wait("1.5", 30, &w));
+	assert_false(request_parse_wait("1.", 30, &w));
+	assert_false(request_parse_wait(".5", 30, &w));
+	assert_false(request_parse_wait("0.0001", 30, &w));
+	assert_false(request_parse_wait("1.2.3", 30, &w));
+	assert_false(request_parse_wait("1,5", 30, &w));
+	assert_false(request_parse_wait("1e3", 30, &w));
+	assert_false(request_parse_wait("0x10", 30, &w));
+	assert_false(request_parse_wait(" 1", 30, &w));
+	assert_false(request_parse_wait("12345678901234567.5", 30, &w));
 	assert_false(request_parse_wait("99999999999", 30, &w));
 }
 

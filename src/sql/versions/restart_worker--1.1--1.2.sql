@@ -1,8 +1,10 @@
 -- restart_worker 1.1 -> 1.2.
 --
 -- 1.2 adds worker_record_jobs(), with which the worker records the job objects of many
--- answers in one call (one update of all their rows) when they come in together. Nothing
--- else changes. The definition below is that of src/sql/50_worker.sql.
+-- answers in one call (one update of all their rows) when they come in together, and
+-- worker_record() announces running before the end for a 202 that tells the job's end (an
+-- agent holds the answer to a POST with ?wait while a quick job runs). The tables and
+-- their rows are unchanged. The definitions below are those of src/sql/50_worker.sql.
 
 \echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.2'" to load this file. \quit
 
@@ -82,9 +84,121 @@ BEGIN
 END;
 $$;
 
--- Its privileges, as 90_privileges.sql gives every function of the schema: none for
--- PUBLIC or anyone else a default privilege may have granted it, EXECUTE for whoever may
--- execute worker_claim() (the roles given restart_worker.grant_admin()).
+-- Record the outcome of one call to an agent and say what the worker does next:
+--   'follow'    the job is running: ask again with a long-poll;
+--   'retry'     put back until next_at (could not connect, timeout, lost connection,
+--               5xx, 429);
+--   'completed' or 'failed': the request ended;
+--   'locked'    someone holds the row: the worker records the outcome again later;
+--   'gone'      the request is no longer the worker's (deleted, or ended elsewhere).
+-- p_kind is 'answer' when the agent answered (p_http, p_body), else the kind of failure
+-- (see classify()); p_sent whether any of this call's request was sent; p_maybe_sent
+-- whether an earlier call may have reached the agent; p_dispatched_at when the agent
+-- accepted the job, if an earlier answer (a 202 not recorded on its own) said so. A job
+-- object in a 200/202 answer is copied to the row; any other answer that cannot succeed later fails the request at
+-- once. A request the agent never accepted fails after its maximum attempts; any request
+-- fails past its deadline.
+CREATE OR REPLACE FUNCTION restart_worker.worker_record(
+	p_id uuid, p_kind text, p_http integer, p_body text, p_sent boolean,
+	p_maybe_sent boolean, p_max_attempts integer, p_retry_base_ms integer,
+	p_retry_max_ms integer, p_lease_ms integer, p_dispatched_at timestamptz,
+	OUT action text, OUT next_at timestamptz)
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+AS $$
+DECLARE
+	v_row		public.service_restart_requests;
+	v_max		integer;
+	v_answer	jsonb := restart_worker.try_jsonb(p_body);
+	v_job		record;
+	v_how		record;
+	v_uncertain	boolean;
+	v_note		text := '';
+	v_delay		double precision;
+BEGIN
+	-- SKIP LOCKED rather than NOWAIT in an exception block: a lock taken in a
+	-- subtransaction and an update in its parent would make the row's xmax a multixact,
+	-- which every later scan of the queue has to look up.
+	SELECT * INTO v_row FROM public.service_restart_requests r
+		WHERE r.id = p_id AND r.status IN ('dispatching', 'running')
+		FOR UPDATE SKIP LOCKED;
+	IF NOT FOUND THEN
+		IF EXISTS (SELECT FROM public.service_restart_requests r
+				   WHERE r.id = p_id AND r.status IN ('dispatching', 'running')) THEN
+			action := 'locked';
+		ELSE
+			action := 'gone';
+		END IF;
+		RETURN;
+	END IF;
+
+	IF p_kind = 'answer' AND p_http IN (200, 202) THEN
+		SELECT * INTO v_job FROM restart_worker.parse_job(p_id, v_answer);
+		IF v_job.status IS NOT NULL THEN
+			-- A 202 that tells the job's end: the agent held the POST's answer while
+			-- the job ran; running is announced first.
+			action := restart_worker.worker_record_job(p_id, v_job.status, v_job.started_at,
+				v_job.finished_at, v_job.exit_code, v_job.output, v_job.error, p_lease_ms,
+				p_dispatched_at, p_http = 202 AND v_job.status <> 'running');
+			RETURN;
+		END IF;
+		RAISE LOG 'restart_worker: request %: the agent answered HTTP % with no valid job object: %',
+			p_id, p_http, pg_catalog.left(coalesce(p_body, '(no text)'), 200);
+	END IF;
+
+	SELECT * INTO v_how FROM restart_worker.classify(p_kind, p_http, v_answer, p_sent);
+	v_uncertain := v_row.dispatched_at IS NULL AND (p_maybe_sent OR v_how.maybe_sent);
+	IF v_uncertain THEN
+		v_note := '; the agent may have received the request';
+		IF v_row.uncertain_at IS NULL THEN
+			-- The steps may have run: from now on the request holds the cooldown.
+			UPDATE public.service_restart_requests SET uncertain_at = pg_catalog.now()
+				WHERE id = p_id;
+		END IF;
+	END IF;
+
+	IF NOT v_how.retry THEN
+		PERFORM restart_worker.finish(p_id, 'failed', v_how.reason || v_note);
+		action := 'failed';
+		RETURN;
+	END IF;
+
+	IF v_row.deadline_at <= pg_catalog.now() THEN
+		PERFORM restart_worker.finish(p_id, 'failed', restart_worker.timeout_error(
+			CASE WHEN v_row.dispatched_at IS NOT NULL THEN 'running'
+				 WHEN v_uncertain THEN 'dispatching' ELSE 'pending' END, v_how.reason));
+		action := 'failed';
+		RETURN;
+	END IF;
+
+	SELECT s.max_attempts INTO v_max FROM restart_worker.services s
+		WHERE s.name = v_row.service_name;
+	v_max := coalesce(v_max, p_max_attempts);
+	IF v_row.dispatched_at IS NULL AND v_row.attempts >= v_max THEN
+		PERFORM restart_worker.finish(p_id, 'failed',
+			pg_catalog.format('gave up after %s attempts: %s%s', v_row.attempts, v_how.reason, v_note));
+		action := 'failed';
+		RETURN;
+	END IF;
+
+	-- Exponential backoff with jitter: half the delay fixed, half random.
+	v_delay := least(p_retry_max_ms, p_retry_base_ms * power(2, greatest(v_row.attempts, 1) - 1));
+	v_delay := v_delay / 2 + pg_catalog.random() * v_delay / 2;
+	next_at := least(pg_catalog.now() + pg_catalog.make_interval(secs => v_delay / 1000.0),
+					 v_row.deadline_at);
+	UPDATE public.service_restart_requests
+		SET status = CASE WHEN dispatched_at IS NOT NULL THEN 'running'
+						  WHEN v_uncertain THEN 'dispatching' ELSE 'pending' END,
+			error = v_how.reason, next_attempt_at = next_at, updated_at = pg_catalog.now()
+		WHERE id = p_id;
+	action := 'retry';
+END;
+$$;
+
+-- The privileges of worker_record_jobs(), as 90_privileges.sql gives every function of
+-- the schema: none for PUBLIC or anyone else a default privilege may have granted it,
+-- EXECUTE for whoever may execute worker_claim() (the roles given
+-- restart_worker.grant_admin()).
 DO $$
 DECLARE
 	v_function	pg_catalog.regprocedure := 'restart_worker.worker_record_jobs(uuid[], text[], timestamptz[], timestamptz[], integer[], text[], text[], timestamptz[], boolean[], integer)';
