@@ -24,6 +24,17 @@
  * together share one scan (spawn_sweep()): with many jobs running, a scan
  * per step end read /proc more often than anything else the agent did.
  *
+ * Most steps leave nothing behind, and the scan is skipped when the agent
+ * can tell so without it: the agent is a child subreaper, so whatever a
+ * step's program leaves when it exits is handed to the agent's main thread
+ * (the topmost survivor of each line of descendants is; every process of a
+ * session descends from its leader).  If the main thread has no live
+ * child, nothing is left of any step (see spawn_left_nothing()).  A
+ * program that detached (setsid) also becomes the agent's child, so with
+ * one running every step end is followed by a scan, as before; such
+ * children, and the processes a scan killed, are reaped at the next step
+ * end.
+ *
  *-------------------------------------------------------------------------
  */
 #include <ctype.h>
@@ -38,6 +49,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -50,6 +62,8 @@
 #define SPAWN_DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 static int	spawn_stop_fd = -1;
+static bool spawn_subreaper = false;	/* orphans of steps come to the agent */
+static char spawn_children_path[64];	/* the main thread's children */
 
 /*
  * Sessions of steps whose program exited, waiting to be emptied by the
@@ -87,7 +101,48 @@ bool
 spawn_init(void)
 {
 	spawn_stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	spawn_subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0;
+	snprintf(spawn_children_path, sizeof(spawn_children_path),
+			 "/proc/self/task/%d/children", (int) getpid());
 	return spawn_stop_fd >= 0;
+}
+
+/*
+ * Whether no process that a step left behind is alive: the agent's main
+ * thread, which the orphans of steps are handed to (see the head comment;
+ * it starts no process itself), has no live child.  Its children that are
+ * zombies are reaped on the way.  Returns false when that cannot be told
+ * (not a subreaper, no such file in /proc, too many children to read at
+ * once): the caller then scans /proc.  Called once a step's program has
+ * exited, when its orphans have already been handed over.
+ */
+static bool
+spawn_left_nothing(void)
+{
+	char		buf[4096];
+	ssize_t		n;
+	int			fd;
+	bool		none = true;
+
+	if (!spawn_subreaper)
+		return false;
+	if ((fd = open(spawn_children_path, O_RDONLY | O_CLOEXEC)) < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n < 0 || n == (ssize_t) sizeof(buf) - 1)
+		return false;
+	buf[n] = '\0';
+	for (char *p = buf, *end;; p = end)
+	{
+		long		pid = strtol(p, &end, 10);
+
+		if (end == p)
+			break;
+		if (pid > 0 && waitpid((pid_t) pid, NULL, WNOHANG) == 0)
+			none = false;		/* alive: the scan decides whose it is */
+	}
+	return none;
 }
 
 /*
@@ -445,7 +500,8 @@ spawn_check_exit(spawn_state *st, spawn_result *res)
 	else
 		res->signal = si.si_status;
 	/* kill anything the step left behind in its session */
-	spawn_sweep(st->pid);
+	if (!spawn_left_nothing())
+		spawn_sweep(st->pid);
 	st->drain_until = util_monotonic_msec() + SPAWN_DRAIN_MSEC;
 }
 

@@ -611,6 +611,22 @@ my $okid = uuid();
 			&& ($session ? $alive && $dt > 0.9 : wait_until(sub { pid_gone($child) }, 5)),
 			sprintf('a background child %s holding the pipe does not hang the job (%.2f s)', $what, $dt),
 			$json->encode($j // {}));
+		if ($session && $child)
+		{
+			# The agent is a child subreaper: the detached child became its child, and once
+			# it ended it is reaped at the next step's end, not left a zombie.
+			my ($ppid) = slurp("/proc/$child/status") =~ /^PPid:\s+(\d+)/m;
+			ok(($ppid // '') eq $a->{pid}, 'a child that detached from its step is handed to the agent', "PPid " . ($ppid // '?'));
+			kill 'KILL', $child;
+			ok(wait_until(sub { slurp("/proc/$child/stat") =~ /^\d+ \(.*\) Z/ }, 5),
+				'... and is a zombie of the agent once it ended');
+			my $next = uuid();
+			post_restart($a, $next, 'quick');
+			wait_job($a, $next);
+			ok(wait_until(sub { slurp("/proc/$child/stat") eq '' }, 10),
+				'... until the next step ends, when the agent reaps it');
+			next;
+		}
 		kill 'KILL', $child if $child;
 	}
 }
