@@ -53,11 +53,16 @@ SELECT status, exit_code FROM service_restart_requests WHERE service_name = 'rj1
 SELECT count(*) FROM restart_worker.worker_record_jobs('{}', '{}', '{}', '{}', '{}', '{}', '{}',
 													   '{}', '{}', 60000);
 
--- Only the worker's role (an admin) may call it.
-SET ROLE authenticated;
+-- Only the worker's role (an admin) may call it, not a role that may merely look into the
+-- schema.
+CREATE ROLE rj_reader NOLOGIN;
+GRANT USAGE ON SCHEMA restart_worker TO rj_reader;
+SET ROLE rj_reader;
 SELECT count(*) FROM restart_worker.worker_record_jobs('{}', '{}', '{}', '{}', '{}', '{}', '{}',
 													   '{}', '{}', 60000);
 RESET ROLE;
+REVOKE USAGE ON SCHEMA restart_worker FROM rj_reader;
+DROP ROLE rj_reader;
 
 DELETE FROM service_restart_requests WHERE service_name LIKE 'rj_';
 SELECT count(restart_worker.remove_service(s)) FROM unnest(ARRAY['rj1', 'rj2', 'rj3', 'rj4', 'rj5']) s;

@@ -113,6 +113,40 @@ dispatch_release(RwCall *call)
 }
 
 /*
+ * How many long-polls to an agent may be in flight at once: one less than
+ * the connections to it, so that a new request's POST always finds a
+ * connection instead of waiting behind jobs that run long.
+ */
+static int
+dispatch_follow_limit(void)
+{
+	return Max(1, rw_max_connections_per_agent - 1);
+}
+
+/*
+ * Whether a POST to the agent at url may ask it to hold the answer while
+ * the job runs: not once its long-polls take every connection they may,
+ * when the POSTs to it share what is left and each held answer would hold
+ * up the next POST.
+ */
+static bool
+dispatch_post_may_wait(const char *url)
+{
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < RW_MAX_SLOTS; i++)
+	{
+		RwCall	   *call = &dispatch_slots[i];
+
+		if (call->in_use && call->following && call->easy != NULL &&
+			strcmp(call->url, url) == 0)
+			n++;
+	}
+	return n < dispatch_follow_limit();
+}
+
+/*
  * Take a slot for a claimed request and start the POST to its agent.
  */
 void
@@ -151,20 +185,10 @@ rw_dispatch_start(RwClaimed *row)
 	}
 	call->url = MemoryContextStrdup(dispatch_cxt, row->url);
 	call->body = MemoryContextStrdup(dispatch_cxt, row->body);
+	call->post_wait = dispatch_post_may_wait(call->url);
 	call->keylen = VARSIZE_ANY_EXHDR(row->key);
 	memcpy(call->key, VARDATA_ANY(row->key), call->keylen);
 	rw_http_start(call);
-}
-
-/*
- * How many long-polls to an agent may be in flight at once: one less than
- * the connections to it, so that a new request's POST always finds a
- * connection instead of waiting behind jobs that run long.
- */
-static int
-dispatch_follow_limit(void)
-{
-	return Max(1, rw_max_connections_per_agent - 1);
 }
 
 /*

@@ -182,7 +182,9 @@ http_follow_wait(RwCall *call)
  * The POST asks the agent to hold its answer for up to HTTP_POST_WAIT_MS
  * while the job runs (docs/protocol.md), so that the answer to a quick
  * job is its end: one call, and one transaction to record it, instead of
- * a POST and a long-poll.  An agent older than that parameter ignores it.
+ * a POST and a long-poll; unless src/dispatch.c says not to (call->
+ * post_wait), when the connections to the agent are needed for other
+ * POSTs.  An agent older than that parameter ignores it.
  */
 #define HTTP_POST_WAIT_MS 20
 
@@ -203,7 +205,7 @@ http_call_url(RwCall *call, int wait)
 	appendStringInfoString(&url, "/v1/restarts");
 	if (call->following)
 		appendStringInfo(&url, "/%s?wait=%d", call->id, wait);
-	else
+	else if (call->post_wait)
 		appendStringInfo(&url, "?wait=%d.%03d",
 						 HTTP_POST_WAIT_MS / 1000, HTTP_POST_WAIT_MS % 1000);
 	return url.data;

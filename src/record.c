@@ -281,6 +281,7 @@ record_try(RwCall *first, RwCall *second, TimestampTz accepted_at,
 			edata = CopyErrorData();
 			FlushErrorState();
 			AbortCurrentTransaction();
+			MemoryContextSwitchTo(cxt);
 			pgstat_report_activity(STATE_IDLE, NULL);
 			RESUME_INTERRUPTS();
 			ereport(LOG,
@@ -352,6 +353,10 @@ static SPIPlanPtr record_plan_jobs = NULL;
 static const Oid record_col_types[RECORD_NCOLS] = {
 	UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT4OID, TEXTOID, TEXTOID,
 	TIMESTAMPTZOID, BOOLOID
+};
+static const Oid record_col_array_types[RECORD_NCOLS] = {
+	UUIDARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, BOOLARRAYOID
 };
 
 typedef struct RecordColumns
@@ -466,7 +471,7 @@ record_batch_jobs(RwRecord *records, RecordColumns *cols)
 		char		align;
 
 		get_typlenbyvalalign(record_col_types[c], &len, &byval, &align);
-		types[c] = get_array_type(record_col_types[c]);
+		types[c] = record_col_array_types[c];
 		values[c] = PointerGetDatum(construct_md_array(cols->values[c], cols->nulls[c],
 													   1, dims, lbs, record_col_types[c],
 													   len, byval, align));
@@ -557,6 +562,7 @@ record_batch_try(RwRecord *records, int n)
 		edata = CopyErrorData();
 		FlushErrorState();
 		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		RESUME_INTERRUPTS();
 		ereport(LOG,

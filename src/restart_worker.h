@@ -148,6 +148,8 @@ typedef struct RwCall
 {
 	bool		in_use;
 	bool		following;		/* GET ?wait=N rather than the POST */
+	bool		post_wait;		/* the POST asks the agent to hold its answer
+								 * while the job runs (src/http.c) */
 	uint64		follow_seq;		/* place in its agent's long-poll queue, or 0
 								 * if its long-poll is not waiting to start */
 	char		id[37];			/* request id, canonical uuid text */
@@ -287,9 +289,10 @@ extern void rw_status_note_wake(void);
 extern void rw_status_note_poll(int claimed);
 #define RW_COUNT_ADD(field, n) \
 	do { \
-		if (restart_worker_shared && (n) != 0) { \
+		int			rw_count_n_ = (n); \
+		if (restart_worker_shared && rw_count_n_ != 0) { \
 			SpinLockAcquire(&restart_worker_shared->mutex); \
-			restart_worker_shared->counters.field += (n); \
+			restart_worker_shared->counters.field += rw_count_n_; \
 			SpinLockRelease(&restart_worker_shared->mutex); \
 		} \
 	} while (0)

@@ -29,6 +29,9 @@
 
 #include "restart_worker.h"
 
+/* The memory context of the caller of the transaction at hand. */
+static MemoryContext xact_caller_cxt = NULL;
+
 /*
  * Start a short transaction with SPI and a snapshot, and say so in
  * pg_stat_activity.
@@ -36,6 +39,7 @@
 void
 rw_xact_begin(const char *activity)
 {
+	xact_caller_cxt = CurrentMemoryContext;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -45,7 +49,9 @@ rw_xact_begin(const char *activity)
 }
 
 /*
- * Commit the short transaction started by rw_xact_begin().
+ * Commit the short transaction started by rw_xact_begin(), and go back to
+ * the caller's memory context (a commit leaves TopMemoryContext current,
+ * where whatever the worker allocated next would never be freed).
  */
 void
 rw_xact_end(void)
@@ -53,6 +59,7 @@ rw_xact_end(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(xact_caller_cxt);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }

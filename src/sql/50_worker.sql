@@ -420,21 +420,30 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 AS $$
 DECLARE
+	v_mine		uuid[];
 	v_n			integer[];
 	v_ids		uuid[];
 	v_action	text[];
 BEGIN
-	IF true = ANY (p_running_first) THEN
-		-- Lock the rows before announcing, so that a locked row announces nothing.
-		PERFORM pg_catalog.pg_notify('restart_worker',
-			pg_catalog.json_build_object('id', r.id, 'service_name', r.service_name,
-										 'status', 'running')::pg_catalog.text)
-		FROM (SELECT q.id, q.service_name
-			  FROM ROWS FROM (pg_catalog.unnest(p_ids), pg_catalog.unnest(p_running_first))
-				AS i(id, running_first)
+	-- Lock the rows that are still the worker's, once: only those are announced and
+	-- updated, so that a row announced running is the row updated.
+	SELECT pg_catalog.array_agg(r.id) INTO v_mine
+		FROM (SELECT q.id FROM pg_catalog.unnest(p_ids) AS i(id)
 			  JOIN public.service_restart_requests q ON q.id = i.id
-			  WHERE i.running_first AND q.status = 'dispatching'
+			  WHERE q.status IN ('dispatching', 'running')
 			  FOR UPDATE OF q SKIP LOCKED) r;
+	IF v_mine IS NULL THEN
+		RETURN;
+	END IF;
+	IF true = ANY (p_running_first) THEN
+		PERFORM pg_catalog.pg_notify('restart_worker',
+			pg_catalog.json_build_object('id', q.id, 'service_name', q.service_name,
+										 'status', 'running')::pg_catalog.text)
+		FROM ROWS FROM (pg_catalog.unnest(p_ids), pg_catalog.unnest(p_running_first))
+			AS i(id, running_first)
+		JOIN pg_catalog.unnest(v_mine) AS m(id) ON m.id = i.id
+		JOIN public.service_restart_requests q ON q.id = i.id
+		WHERE i.running_first AND q.status = 'dispatching';
 	END IF;
 	WITH i AS (
 		SELECT * FROM ROWS FROM (pg_catalog.unnest(p_ids), pg_catalog.unnest(p_status),
@@ -443,10 +452,6 @@ BEGIN
 								 pg_catalog.unnest(p_error), pg_catalog.unnest(p_dispatched_at))
 			WITH ORDINALITY AS i(id, status, started_at, finished_at, exit_code, output,
 								 error, dispatched_at, n)),
-	mine AS (
-		SELECT q.id FROM i JOIN public.service_restart_requests q ON q.id = i.id
-		WHERE q.status IN ('dispatching', 'running')
-		FOR UPDATE OF q SKIP LOCKED),
 	done AS (
 		UPDATE public.service_restart_requests q
 			SET dispatched_at = coalesce(q.dispatched_at, i.dispatched_at, pg_catalog.now()),
@@ -460,8 +465,8 @@ BEGIN
 									ELSE coalesce(i.finished_at, pg_catalog.now()) END,
 				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 				updated_at = pg_catalog.now()
-			FROM mine JOIN i ON i.id = mine.id
-			WHERE q.id = mine.id
+			FROM i JOIN pg_catalog.unnest(v_mine) AS m(id) ON m.id = i.id
+			WHERE q.id = i.id
 			RETURNING i.n, q.id, q.status, q.deadline_at)
 	SELECT pg_catalog.array_agg(d.n::integer), pg_catalog.array_agg(d.id),
 		   pg_catalog.array_agg(CASE WHEN d.status <> 'running' THEN d.status

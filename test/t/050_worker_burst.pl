@@ -59,5 +59,29 @@ is($node->safe_psql('postgres',
 is($node->safe_psql('postgres', 'SELECT failed + call_errors FROM restart_worker.status()'),
 	'0', 'no call failed');
 
+# The worker's own memory does not grow with the requests it handles: the size of its
+# TopMemoryContext (where nothing of a request may stay) after a second burst is that
+# after the first, give or take a block.
+sub top_memory
+{
+	my $start = -s $node->logfile;
+	$node->safe_psql('postgres', "SELECT pg_log_backend_memory_contexts($pid)");
+	my $total;
+	wait_for(sub {
+		($total) = substr(slurp($node->logfile), $start) =~ /level: 0; TopMemoryContext: (\d+) total/;
+		defined $total;
+	});
+	return $total;
+}
+my $before = top_memory();
+$node->safe_psql('postgres',
+	"SELECT count(public.request_service_restart('b' || i)) FROM generate_series(1, $n) i");
+ok(wait_for(sub {
+	$node->safe_psql('postgres', 'SELECT active FROM restart_worker.status()') == 0 }),
+	"a second burst of $n requests ended");
+my $after = top_memory();
+ok(defined $before && defined $after && $after - $before < 65536,
+	"the worker's TopMemoryContext did not grow with $n more requests ($before -> $after bytes)");
+
 $node->stop;
 done_testing();

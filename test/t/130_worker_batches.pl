@@ -114,6 +114,41 @@ for my $id (@ids)
 		"request $id: each status announced once, in order");
 }
 
+# Called directly: jobs that ended while their rows were still dispatching (a 202 that
+# told the end, or a held 202 with its long-poll's answer) are announced running, then
+# their end; a job that still runs is announced running once.  The rows are leased far
+# ahead, so that the worker leaves them alone.
+my @direct = split /\n/, $node->safe_psql('postgres', q{
+	INSERT INTO public.service_restart_requests (service_name, status, requested_by_role,
+		attempts, deadline_at, next_attempt_at)
+	SELECT s, 'dispatching', 'postgres', 1, now() + interval '1 hour', now() + interval '1 hour'
+	FROM unnest(ARRAY['r1', 'r2', 'r3']) s
+	RETURNING id});
+$listen = $node->background_psql('postgres');
+$listen->query_safe('LISTEN restart_worker');
+is($node->safe_psql('postgres', qq{
+	SELECT string_agg(n || ':' || action, ',' ORDER BY n) FROM restart_worker.worker_record_jobs(
+		ARRAY['$direct[0]', '$direct[1]', '$direct[2]']::uuid[], ARRAY['completed', 'failed', 'running'],
+		ARRAY[now(), now(), now()], ARRAY[now(), now(), NULL], ARRAY[0, 3, NULL], ARRAY['a', 'b', 'c'],
+		ARRAY[NULL, 'step 1 exited with code 3', NULL], ARRAY[now(), NULL, NULL]::timestamptz[],
+		ARRAY[true, true, false], 60000)}),
+	'1:completed,2:failed,3:follow', 'worker_record_jobs() records each job and says what next');
+$out = '';
+wait_for(sub {
+	$out .= $listen->query_safe('SELECT 1');
+	my @seen = $out =~ /"status" : "/g;
+	scalar @seen >= 5;
+});
+$listen->quit;
+my %expect = ($direct[0] => 'running,completed', $direct[1] => 'running,failed',
+	$direct[2] => 'running');
+for my $id (@direct)
+{
+	my @seen = $out =~ /"id" : "$id", "service_name" : "r\d+", "status" : "(\w+)"/g;
+	is(join(',', @seen), $expect{$id}, "direct call, request $id: announced $expect{$id}");
+}
+$node->safe_psql('postgres', "DELETE FROM public.service_restart_requests WHERE id = '$direct[2]'");
+
 # If the call fails, the answers are recorded one by one, and nothing is lost.
 $node->safe_psql('postgres', <<'SQL');
 CREATE OR REPLACE FUNCTION restart_worker.worker_record_jobs(p_ids uuid[],
