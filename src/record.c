@@ -274,16 +274,8 @@ record_try(RwCall *first, RwCall *second, TimestampTz accepted_at,
 	{
 		if (!last)
 		{
-			ErrorData  *edata;
+			ErrorData  *edata = rw_xact_abort(cxt);
 
-			HOLD_INTERRUPTS();
-			MemoryContextSwitchTo(cxt);
-			edata = CopyErrorData();
-			FlushErrorState();
-			AbortCurrentTransaction();
-			MemoryContextSwitchTo(cxt);
-			pgstat_report_activity(STATE_IDLE, NULL);
-			RESUME_INTERRUPTS();
 			ereport(LOG,
 					(errmsg("restart_worker: recording an agent's answer failed, trying again%s: %s",
 							fast ? " with every answer judged in SQL" :
@@ -555,16 +547,8 @@ record_batch_try(RwRecord *records, int n)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
+		ErrorData  *edata = rw_xact_abort(cxt);
 
-		HOLD_INTERRUPTS();
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortCurrentTransaction();
-		MemoryContextSwitchTo(cxt);
-		pgstat_report_activity(STATE_IDLE, NULL);
-		RESUME_INTERRUPTS();
 		ereport(LOG,
 				(errmsg("restart_worker: recording %d answers at once failed, recording them one by one: %s",
 						n, edata->message)));

@@ -251,6 +251,7 @@ extern void rw_record_all(RwRecord *records, int n);
 extern void rw_xact_begin(const char *activity);
 extern void rw_xact_end(void);
 extern void rw_xact_recover(MemoryContext cxt);
+extern ErrorData *rw_xact_abort(MemoryContext cxt);
 extern bool rw_extension_exists(void);
 extern SPIPlanPtr rw_plan(SPIPlanPtr *plan, const char *query, int nargs, Oid *types);
 extern void rw_run_one_row(SPIPlanPtr *plan, const char *query, int nargs, Oid *types,

@@ -82,6 +82,27 @@ rw_xact_recover(MemoryContext cxt)
 }
 
 /*
+ * After an error in a short transaction that the caller will try again:
+ * roll it back, go back to the caller's memory context cxt, and return the
+ * error, copied there, for the caller to log as it sees fit.
+ */
+ErrorData *
+rw_xact_abort(MemoryContext cxt)
+{
+	ErrorData  *edata;
+
+	HOLD_INTERRUPTS();
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	FlushErrorState();
+	AbortCurrentTransaction();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	RESUME_INTERRUPTS();
+	return edata;
+}
+
+/*
  * Whether the extension exists in the worker's database.  A catalog
  * look-up, no query: cheap enough for every wake-up.
  */

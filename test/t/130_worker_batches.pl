@@ -46,8 +46,9 @@ sub all_ended_on_agent
 	return 1;
 }
 
-# Request every service at once, wait until every job runs (its 202 recorded and its
-# long-poll waiting), then end them all while the worker is stopped, and let it go on.
+# Request every service at once, wait until every job runs (its 202 recorded) and the
+# agent holds its long-poll, then end them all while the worker is stopped, and let it go
+# on.
 # Returns the request ids.
 sub run_round
 {
@@ -62,6 +63,11 @@ sub run_round
 				  == $n;
 			}),
 		"$round: every job runs");
+	ok( wait_for(sub {
+				my $log = slurp($agent->{log});
+				!grep { $log !~ /job $_: a long poll waits/ } @ids;
+			}),
+		"$round: the agent holds a long-poll of every job");
 	kill 'STOP', $worker;
 
 	# Each open and close of the FIFO ends the steps reading it; a step that opens it late
