@@ -122,6 +122,7 @@ static journal_entry *journal_snap;
 static journal_entry **journal_snap_v;
 static size_t journal_snap_n;
 static off_t journal_snap_end;
+static int	journal_snap_fd = -1;	/* the journal file it was taken of */
 
 /*
  * Ids pruned by retention, not yet dropped from the table: journal_remove()
@@ -338,16 +339,16 @@ journal_pwrite_all(int fd, const char *buf, size_t len, off_t offset)
 }
 
 /*
- * Copy len bytes at srcoff of the journal to dstoff of fd, through buf
- * (JOURNAL_COPY_CHUNK bytes), so that even a huge damaged line needs no
+ * Copy len bytes at srcoff of the journal file src to dstoff of fd, through
+ * buf (JOURNAL_COPY_CHUNK bytes), so that even a huge damaged line needs no
  * more memory.
  */
 static bool
-journal_copy(int fd, off_t dstoff, off_t srcoff, size_t len, char *buf)
+journal_copy(int src, int fd, off_t dstoff, off_t srcoff, size_t len, char *buf)
 {
 	while (len > 0)
 	{
-		ssize_t		n = pread(journal_fd, buf, len < JOURNAL_COPY_CHUNK ? len : JOURNAL_COPY_CHUNK,
+		ssize_t		n = pread(src, buf, len < JOURNAL_COPY_CHUNK ? len : JOURNAL_COPY_CHUNK,
 							  srcoff);
 
 		if (n < 0 && errno == EINTR)
@@ -406,12 +407,13 @@ journal_marker(const char *id, char *buf, size_t size)
 }
 
 /*
- * Write the last record of each entry of v, in order, to the new file fd,
- * noting where each one goes in spans, and fsync it.  *total receives the
- * new file's size.
+ * Write the last record of each entry of v, read from the journal file src,
+ * in order, to the new file fd, noting where each one goes in spans, and
+ * fsync it.  *total receives the new file's size.
  */
 static bool
-journal_compact_write(int fd, journal_entry **v, size_t n, journal_span *spans, off_t *total)
+journal_compact_write(int src, int fd, journal_entry **v, size_t n, journal_span *spans,
+					  off_t *total)
 {
 	char	   *buf = malloc(JOURNAL_COPY_CHUNK);
 	off_t		pos = 0;
@@ -428,7 +430,7 @@ journal_compact_write(int fd, journal_entry **v, size_t n, journal_span *spans, 
 		else
 		{
 			spans[i].length = v[i]->length;
-			ok = journal_copy(fd, pos, v[i]->offset, v[i]->length, buf);
+			ok = journal_copy(src, fd, pos, v[i]->offset, v[i]->length, buf);
 		}
 		pos += (off_t) spans[i].length;
 	}
@@ -522,7 +524,7 @@ journal_compact(void)
 	ok = v != NULL && spans != NULL &&
 		(fd = openat(journal_statefd, JOURNAL_TMP_NAME,
 					 O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600)) >= 0 &&
-		journal_compact_write(fd, v, n, spans, &total) &&
+		journal_compact_write(journal_fd, fd, v, n, spans, &total) &&
 		renameat(journal_statefd, JOURNAL_TMP_NAME, journal_statefd, JOURNAL_NAME) == 0;
 	err = errno;
 	if (ok)
@@ -575,7 +577,7 @@ journal_compact_finish(int fd, journal_span *spans, off_t total)
 	bool		ok;
 
 	ok = buf != NULL &&
-		(tail == 0 || journal_copy(fd, total, journal_snap_end, (size_t) tail, buf)) &&
+		(tail == 0 || journal_copy(journal_fd, fd, total, journal_snap_end, (size_t) tail, buf)) &&
 		fdatasync(fd) == 0 &&
 		renameat(journal_statefd, JOURNAL_TMP_NAME, journal_statefd, JOURNAL_NAME) == 0;
 	free(buf);
@@ -613,7 +615,7 @@ journal_compactor_main(void *arg)
 	int			fd = openat(journal_statefd, JOURNAL_TMP_NAME,
 							O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
 	bool		ok = spans != NULL && fd >= 0 &&
-		journal_compact_write(fd, journal_snap_v, journal_snap_n, spans, &total);
+		journal_compact_write(journal_snap_fd, fd, journal_snap_v, journal_snap_n, spans, &total);
 	int			err = errno;
 
 	(void) arg;
@@ -677,6 +679,7 @@ journal_compact_begin(void)
 	free(v);
 	journal_snap_n = n;
 	journal_snap_end = journal_size;
+	journal_snap_fd = journal_fd;
 	journal_compacting = ok;
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -1489,7 +1492,7 @@ journal_import_into_new(DIR *d, int dfd, int *count)
 	fd = openat(journal_statefd, JOURNAL_TMP_NAME,
 				O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
 	ok = buf != NULL && fd >= 0 && journal_import_records(d, dfd, fd, &pos, count) &&
-		fstat(journal_fd, &st) == 0 && journal_copy(fd, pos, 0, (size_t) st.st_size, buf) &&
+		fstat(journal_fd, &st) == 0 && journal_copy(journal_fd, fd, pos, 0, (size_t) st.st_size, buf) &&
 		fsync(fd) == 0 &&
 		renameat(journal_statefd, JOURNAL_TMP_NAME, journal_statefd, JOURNAL_NAME) == 0 &&
 		fsync(journal_statefd) == 0;
