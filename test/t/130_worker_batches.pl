@@ -46,6 +46,26 @@ sub all_ended_on_agent
 	return 1;
 }
 
+# Whether the agent answered the long-poll of every job of @ids (its log says so, and it
+# logs before it sends), and as many of the worker's connections to the agent hold data
+# not read yet (/proc/net/tcp: the remote address is the agent's port, rx_queue > 0).
+sub all_answered
+{
+	my (@ids) = @_;
+	my $log = slurp($agent->{log});
+	return 0 if grep { $log !~ m{request GET /v1/restarts/$_\S* from \S+ id=$_: 200 status of job $_ \(completed\)} } @ids;
+	my $port = sprintf(':%04X', $agent->{port});
+	my $unread = 0;
+	for my $line (split /\n/, slurp('/proc/net/tcp'))
+	{
+		my @f = split ' ', $line;
+		next unless @f > 4 && $f[2] =~ /$port$/;
+		my (undef, $rx) = split /:/, $f[4];
+		$unread++ if hex($rx) > 0;
+	}
+	return $unread >= scalar @ids;
+}
+
 # Request every service at once, wait until every job runs (its 202 recorded) and the
 # agent holds its long-poll, then end them all while the worker is stopped, and let it go
 # on.
@@ -80,6 +100,8 @@ sub run_round
 		all_ended_on_agent(@ids);
 	});
 	ok($ended, "$round: the agent ended every job while the worker was stopped");
+	ok(wait_for(sub { all_answered(@ids) }),
+		"$round: the agent's answers to every long-poll wait in the worker's sockets");
 	kill 'CONT', $worker;
 	ok( wait_for(sub {
 				$node->safe_psql('postgres',
