@@ -102,6 +102,35 @@ record_ends_accepted(RwCall *call, const RwJob *job)
 }
 
 /*
+ * The job a request's answers leave it in: the job object of its answer
+ * (first), or of the answer (second) after a held 202 (first) that said
+ * running.  *running_first says that the row goes from dispatching to the
+ * end in one update, and running is announced first: after a held 202, or
+ * for a 202 that tells the job's end.  Returns false if the answers are
+ * anything else: worker_record() then judges them one by one.
+ */
+static bool
+record_answers_job(RwCall *first, RwCall *second, RwJob *job, bool *running_first)
+{
+	RwJob		running;
+
+	*running_first = false;
+	if (second == NULL)
+	{
+		if (!record_read_job(first, job))
+			return false;
+		*running_first = record_ends_accepted(first, job);
+		return true;
+	}
+	if (!record_read_job(first, &running) ||
+		strcmp(running.status, "running") != 0 ||
+		!record_read_job(second, job))
+		return false;
+	*running_first = strcmp(job->status, "running") != 0;
+	return true;
+}
+
+/*
  * Record a job object read by src/job.c with worker_record_job(), in the
  * caller's transaction.  Returns false if that left the request alone
  * (its row is locked or no longer the worker's): worker_record() then says
@@ -165,11 +194,12 @@ record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 	bool		isnull;
 	Datum		d;
 	RwJob		job;
+	bool		running_first;
 	RwOutcome	outcome;
 
 	*next_at = 0;
-	if (fast && record_read_job(call, &job) &&
-		record_job(call, &job, accepted_at, record_ends_accepted(call, &job), &outcome))
+	if (fast && record_answers_job(call, NULL, &job, &running_first) &&
+		record_job(call, &job, accepted_at, running_first, &outcome))
 		return outcome;
 
 	valid = answered && call->resp != NULL && call->resp_len > 0 &&
@@ -203,21 +233,18 @@ record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 }
 
 /*
- * Two answers recorded at once, a job's 202 (first) and its end (second),
- * with one row update instead of two (see worker_record_job()), in the
- * caller's transaction.  Returns false if they are anything else, or the
- * update left the request alone: the caller records them one by one.
+ * Record a request's answers one by one, in the caller's transaction: the
+ * first, and the second too if the first says to follow the job.
  */
-static bool
-record_ended(RwCall *first, RwCall *second, TimestampTz accepted_at,
-			 RwOutcome *outcome)
+static RwOutcome
+record_each(RwCall *first, RwCall *second, TimestampTz accepted_at, bool fast,
+			TimestampTz *next_at)
 {
-	RwJob		running;
-	RwJob		ended;
+	RwOutcome	outcome = record_one(first, accepted_at, fast, next_at);
 
-	return record_read_job(first, &running) && strcmp(running.status, "running") == 0 &&
-		record_read_job(second, &ended) && strcmp(ended.status, "running") != 0 &&
-		record_job(second, &ended, accepted_at, true, outcome);
+	if (outcome == RW_OUTCOME_FOLLOW && second != NULL)
+		outcome = record_one(second, accepted_at, fast, next_at);
+	return outcome;
 }
 
 /*
@@ -228,6 +255,8 @@ record_run(RwCall *first, RwCall *second, TimestampTz accepted_at,
 		   bool fast, TimestampTz *next_at)
 {
 	RwOutcome	outcome;
+	RwJob		job;
+	bool		running_first;
 
 	memset(&record_counts, 0, sizeof(record_counts));
 	rw_xact_begin("restart_worker: record an agent's answer");
@@ -237,15 +266,15 @@ record_run(RwCall *first, RwCall *second, TimestampTz accepted_at,
 		return RW_OUTCOME_DONE;
 	}
 	rw_after_claim_work();
-	if (fast && second != NULL && record_ended(first, second, accepted_at, &outcome))
+	/* A held 202 and the next answer: one row update (see worker_record_job()). */
+	if (fast && second != NULL && record_answers_job(first, second, &job, &running_first) &&
+		record_job(second, &job, accepted_at, running_first, &outcome))
 	{
 		*next_at = 0;
 		rw_xact_end();
 		return outcome;
 	}
-	outcome = record_one(first, accepted_at, fast, next_at);
-	if (outcome == RW_OUTCOME_FOLLOW && second != NULL)
-		outcome = record_one(second, accepted_at, fast, next_at);
+	outcome = record_each(first, second, accepted_at, fast, next_at);
 	rw_xact_end();
 	return outcome;
 }
@@ -360,34 +389,6 @@ typedef struct RecordColumns
 } RecordColumns;
 
 /*
- * The job a request's answers leave it in: the job object of its answer,
- * or of the answer after a held 202 that said running.  *running_first
- * says that the row goes from dispatching to the end in one update, and
- * running is announced first: after a held 202, or for a 202 that tells
- * the job's end.  Returns false if the answers are anything else.
- */
-static bool
-record_batch_job(RwRecord *rec, RwJob *job, bool *running_first)
-{
-	RwJob		running;
-
-	*running_first = false;
-	if (rec->second == NULL)
-	{
-		if (!record_read_job(rec->first, job))
-			return false;
-		*running_first = record_ends_accepted(rec->first, job);
-		return true;
-	}
-	if (!record_read_job(rec->first, &running) ||
-		strcmp(running.status, "running") != 0 ||
-		!record_read_job(rec->second, job))
-		return false;
-	*running_first = strcmp(job->status, "running") != 0;
-	return true;
-}
-
-/*
  * Add a job to the columns, for records[k].
  */
 static void
@@ -436,7 +437,7 @@ record_batch_columns(RwRecord *records, int n, RecordColumns *cols)
 		RwJob		job;
 		bool		running_first;
 
-		if (record_batch_job(&records[k], &job, &running_first))
+		if (record_answers_job(records[k].first, records[k].second, &job, &running_first))
 			record_batch_add(cols, k, records[k].first->id, &job,
 							 records[k].accepted_at, running_first);
 	}
@@ -522,9 +523,8 @@ record_batch_run(RwRecord *records, int n)
 
 		if (rec->recorded)
 			continue;
-		rec->outcome = record_one(rec->first, rec->accepted_at, true, &rec->next_at);
-		if (rec->outcome == RW_OUTCOME_FOLLOW && rec->second != NULL)
-			rec->outcome = record_one(rec->second, rec->accepted_at, true, &rec->next_at);
+		rec->outcome = record_each(rec->first, rec->second, rec->accepted_at, true,
+								   &rec->next_at);
 	}
 	rw_xact_end();
 }
