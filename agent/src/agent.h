@@ -178,8 +178,9 @@ extern bool request_parse_job_path(const char *url, char *id, bool *is_job);
 /* ---------- tail.c ---------- */
 typedef struct tail_buffer
 {
-	char	   *data;
-	size_t		size;			/* capacity */
+	char	   *data;			/* NULL until the first byte */
+	size_t		size;			/* capacity: the most bytes kept */
+	size_t		alloc;			/* bytes allocated (grows up to size) */
 	size_t		start;			/* index of the oldest byte */
 	size_t		len;			/* bytes held */
 	bool		truncated;

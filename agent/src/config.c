@@ -68,6 +68,9 @@ static const config_limit limit_defs[] = {
  * setting reports the file only.  Always returns false so callers can
  * "return config_fail(...)".
  */
+static bool config_fail(config_ctx *ctx, const config_setting_t *s, const char *key,
+						const char *fmt,...) __attribute__((format(printf, 4, 5)));
+
 static bool
 config_fail(config_ctx *ctx, const config_setting_t *s, const char *key,
 			const char *fmt,...)

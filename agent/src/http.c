@@ -647,6 +647,9 @@ http_completed(void *cls, struct MHD_Connection *c, void **con_cls,
  * Route libmicrohttpd's own error messages to our log, sanitised (they may
  * quote what a client sent).
  */
+static void http_mhd_log(void *cls, const char *fmt, va_list ap)
+			__attribute__((format(printf, 2, 0)));
+
 static void
 http_mhd_log(void *cls, const char *fmt, va_list ap)
 {

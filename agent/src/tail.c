@@ -12,15 +12,18 @@
 #include "agent.h"
 
 /*
- * Allocate a tail buffer of the given capacity.
+ * Set up an empty tail buffer that keeps at most size bytes.  Nothing is
+ * allocated yet: most steps print little or nothing, and allocating the
+ * whole capacity for every job cost more than anything else a job of such
+ * a step did in user space (see tail_reserve()).  Cannot fail; the bool
+ * is kept for callers that check it.
  */
 bool
 tail_init(tail_buffer *tb, size_t size)
 {
 	memset(tb, 0, sizeof(*tb));
-	tb->data = malloc(size > 0 ? size : 1);
 	tb->size = size;
-	return tb->data != NULL;
+	return true;
 }
 
 /*
@@ -31,6 +34,40 @@ tail_free(tail_buffer *tb)
 {
 	free(tb->data);
 	tb->data = NULL;
+	tb->alloc = 0;
+}
+
+/*
+ * Make room for holding want bytes (at most the capacity), growing the
+ * allocation geometrically while the buffer has not yet wrapped (its bytes
+ * then start at index 0).  If memory runs out, the capacity shrinks to
+ * what is allocated: the tail keeps fewer bytes rather than failing the
+ * job.
+ */
+static void
+tail_reserve(tail_buffer *tb, size_t want)
+{
+	size_t		alloc;
+	char	   *data;
+
+	if (want > tb->size)
+		want = tb->size;
+	if (want <= tb->alloc)
+		return;
+	alloc = tb->alloc < 256 ? 256 : tb->alloc;
+	while (alloc < want)
+		alloc = alloc > tb->size / 2 ? tb->size : alloc * 2;
+	if (alloc > tb->size)
+		alloc = tb->size;
+	data = realloc(tb->data, alloc);
+	if (data == NULL)
+	{
+		tb->truncated |= tb->size > tb->alloc;
+		tb->size = tb->alloc;
+		return;
+	}
+	tb->data = data;
+	tb->alloc = alloc;
 }
 
 /*
@@ -40,9 +77,13 @@ tail_free(tail_buffer *tb)
 void
 tail_append(tail_buffer *tb, const char *data, size_t len)
 {
+	if (len == 0)
+		return;
+	if (tb->len < tb->size)
+		tail_reserve(tb, tb->len + len);
 	if (tb->size == 0)
 	{
-		tb->truncated |= len > 0;
+		tb->truncated = true;
 		return;
 	}
 	if (len >= tb->size)

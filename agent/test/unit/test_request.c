@@ -214,6 +214,56 @@ test_tail(void **state)
 	tail_free(&tb);
 }
 
+/*
+ * A tail allocates only what its bytes need, growing in steps through the
+ * capacity and wrapping around only once it is full; what it returns is
+ * always the last bytes appended, whatever the chunk sizes.
+ */
+static void
+test_tail_growth(void **state)
+{
+	tail_buffer tb;
+	char		all[5000];
+	size_t		n = 0;
+	size_t		len;
+	char	   *s;
+
+	(void) state;
+	assert_true(tail_init(&tb, 1000));
+	assert_null(tb.data);
+	assert_int_equal(tb.alloc, 0);
+	tail_append(&tb, "", 0);
+	assert_null(tb.data);
+	for (int i = 0; n < sizeof(all) - 64; i++)
+	{
+		char		chunk[64];
+		int			k = snprintf(chunk, sizeof(chunk), "line %d%.*s\n", i, i % 40,
+								 "........................................");
+
+		memcpy(all + n, chunk, k);
+		n += k;
+		tail_append(&tb, chunk, k);
+		assert_true(tb.alloc <= 1000);
+		assert_true(tb.len <= tb.alloc);
+		assert_int_equal(tb.truncated, n > 1000);
+		if (i == 0)
+			assert_int_equal(tb.alloc, 256);
+	}
+	assert_int_equal(tb.alloc, 1000);
+	s = tail_to_utf8(&tb, &len);
+	assert_int_equal(len, 1000);
+	assert_memory_equal(s, all + n - 1000, 1000);
+	free(s);
+	tail_free(&tb);
+
+	/* a capacity of 0 keeps nothing and says so */
+	assert_true(tail_init(&tb, 0));
+	tail_append(&tb, "x", 1);
+	assert_true(tb.truncated);
+	assert_int_equal(tb.len, 0);
+	tail_free(&tb);
+}
+
 static void
 test_utf8(void **state)
 {
@@ -240,6 +290,7 @@ main(void)
 		cmocka_unit_test(test_wait),
 		cmocka_unit_test(test_job_path),
 		cmocka_unit_test(test_tail),
+		cmocka_unit_test(test_tail_growth),
 		cmocka_unit_test(test_utf8),
 	};
 
