@@ -9,9 +9,11 @@
  *
  *-------------------------------------------------------------------------
  */
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <unistd.h>
 
 #include "agent.h"
 
@@ -26,22 +28,32 @@ log_msg(const char *fmt,...)
 {
 	char		line[2048];
 	va_list		ap;
+	int			len;
 
 	va_start(ap, fmt);
-	vsnprintf(line, sizeof(line), fmt, ap);
+	len = vsnprintf(line, sizeof(line) - 1, fmt, ap);
 	va_end(ap);
+	if (len < 0)
+		return;
+	if ((size_t) len > sizeof(line) - 2)
+		len = sizeof(line) - 2;
+	line[len++] = '\n';
 
+	/* one write per line, so that lines of threads never interleave */
 	pthread_mutex_lock(&log_lock);
-	fprintf(stderr, "%s\n", line);
-	fflush(stderr);
+	for (size_t off = 0; off < (size_t) len;)
+	{
+		ssize_t		n = write(STDERR_FILENO, line + off, (size_t) len - off);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		off += (size_t) n;
+	}
 	pthread_mutex_unlock(&log_lock);
 }
 
-/*
- * Copy untrusted text into out, replacing control characters, quotes,
- * backslashes and non-ASCII bytes by '?', and truncating to outsize - 1
- * bytes.  Used for every value that reaches a log line from a request.
- */
 void
 log_sanitize(const char *in, size_t inlen, char *out, size_t outsize)
 {
