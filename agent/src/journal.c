@@ -110,6 +110,7 @@ static uint64_t journal_appended;	/* records appended so far */
 static uint64_t journal_synced;	/* how many of them are known on disk */
 static bool journal_syncing;	/* a leader is in fdatasync */
 static int	journal_failed;		/* errno that failed the journal, or 0 */
+static void (*journal_fail_hook) (void);	/* told once when it fails */
 
 /*
  * A compaction at run time runs in a thread of its own (see
@@ -371,14 +372,30 @@ journal_copy(int src, int fd, off_t dstoff, off_t srcoff, size_t len, char *buf)
 /*
  * Put the journal in the failed state: after a failed fdatasync (or an
  * append that cannot be cut off) what is on disk is unknown, so no later
- * write may be acknowledged until a restart reads the file back.
+ * write may be acknowledged until a restart reads the file back.  The
+ * hook set with journal_on_failure() is told the first time (the agent
+ * then stops, so that its supervisor restarts it).
  */
 static void
 journal_fail(int err, const char *what)
 {
+	bool		first = journal_failed == 0;
+
 	journal_failed = err ? err : EIO;
 	log_msg("ERROR: journal: %s failed: %s; every later journal write fails until the agent is restarted",
 			what, strerror(journal_failed));
+	if (first && journal_fail_hook != NULL)
+		journal_fail_hook();
+}
+
+/*
+ * Set the function that journal_fail() calls when the journal first fails.
+ * It is called with the journal's lock held, so it must only signal.
+ */
+void
+journal_on_failure(void (*hook) (void))
+{
+	journal_fail_hook = hook;
 }
 
 /*

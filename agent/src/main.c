@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "agent.h"
 
@@ -61,6 +62,24 @@ main_block_signals(sigset_t *set)
 	signal(SIGXFSZ, SIG_IGN);
 }
 
+/* Set once the journal has failed: the agent then stops with status 1. */
+static volatile sig_atomic_t main_journal_failed;
+
+/*
+ * Called by journal.c when the journal fails (a failed fdatasync): from
+ * then on no job can be accepted or finished, and only a restart that
+ * reads the journal back can tell what is on disk.  Rather than stay up
+ * answering 500 with its jobs stuck running, the agent stops as on
+ * SIGTERM and exits with status 1, so that systemd (Restart=on-failure)
+ * starts it again; the jobs that were running are then reported failed.
+ */
+static void
+main_on_journal_failure(void)
+{
+	main_journal_failed = 1;
+	kill(getpid(), SIGTERM);
+}
+
 /*
  * Wait for a termination signal.  SIGHUP is logged and ignored: secrets
  * and services are only read at start, so a restart applies changes.
@@ -79,7 +98,10 @@ main_wait_for_stop(const sigset_t *set)
 			log_msg("SIGHUP ignored: restart the agent to apply configuration or secret changes");
 			continue;
 		}
-		log_msg("received signal %d, stopping", sig);
+		if (main_journal_failed)
+			log_msg("stopping: the journal failed; the agent exits with status 1 so that it is restarted and reads the journal back");
+		else
+			log_msg("received signal %d, stopping", sig);
 		return;
 	}
 }
@@ -145,6 +167,7 @@ main(int argc, char **argv)
 		config_free(cfg);
 		return 0;
 	}
+	journal_on_failure(main_on_journal_failure);
 	if (!spawn_init() || !jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))
 	{
 		log_msg("cannot start: %s", err);
@@ -157,6 +180,6 @@ main(int argc, char **argv)
 	http_stop();
 	jobs_cleanup();
 	config_free(cfg);
-	log_msg("restart-agent stopped");
-	return 0;
+	log_msg("restart-agent stopped%s", main_journal_failed ? " (the journal failed)" : "");
+	return main_journal_failed ? 1 : 0;
 }

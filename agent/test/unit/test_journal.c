@@ -2,8 +2,11 @@
  * Unit tests of journal.c on a real state directory: concurrent writers
  * sharing flushes, compaction at run time (also after pruning), the zeros
  * written ahead of appends, and the last record of each id read back after
- * a restart.
+ * a restart; a failed flush failing the journal for good.
  */
+#include <dirent.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -244,6 +247,73 @@ test_room_made_for_appends(void **state)
 	free_jobs(jobs, n);
 }
 
+static int	failures_told;
+
+/* The journal's failure hook of the test: counts how often it is told. */
+static void
+count_failure(void)
+{
+	failures_told++;
+}
+
+/*
+ * When a flush of the journal fails, the write fails, the failure hook is
+ * told once, and every later write fails too (what is on disk is unknown
+ * until a restart reads it back).  The journal's file descriptors are
+ * pointed at /dev/null, where a write succeeds and fdatasync fails.  Runs
+ * last: the journal stays failed.
+ */
+static void
+test_failed_flush_fails_the_journal(void **state)
+{
+	char		path[PATH_MAX];
+	char		link[300];
+	char		target[PATH_MAX];
+	char		id[UUID_TEXT_LEN + 1];
+	char	   *text;
+	int			devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+	int			replaced = 0;
+	DIR		   *d = opendir("/proc/self/fd");
+	struct dirent *e;
+
+	(void) state;
+	assert_true(devnull >= 0 && d != NULL);
+	journal_on_failure(count_failure);
+	make_id(id, 200, 1);
+	text = make_record(id, "running", 16);
+	assert_true(journal_write(id, text));
+	assert_int_equal(failures_told, 0);
+
+	snprintf(path, sizeof(path), "%s/journal", state_dir);
+	while ((e = readdir(d)) != NULL)
+	{
+		ssize_t		n;
+
+		snprintf(link, sizeof(link), "/proc/self/fd/%s", e->d_name);
+		n = readlink(link, target, sizeof(target) - 1);
+		if (n <= 0)
+			continue;
+		target[n] = '\0';
+		if (strcmp(target, path) == 0 && dup2(devnull, atoi(e->d_name)) >= 0)
+			replaced++;
+	}
+	closedir(d);
+	close(devnull);
+	assert_true(replaced >= 1);
+
+	make_id(id, 200, 2);
+	free(text);
+	text = make_record(id, "running", 16);
+	assert_false(journal_write(id, text));
+	assert_int_equal(failures_told, 1);
+	assert_false(journal_write(id, text));
+	make_id(id, 200, 1);
+	assert_false(journal_write(id, text));
+	assert_int_equal(failures_told, 1);
+	free(text);
+	journal_on_failure(NULL);
+}
+
 /* Create the state directory and open the journal in it. */
 static int
 setup(void **state)
@@ -282,6 +352,7 @@ main(void)
 		cmocka_unit_test(test_records_refused),
 		cmocka_unit_test(test_concurrent_writes_and_compaction),
 		cmocka_unit_test(test_room_made_for_appends),
+		cmocka_unit_test(test_failed_flush_fails_the_journal),
 	};
 
 	return cmocka_run_group_tests_name("journal", tests, setup, teardown);
