@@ -33,6 +33,13 @@
 -- error holds only fixed texts of the worker, plus the error code and message of a
 -- well-formed error object of the agent (shortened) and the job's own error text: never
 -- a host, a port, a URL or raw text from the network. The worker logs those details.
+--
+-- A request the worker already knows is looked up by its id alone, and its status tested
+-- once the row is in hand, never in the same query. With the status in the query the
+-- planner may read the row through one of the partial indexes of the active requests
+-- (their predicate matches), and after a quiet spell the statistics say that those hold
+-- almost nothing: in a burst of thousands of active requests, every look-up of one of
+-- them would scan them all (5 ms per look-up with 10,000 active, instead of 0.02 ms).
 
 -- Active requests by deadline: the worker fails those past it, and wakes when one is due.
 CREATE INDEX service_restart_requests_deadline
@@ -361,22 +368,24 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 AS $$
 DECLARE
+	v_status	text;
+	v_service	text;
 	v_deadline	timestamptz;
 BEGIN
-	IF p_running_first THEN
-		-- Lock the row before announcing, so that a locked row announces nothing.
+	-- By id alone, then the status (see the head of this file).
+	SELECT q.status, q.service_name INTO v_status, v_service
+		FROM public.service_restart_requests q
+		WHERE q.id = p_id
+		FOR UPDATE SKIP LOCKED;
+	IF NOT FOUND OR v_status NOT IN ('dispatching', 'running') THEN
+		RETURN NULL;
+	END IF;
+	IF p_running_first AND v_status = 'dispatching' THEN
 		PERFORM pg_catalog.pg_notify('restart_worker',
-			pg_catalog.json_build_object('id', r.id, 'service_name', r.service_name,
-										 'status', 'running')::pg_catalog.text)
-		FROM (SELECT q.id, q.service_name FROM public.service_restart_requests q
-			  WHERE q.id = p_id AND q.status = 'dispatching'
-			  FOR UPDATE SKIP LOCKED) r;
+			pg_catalog.json_build_object('id', p_id, 'service_name', v_service,
+										 'status', 'running')::pg_catalog.text);
 	END IF;
 	-- One update, also for a job that already ended: each row version costs.
-	WITH mine AS (
-		SELECT r.id FROM public.service_restart_requests r
-		WHERE r.id = p_id AND r.status IN ('dispatching', 'running')
-		FOR UPDATE SKIP LOCKED)
 	UPDATE public.service_restart_requests q
 		SET dispatched_at = coalesce(q.dispatched_at, p_dispatched_at, pg_catalog.now()),
 			started_at = coalesce(p_started_at, q.started_at),
@@ -389,8 +398,7 @@ BEGIN
 								ELSE coalesce(p_finished_at, pg_catalog.now()) END,
 			next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 			updated_at = pg_catalog.now()
-		FROM mine
-		WHERE q.id = mine.id
+		WHERE q.id = p_id
 		RETURNING q.deadline_at INTO v_deadline;
 	IF NOT FOUND THEN
 		RETURN NULL;
@@ -421,29 +429,38 @@ SET search_path = ''
 AS $$
 DECLARE
 	v_mine		uuid[];
+	v_service	text[];
+	v_status	text[];
 	v_n			integer[];
 	v_ids		uuid[];
 	v_action	text[];
 BEGIN
 	-- Lock the rows that are still the worker's, once: only those are announced and
-	-- updated, so that a row announced running is the row updated.
-	SELECT pg_catalog.array_agg(r.id) INTO v_mine
-		FROM (SELECT q.id FROM pg_catalog.unnest(p_ids) AS i(id)
-			  JOIN public.service_restart_requests q ON q.id = i.id
-			  WHERE q.status IN ('dispatching', 'running')
-			  FOR UPDATE OF q SKIP LOCKED) r;
+	-- updated, so that a row announced running is the row updated. Each row is looked
+	-- up by its id alone (the subquery runs once per id: OFFSET 0 keeps the status test
+	-- out of it), then its status is tested (see the head of this file).
+	SELECT pg_catalog.array_agg(r.id), pg_catalog.array_agg(r.service_name),
+		   pg_catalog.array_agg(r.status)
+		INTO v_mine, v_service, v_status
+		FROM pg_catalog.unnest(p_ids) AS i(id),
+			 LATERAL (SELECT q.id, q.service_name, q.status
+					  FROM public.service_restart_requests q
+					  WHERE q.id = i.id
+					  FOR UPDATE SKIP LOCKED
+					  OFFSET 0) r
+		WHERE r.status IN ('dispatching', 'running');
 	IF v_mine IS NULL THEN
 		RETURN;
 	END IF;
 	IF true = ANY (p_running_first) THEN
 		PERFORM pg_catalog.pg_notify('restart_worker',
-			pg_catalog.json_build_object('id', q.id, 'service_name', q.service_name,
+			pg_catalog.json_build_object('id', m.id, 'service_name', m.service_name,
 										 'status', 'running')::pg_catalog.text)
-		FROM ROWS FROM (pg_catalog.unnest(p_ids), pg_catalog.unnest(p_running_first))
-			AS i(id, running_first)
-		JOIN pg_catalog.unnest(v_mine) AS m(id) ON m.id = i.id
-		JOIN public.service_restart_requests q ON q.id = i.id
-		WHERE i.running_first AND q.status = 'dispatching';
+		FROM ROWS FROM (pg_catalog.unnest(v_mine), pg_catalog.unnest(v_service),
+						pg_catalog.unnest(v_status)) AS m(id, service_name, status)
+		JOIN ROWS FROM (pg_catalog.unnest(p_ids), pg_catalog.unnest(p_running_first))
+			AS i(id, running_first) ON i.id = m.id
+		WHERE i.running_first AND m.status = 'dispatching';
 	END IF;
 	WITH i AS (
 		SELECT * FROM ROWS FROM (pg_catalog.unnest(p_ids), pg_catalog.unnest(p_status),
@@ -509,6 +526,7 @@ SET search_path = ''
 AS $$
 DECLARE
 	v_row		public.service_restart_requests;
+	v_status	text;
 	v_max		integer;
 	v_answer	jsonb := restart_worker.try_jsonb(p_body);
 	v_job		record;
@@ -519,17 +537,18 @@ DECLARE
 BEGIN
 	-- SKIP LOCKED rather than NOWAIT in an exception block: a lock taken in a
 	-- subtransaction and an update in its parent would make the row's xmax a multixact,
-	-- which every later scan of the queue has to look up.
+	-- which every later scan of the queue has to look up. By id alone, then the status
+	-- (see the head of this file).
 	SELECT * INTO v_row FROM public.service_restart_requests r
-		WHERE r.id = p_id AND r.status IN ('dispatching', 'running')
+		WHERE r.id = p_id
 		FOR UPDATE SKIP LOCKED;
-	IF NOT FOUND THEN
-		IF EXISTS (SELECT FROM public.service_restart_requests r
-				   WHERE r.id = p_id AND r.status IN ('dispatching', 'running')) THEN
-			action := 'locked';
-		ELSE
-			action := 'gone';
+	IF NOT FOUND OR v_row.status NOT IN ('dispatching', 'running') THEN
+		IF NOT FOUND THEN
+			SELECT r.status INTO v_status FROM public.service_restart_requests r
+				WHERE r.id = p_id;
 		END IF;
+		action := CASE WHEN v_status IN ('dispatching', 'running') THEN 'locked'
+					   ELSE 'gone' END;
 		RETURN;
 	END IF;
 
