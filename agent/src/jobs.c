@@ -37,7 +37,9 @@
  * Long polls wait on one of JOBS_POLL_CONDS condition variables chosen by
  * a hash of their job's id, and the end of a job wakes only that one: with
  * one shared condition variable every job end would wake every long poll
- * (the restart_worker keeps dozens in flight).  Waits for a journaling
+ * (the restart_worker keeps dozens in flight).  There are many more of
+ * them than long polls usually wait (up to 64 connections of a worker),
+ * so that the end of a job seldom wakes a long poll of another job.  Waits for a journaling
  * job, and for the end of the runners at shutdown, use jobs_cond.
  *
  * Runner threads are kept for the next job: a runner whose job ended waits
@@ -73,7 +75,7 @@
 #define JOBS_RETRY_FIRST_MSEC 100
 #define JOBS_RETRY_MAX_MSEC 5000
 #define JOBS_RETRY_WHEN_STOPPING 3
-#define JOBS_POLL_CONDS 64
+#define JOBS_POLL_CONDS 1024
 #define JOBS_RUNNER_IDLE_SEC 60
 
 static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;

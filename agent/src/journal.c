@@ -10,8 +10,12 @@
  * succeeded.  That fdatasync is a group commit: a writer finding no flush
  * in progress becomes the leader and flushes once for every record
  * appended so far; writers arriving meanwhile wait and form the next
- * batch.  Callers must not hold the jobs lock while writing, so that
- * concurrent writers share a flush.
+ * batch.  The two batches wait on two condition variables, so that the
+ * end of a flush wakes only the writers it covered, and one writer of the
+ * next batch to lead it (with one, every flush woke every waiting writer,
+ * and those of the next batch only to sleep again: in a burst that cost
+ * more than the writes).  Callers must not hold the jobs lock while
+ * writing, so that concurrent writers share a flush.
  *
  * Failures: an append that fails (a full disk, a file size limit) is cut
  * off again with ftruncate, and only that record fails.  A failed
@@ -109,6 +113,20 @@ static off_t journal_compact_at;	/* size that calls for a compaction */
 static uint64_t journal_appended;	/* records appended so far */
 static uint64_t journal_synced;	/* how many of them are known on disk */
 static bool journal_syncing;	/* a leader is in fdatasync */
+static uint64_t journal_flush_target;	/* what the flush running covers */
+static uint64_t journal_flush_gen;	/* number of the flush running, or of
+									 * the last one */
+static int	journal_next_waiters;	/* writers waiting for a flush to come */
+
+/*
+ * Writers waiting for a flush: those covered by the flush numbered g wait
+ * on journal_flush_cond[g % 2], those waiting for the flush after the
+ * running one on the other.
+ */
+static pthread_cond_t journal_flush_cond[2] = {PTHREAD_COND_INITIALIZER,
+PTHREAD_COND_INITIALIZER};
+
+static void journal_wake_writers(bool all);
 static int	journal_failed;		/* errno that failed the journal, or 0 */
 static void (*journal_fail_hook) (void);	/* told once when it fails */
 
@@ -384,6 +402,7 @@ journal_fail(int err, const char *what)
 	journal_failed = err ? err : EIO;
 	log_msg("ERROR: journal: %s failed: %s; every later journal write fails until the agent is restarted",
 			what, strerror(journal_failed));
+	journal_wake_writers(true);
 	if (first && journal_fail_hook != NULL)
 		journal_fail_hook();
 }
@@ -475,6 +494,7 @@ journal_swap(int fd, off_t size, off_t before)
 		return false;
 	}
 	journal_synced = journal_appended;
+	journal_wake_writers(true);
 	log_msg("journal: compacted to %zu records, %lld bytes (was %lld bytes)",
 			journal_nentries, (long long) size, (long long) before);
 	return true;
@@ -660,6 +680,7 @@ journal_compactor_main(void *arg)
 	journal_snap = NULL;
 	journal_snap_v = NULL;
 	journal_compacting = false;
+	journal_wake_writers(true);
 	pthread_cond_broadcast(&journal_cond);
 	pthread_mutex_unlock(&journal_lock);
 	return NULL;
@@ -717,6 +738,22 @@ journal_compact_begin(void)
 }
 
 /*
+ * Wake the writers waiting for the flush that has just ended (all of them
+ * once the journal failed, or a compaction made every record durable) and
+ * one writer of the next batch, to lead its flush.  Called with
+ * journal_lock held.
+ */
+static void
+journal_wake_writers(bool all)
+{
+	pthread_cond_broadcast(&journal_flush_cond[journal_flush_gen % 2]);
+	if (all || journal_failed != 0)
+		pthread_cond_broadcast(&journal_flush_cond[(journal_flush_gen + 1) % 2]);
+	else if (journal_next_waiters > 0)
+		pthread_cond_signal(&journal_flush_cond[(journal_flush_gen + 1) % 2]);
+}
+
+/*
  * Flush the journal for every record appended so far, as the leader of a
  * group commit: the flush runs without journal_lock, so that more records
  * can be appended meanwhile (they wait for the next flush).  If the journal
@@ -735,6 +772,8 @@ journal_lead_flush(void)
 	if (journal_size >= journal_compact_at && !journal_compacting)
 		journal_compact_begin();
 	journal_syncing = true;
+	journal_flush_target = target;
+	journal_flush_gen++;
 	pthread_mutex_unlock(&journal_lock);
 	rc = fdatasync(fd);
 	err = errno;
@@ -744,22 +783,31 @@ journal_lead_flush(void)
 		journal_fail(err, "fdatasync of the journal");
 	else if (target > journal_synced)
 		journal_synced = target;
+	journal_wake_writers(rc != 0);
 	pthread_cond_broadcast(&journal_cond);
 }
 
 /*
  * Wait until record seq is on disk, leading a flush when none is running.
- * Returns false (errno set) if the journal failed first: the flush that
- * would have covered the record failed, and it is never retried.  Called
- * with journal_lock held.
+ * A record that the running flush covers waits for its end; one appended
+ * after it started waits for the next flush, which one of its writers
+ * leads once the running one ends.  Returns false (errno set) if the
+ * journal failed first: the flush that would have covered the record
+ * failed, and it is never retried.  Called with journal_lock held.
  */
 static bool
 journal_wait_durable(uint64_t seq)
 {
 	while (journal_synced < seq && journal_failed == 0)
 	{
-		if (journal_syncing || journal_compactor_waiting)
-			pthread_cond_wait(&journal_cond, &journal_lock);
+		if (journal_syncing && seq <= journal_flush_target)
+			pthread_cond_wait(&journal_flush_cond[journal_flush_gen % 2], &journal_lock);
+		else if (journal_syncing || journal_compactor_waiting)
+		{
+			journal_next_waiters++;
+			pthread_cond_wait(&journal_flush_cond[(journal_flush_gen + 1) % 2], &journal_lock);
+			journal_next_waiters--;
+		}
 		else
 			journal_lead_flush();
 	}
