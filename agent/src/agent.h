@@ -58,6 +58,7 @@ extern void log_sanitize(const char *in, size_t inlen, char *out, size_t outsize
 /* ---------- util.c ---------- */
 extern int64_t util_now_usec(void);
 extern int64_t util_monotonic_msec(void);
+extern void util_deadline(struct timespec *ts, clockid_t clock, int64_t ms);
 extern void util_format_time(int64_t usec, char *buf, size_t bufsize);
 extern bool util_parse_time(const char *text, int64_t *usec);
 extern bool util_is_uuid(const char *text, size_t len);

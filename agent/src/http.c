@@ -42,6 +42,7 @@
 
 #define HTTP_DISCARD_MAX (64 * 1024)
 #define HTTP_WATCHDOG_TICK_MSEC 200
+#define HTTP_DRAIN_MSEC 2000
 
 typedef enum http_route
 {
@@ -70,6 +71,7 @@ typedef struct http_conn
 	struct http_conn *next;
 	int			fd;
 	bool		busy;			/* the agent is working on a whole request */
+	bool		answering;		/* ... or has not yet sent all of its answer */
 	bool		cut;			/* the watchdog has shut it down */
 	int64_t		since;			/* start of the current phase (monotonic ms) */
 } http_conn;
@@ -89,6 +91,8 @@ static size_t http_tls_key_len;
 
 static pthread_mutex_t http_conn_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t http_conn_cond = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t http_drain_cond = PTHREAD_COND_INITIALIZER;
+static bool http_draining;		/* http_stop() waits for answers */
 static http_conn *http_conns;
 static bool http_watchdog_running;
 static bool http_watchdog_stop;
@@ -119,7 +123,28 @@ http_conn_set_busy(struct MHD_Connection *c, bool busy)
 		return;
 	pthread_mutex_lock(&http_conn_lock);
 	hc->busy = busy;
+	hc->answering |= busy;
 	hc->since = util_monotonic_msec();
+	pthread_mutex_unlock(&http_conn_lock);
+}
+
+/*
+ * Mark a connection's request done: its answer sent, or the request
+ * abandoned.  A new phase with a fresh deadline starts now.
+ */
+static void
+http_conn_done(struct MHD_Connection *c)
+{
+	http_conn  *hc = http_conn_of(c);
+
+	if (hc == NULL)
+		return;
+	pthread_mutex_lock(&http_conn_lock);
+	hc->busy = false;
+	hc->answering = false;
+	hc->since = util_monotonic_msec();
+	if (http_draining)
+		pthread_cond_broadcast(&http_drain_cond);
 	pthread_mutex_unlock(&http_conn_lock);
 }
 
@@ -201,10 +226,7 @@ http_watchdog_main(void *arg)
 		struct timespec ts;
 
 		http_watchdog_scan();
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += HTTP_WATCHDOG_TICK_MSEC * 1000000L;
-		ts.tv_sec += ts.tv_nsec / 1000000000L;
-		ts.tv_nsec %= 1000000000L;
+		util_deadline(&ts, CLOCK_REALTIME, HTTP_WATCHDOG_TICK_MSEC);
 		pthread_cond_timedwait(&http_conn_cond, &http_conn_lock, &ts);
 	}
 	pthread_mutex_unlock(&http_conn_lock);
@@ -640,7 +662,7 @@ http_completed(void *cls, struct MHD_Connection *c, void **con_cls,
 		free(r);
 	}
 	*con_cls = NULL;
-	http_conn_set_busy(c, false);
+	http_conn_done(c);
 }
 
 /*
@@ -851,6 +873,36 @@ http_start(const agent_config *cfg, char *errbuf, size_t errsize)
 }
 
 /*
+ * Wait, up to HTTP_DRAIN_MSEC, until no connection is working on a request
+ * or sending its answer, so that a stop does not cut answers off: after
+ * jobs_shutdown() every request is answered at once (long polls return,
+ * new jobs are refused).  The agent stops by itself when its journal
+ * fails, and the request whose record failed must still get its 500.
+ */
+static void
+http_drain(void)
+{
+	struct timespec until;
+	bool		answering = true;
+
+	util_deadline(&until, CLOCK_REALTIME, HTTP_DRAIN_MSEC);
+	pthread_mutex_lock(&http_conn_lock);
+	http_draining = true;
+	for (;;)
+	{
+		answering = false;
+		for (http_conn *hc = http_conns; hc && !answering; hc = hc->next)
+			answering = hc->answering && !hc->cut;
+		if (!answering ||
+			pthread_cond_timedwait(&http_drain_cond, &http_conn_lock, &until) == ETIMEDOUT)
+			break;
+	}
+	pthread_mutex_unlock(&http_conn_lock);
+	if (answering)
+		log_msg("stopping with answers still being sent after %d ms", HTTP_DRAIN_MSEC);
+}
+
+/*
  * Stop the HTTP server, waiting for the connection threads, and wipe the
  * TLS key from memory.
  */
@@ -858,7 +910,10 @@ void
 http_stop(void)
 {
 	if (http_daemon != NULL)
+	{
+		http_drain();
 		MHD_stop_daemon(http_daemon);
+	}
 	http_daemon = NULL;
 	if (http_watchdog_running)
 	{

@@ -674,8 +674,7 @@ jobs_next_for_runner(void)
 	struct timespec until;
 	job		   *j;
 
-	clock_gettime(CLOCK_MONOTONIC, &until);
-	until.tv_sec += JOBS_RUNNER_IDLE_SEC;
+	util_deadline(&until, CLOCK_MONOTONIC, JOBS_RUNNER_IDLE_SEC * 1000);
 	pthread_mutex_lock(&jobs_lock);
 	jobs_idle_runners++;
 	while (jobs_handoff_head == NULL && !jobs_stopping &&
@@ -919,14 +918,7 @@ jobs_lookup(const char *id, int wait_ms, json_t **report)
 	struct timespec deadline;
 	job		   *j;
 
-	clock_gettime(CLOCK_MONOTONIC, &deadline);
-	deadline.tv_sec += wait_ms / 1000;
-	deadline.tv_nsec += (long) (wait_ms % 1000) * 1000000L;
-	if (deadline.tv_nsec >= 1000000000L)
-	{
-		deadline.tv_sec++;
-		deadline.tv_nsec -= 1000000000L;
-	}
+	util_deadline(&deadline, CLOCK_MONOTONIC, wait_ms);
 	*report = NULL;
 	pthread_mutex_lock(&jobs_lock);
 	while ((j = jobs_find(id)) != NULL && j->journaling)

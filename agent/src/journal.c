@@ -402,7 +402,10 @@ journal_fail(int err, const char *what)
 	journal_failed = err ? err : EIO;
 	log_msg("ERROR: journal: %s failed: %s; every later journal write fails until the agent is restarted",
 			what, strerror(journal_failed));
-	journal_wake_writers(true);
+	/* writers covered by a flush still running learn its outcome at its end */
+	pthread_cond_broadcast(&journal_flush_cond[(journal_flush_gen + 1) % 2]);
+	if (!journal_syncing)
+		pthread_cond_broadcast(&journal_flush_cond[journal_flush_gen % 2]);
 	if (first && journal_fail_hook != NULL)
 		journal_fail_hook();
 }

@@ -41,6 +41,23 @@ util_monotonic_msec(void)
 }
 
 /*
+ * Set *ts to ms milliseconds from now on the given clock: the deadline of
+ * a timed wait on a condition variable that uses that clock.
+ */
+void
+util_deadline(struct timespec *ts, clockid_t clock, int64_t ms)
+{
+	clock_gettime(clock, ts);
+	ts->tv_sec += (time_t) (ms / 1000);
+	ts->tv_nsec += (long) (ms % 1000) * 1000000L;
+	if (ts->tv_nsec >= 1000000000L)
+	{
+		ts->tv_sec++;
+		ts->tv_nsec -= 1000000000L;
+	}
+}
+
+/*
  * Format a time in microseconds as RFC 3339 UTC with microseconds, the
  * form every time stamp of the protocol uses.
  */
