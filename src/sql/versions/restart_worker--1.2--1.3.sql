@@ -14,8 +14,9 @@
 -- next: 'follow' a running job, or the terminal status it reached ('failed' for a running
 -- job past its deadline). The worker calls it directly for the common answer, a job object
 -- it has read and checked itself (src/job.c); worker_record() calls it for a job object it
--- has parsed (parse_job()). Returns NULL, changing nothing, if the request is not
--- dispatching or running, or someone else holds its row: worker_record() sorts that out.
+-- has parsed (parse_job()). Returns NULL, changing nothing (but for a lock on a row that
+-- ended, held until the transaction ends), if the request is not dispatching or running,
+-- or someone else holds its row: worker_record() sorts that out.
 -- p_dispatched_at is when the agent accepted the job, if the worker learnt it from an
 -- earlier answer than this one (NULL: now). p_running_first says that the worker records
 -- two answers at once, the 202 of a job (running) and its end: the row goes from
