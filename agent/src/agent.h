@@ -235,6 +235,8 @@ typedef struct job
 								 * be read: the id stays taken */
 	bool		journaling;		/* reserved: its accept record is being
 								 * written; nobody may report it yet */
+	int			waiters;		/* long polls waiting for it: while there
+								 * are, it is not pruned */
 } job;
 
 typedef enum jobs_submit_result

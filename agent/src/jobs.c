@@ -346,14 +346,16 @@ jobs_write_retry(const char *id, const char *text)
  * Drop the oldest finished jobs, from memory and disk, while they are
  * older than the retention period or more than the retained count.  Only
  * the oldest end of the finished FIFO is looked at, so a call costs
- * nothing more than the jobs it drops.  Caller holds the lock.
+ * nothing more than the jobs it drops.  A job that long polls still wait
+ * for stops the pruning until they are done (the last of them prunes
+ * again): they must be able to read it.  Caller holds the lock.
  */
 static void
 jobs_prune(void)
 {
 	int64_t		cutoff = util_now_usec() - (int64_t) jobs_cfg->retention_days * 86400 * 1000000;
 
-	while (jobs_done_head != NULL &&
+	while (jobs_done_head != NULL && jobs_done_head->waiters == 0 &&
 		   (jobs_done_head->finished_at < cutoff ||
 			jobs_done > jobs_cfg->retention_max_jobs))
 	{
@@ -926,16 +928,19 @@ jobs_lookup(const char *id, int wait_ms, json_t **report)
 	if (j != NULL && j->status == JOB_RUNNING && wait_ms >= 1000 && !jobs_stopping)
 		log_msg("job %s: a long poll waits up to %d.%03d s for it to finish",
 				id, wait_ms / 1000, wait_ms % 1000);
-	while (j != NULL && j->status == JOB_RUNNING && wait_ms > 0 && !jobs_stopping)
+	if (j != NULL && j->status == JOB_RUNNING && wait_ms > 0 && !jobs_stopping)
 	{
-		int			rc = pthread_cond_timedwait(jobs_poll_cond(id), &jobs_lock, &deadline);
-
-		j = jobs_find(id);
-		if (rc == ETIMEDOUT)
-			break;
+		/* the job stays, also once it ended, until its waiters are done */
+		j->waiters++;
+		while (j->status == JOB_RUNNING && !jobs_stopping &&
+			   pthread_cond_timedwait(jobs_poll_cond(id), &jobs_lock, &deadline) != ETIMEDOUT)
+			;
+		j->waiters--;
 	}
 	if (j != NULL)
 		*report = report_job(j, j->status);
+	if (j != NULL && j->waiters == 0 && j->status != JOB_RUNNING)
+		jobs_prune();
 	pthread_mutex_unlock(&jobs_lock);
 	return j != NULL;
 }

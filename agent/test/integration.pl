@@ -723,6 +723,38 @@ my $okid = uuid();
 	stop_agent($c);
 }
 
+# --- with retention full, a job that ends while its long polls wait is theirs to read --------
+# 32 quick jobs of 32 services, each POSTed with ?wait by a client of its own, end together
+# with retention_max_jobs = 1: every job end prunes the job that ended before it, also one
+# whose waiters were woken and not yet scheduled. A job is kept while long polls wait for
+# it, so each POST answers with its own job's end, never with "running" or an unknown job.
+{
+	my $svc = join '', map { "  q$_ = ( { argv = [\"/bin/true\"]; } );\n" } 1 .. 32;
+	my $b = start_agent(services => $svc, retention => 1,
+		limits => { max_jobs => 64, per_ip_connection_limit => 64, connection_limit => 128 });
+	my @ids = map { uuid() } 1 .. 32;
+	my @kids;
+	for my $k (0 .. 31)
+	{
+		my $pid = fork;
+		if ($pid == 0)
+		{
+			my ($s, $j) = req($b, 'POST', '/v1/restarts?wait=10', id => $ids[$k],
+				body => restart_body($ids[$k], 'q' . ($k + 1)));
+			spew("$tmp/pinned.$k", ($s // 0) . ' ' . ($j->{status} // '-') . "\n");
+			POSIX::_exit(0);
+		}
+		push @kids, $pid;
+	}
+	waitpid($_, 0) for @kids;
+	my %seen;
+	$seen{slurp("$tmp/pinned.$_") =~ s/\s+$//r}++ for 0 .. 31;
+	ok(($seen{'202 completed'} // 0) == 32,
+		'with retention full, every POST ?wait answers with its own job\'s end (a job is kept while long polls wait)',
+		$json->encode(\%seen));
+	stop_agent($b);
+}
+
 # --- the previous version's jobs/ directory is imported once; the journal fails closed ------
 {
 	# a record of the previous version: a finished job object in jobs/<id>.json
