@@ -251,7 +251,8 @@ typedef enum jobs_submit_result
 } jobs_submit_result;
 
 extern bool jobs_init(const agent_config *cfg, char *errbuf, size_t errsize);
-extern jobs_submit_result jobs_submit(const restart_request *req, json_t **report);
+extern jobs_submit_result jobs_submit(const restart_request *req, int wait_ms,
+									  json_t **report);
 extern bool jobs_lookup(const char *id, int wait_ms, json_t **report);
 extern void jobs_shutdown(void);
 extern void jobs_cleanup(void);

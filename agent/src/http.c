@@ -72,6 +72,7 @@ typedef struct http_conn
 	int			fd;
 	bool		busy;			/* the agent is working on a whole request */
 	bool		answering;		/* ... or has not yet sent all of its answer */
+	bool		drained;		/* http_drain() waits for that answer */
 	bool		cut;			/* the watchdog has shut it down */
 	int64_t		since;			/* start of the current phase (monotonic ms) */
 } http_conn;
@@ -91,7 +92,7 @@ static size_t http_tls_key_len;
 
 static pthread_mutex_t http_conn_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t http_conn_cond = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t http_drain_cond = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t http_drain_cond;	/* on CLOCK_MONOTONIC, see http_start() */
 static bool http_draining;		/* http_stop() waits for answers */
 static http_conn *http_conns;
 static bool http_watchdog_running;
@@ -112,7 +113,8 @@ http_conn_of(struct MHD_Connection *c)
 
 /*
  * Mark a connection busy (the agent works on a complete request: no
- * deadline) or not (a new phase with a fresh deadline starts now).
+ * deadline) or not (its answer is queued: a new phase with a fresh
+ * deadline starts now).  Either way it is answering a request.
  */
 static void
 http_conn_set_busy(struct MHD_Connection *c, bool busy)
@@ -123,7 +125,7 @@ http_conn_set_busy(struct MHD_Connection *c, bool busy)
 		return;
 	pthread_mutex_lock(&http_conn_lock);
 	hc->busy = busy;
-	hc->answering |= busy;
+	hc->answering = true;		/* until http_conn_done() */
 	hc->since = util_monotonic_msec();
 	pthread_mutex_unlock(&http_conn_lock);
 }
@@ -143,8 +145,11 @@ http_conn_done(struct MHD_Connection *c)
 	hc->busy = false;
 	hc->answering = false;
 	hc->since = util_monotonic_msec();
-	if (http_draining)
+	if (http_draining && hc->drained)
+	{
+		hc->drained = false;
 		pthread_cond_broadcast(&http_drain_cond);
+	}
 	pthread_mutex_unlock(&http_conn_lock);
 }
 
@@ -414,25 +419,6 @@ http_wait(struct MHD_Connection *c, int *wait_ms)
 }
 
 /*
- * With ?wait on a POST, the job's state once it has finished or wait_ms
- * have passed (in place of *report, the state it had when submitted).
- */
-static void
-http_wait_for_job(const char *id, int wait_ms, json_t **report)
-{
-	json_t	   *later;
-	const char *status = *report ? json_string_value(json_object_get(*report, "status")) : NULL;
-
-	if (wait_ms <= 0 || status == NULL || strcmp(status, "running") != 0)
-		return;
-	if (jobs_lookup(id, wait_ms, &later))
-	{
-		json_decref(*report);
-		*report = later;
-	}
-}
-
-/*
  * POST /v1/restarts[?wait=S]: verify, parse, then submit the job, and
  * with wait, answer once it has finished or S seconds have passed.
  */
@@ -456,9 +442,7 @@ http_post_restart(struct MHD_Connection *c, const http_req *r)
 		return http_error(c, r, 400, "bad_request", "request_id must equal the webhook-id header");
 	if (!http_wait(c, &wait_ms))
 		return http_error(c, r, 400, "bad_request", "wait must be a non-negative number of seconds");
-	res = jobs_submit(&req, &report);
-	if (res == JOBS_ACCEPTED || res == JOBS_EXISTS)
-		http_wait_for_job(req.request_id, wait_ms, &report);
+	res = jobs_submit(&req, wait_ms, &report);
 	switch (res)
 	{
 		case JOBS_ACCEPTED:
@@ -831,9 +815,18 @@ http_start(const agent_config *cfg, char *errbuf, size_t errsize)
 {
 	unsigned int flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
 		MHD_USE_AUTO | MHD_USE_ERROR_LOG;
+	pthread_condattr_t attr;
 	int			fd;
 
 	http_cfg = cfg;
+	/*
+	 * http_drain() waits on the monotonic clock: a step of the wall clock
+	 * must not lengthen a stop.
+	 */
+	pthread_condattr_init(&attr);
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+	pthread_cond_init(&http_drain_cond, &attr);
+	pthread_condattr_destroy(&attr);
 	if (cfg->tls_cert != NULL)
 	{
 		if (!http_load_tls(cfg, errbuf, errsize))
@@ -873,32 +866,35 @@ http_start(const agent_config *cfg, char *errbuf, size_t errsize)
 }
 
 /*
- * Wait, up to HTTP_DRAIN_MSEC, until no connection is working on a request
- * or sending its answer, so that a stop does not cut answers off: after
- * jobs_shutdown() every request is answered at once (long polls return,
- * new jobs are refused).  The agent stops by itself when its journal
- * fails, and the request whose record failed must still get its 500.
+ * Wait, up to HTTP_DRAIN_MSEC, until the connections that are working on
+ * a request or sending its answer have sent it, so that a stop does not cut
+ * answers off: after jobs_shutdown() every request is answered at once
+ * (long polls return, new jobs are refused).  The agent stops by itself
+ * when its journal fails, and the request whose record failed must still
+ * get its 500.  Requests that arrive meanwhile are not waited for.
  */
 static void
 http_drain(void)
 {
 	struct timespec until;
-	bool		answering = true;
+	bool		waiting = false;
 
-	util_deadline(&until, CLOCK_REALTIME, HTTP_DRAIN_MSEC);
+	util_deadline(&until, CLOCK_MONOTONIC, HTTP_DRAIN_MSEC);
 	pthread_mutex_lock(&http_conn_lock);
 	http_draining = true;
+	for (http_conn *hc = http_conns; hc; hc = hc->next)
+		hc->drained = hc->answering && !hc->cut;
 	for (;;)
 	{
-		answering = false;
-		for (http_conn *hc = http_conns; hc && !answering; hc = hc->next)
-			answering = hc->answering && !hc->cut;
-		if (!answering ||
+		waiting = false;
+		for (http_conn *hc = http_conns; hc && !waiting; hc = hc->next)
+			waiting = hc->drained;
+		if (!waiting ||
 			pthread_cond_timedwait(&http_drain_cond, &http_conn_lock, &until) == ETIMEDOUT)
 			break;
 	}
 	pthread_mutex_unlock(&http_conn_lock);
-	if (answering)
+	if (waiting)
 		log_msg("stopping with answers still being sent after %d ms", HTTP_DRAIN_MSEC);
 }
 

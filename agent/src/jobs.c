@@ -868,20 +868,53 @@ jobs_create(const restart_request *req, const config_service *svc)
 }
 
 /*
+ * Wait, with jobs_lock held (released while waiting), until the running
+ * job j has ended, the deadline has passed or the agent is stopping.  The
+ * job is pinned meanwhile (see jobs_prune()), so it is still there to be
+ * reported when the wait ends; the caller then calls jobs_unpin().
+ */
+static void
+jobs_wait_end(job *j, const struct timespec *deadline)
+{
+	j->waiters++;
+	while (j->status == JOB_RUNNING && !jobs_stopping &&
+		   pthread_cond_timedwait(jobs_poll_cond(j->id), &jobs_lock, deadline) != ETIMEDOUT)
+		;
+}
+
+/*
+ * Release a job pinned by jobs_wait_end(), once it has been reported: the
+ * last waiter of a job that ended prunes what its wait held back.  Caller
+ * holds jobs_lock; j may be freed on return.
+ */
+static void
+jobs_unpin(job *j)
+{
+	if (--j->waiters == 0 && j->status != JOB_RUNNING)
+		jobs_prune();
+}
+
+/*
  * Handle a verified, parsed restart request: answer an existing id from
  * the table (idempotency), or check the service and the limits and start
  * a new job.  A request that depends on a job still being journaled (same
  * id or same service) waits for that first.  *report receives the job
- * object when there is one.
+ * object when there is one: with wait_ms > 0 (POST ?wait), its state once
+ * it has ended or wait_ms have passed.  The wait follows without letting
+ * go of the job (the lock is released only while waiting, the job pinned),
+ * so that it cannot be pruned unseen in between.
  */
 jobs_submit_result
-jobs_submit(const restart_request *req, json_t **report)
+jobs_submit(const restart_request *req, int wait_ms, json_t **report)
 {
 	jobs_submit_result res;
 	const config_service *svc = config_find_service(jobs_cfg, req->service);
+	struct timespec deadline;
+	bool		waited = false;
 	job		   *j;
 
 	*report = NULL;
+	util_deadline(&deadline, CLOCK_MONOTONIC, wait_ms);
 	pthread_mutex_lock(&jobs_lock);
 	while (jobs_must_wait(req, svc))
 		pthread_cond_wait(&jobs_cond, &jobs_lock);
@@ -902,8 +935,19 @@ jobs_submit(const restart_request *req, json_t **report)
 		res = JOBS_ACCEPTED;
 		log_msg("job %s: accepted for service %s", j->id, j->service);
 	}
+	if (j != NULL && (res == JOBS_ACCEPTED || res == JOBS_EXISTS) &&
+		j->status == JOB_RUNNING && wait_ms > 0 && !jobs_stopping)
+	{
+		if (wait_ms >= 1000)
+			log_msg("job %s: a long poll waits up to %d.%03d s for it to finish",
+					j->id, wait_ms / 1000, wait_ms % 1000);
+		jobs_wait_end(j, &deadline);
+		waited = true;
+	}
 	if (j != NULL && res != JOBS_CONFLICT)
 		*report = report_job(j, j->status);
+	if (waited)
+		jobs_unpin(j);
 	pthread_mutex_unlock(&jobs_lock);
 	return res;
 }
@@ -919,6 +963,8 @@ jobs_lookup(const char *id, int wait_ms, json_t **report)
 {
 	struct timespec deadline;
 	job		   *j;
+	bool		found;
+	bool		waited;
 
 	util_deadline(&deadline, CLOCK_MONOTONIC, wait_ms);
 	*report = NULL;
@@ -928,21 +974,16 @@ jobs_lookup(const char *id, int wait_ms, json_t **report)
 	if (j != NULL && j->status == JOB_RUNNING && wait_ms >= 1000 && !jobs_stopping)
 		log_msg("job %s: a long poll waits up to %d.%03d s for it to finish",
 				id, wait_ms / 1000, wait_ms % 1000);
-	if (j != NULL && j->status == JOB_RUNNING && wait_ms > 0 && !jobs_stopping)
-	{
-		/* the job stays, also once it ended, until its waiters are done */
-		j->waiters++;
-		while (j->status == JOB_RUNNING && !jobs_stopping &&
-			   pthread_cond_timedwait(jobs_poll_cond(id), &jobs_lock, &deadline) != ETIMEDOUT)
-			;
-		j->waiters--;
-	}
-	if (j != NULL)
+	found = j != NULL;
+	waited = found && j->status == JOB_RUNNING && wait_ms > 0 && !jobs_stopping;
+	if (waited)
+		jobs_wait_end(j, &deadline);
+	if (found)
 		*report = report_job(j, j->status);
-	if (j != NULL && j->waiters == 0 && j->status != JOB_RUNNING)
-		jobs_prune();
+	if (waited)
+		jobs_unpin(j);
 	pthread_mutex_unlock(&jobs_lock);
-	return j != NULL;
+	return found;
 }
 
 /*
