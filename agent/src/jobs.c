@@ -39,8 +39,9 @@
  * one shared condition variable every job end would wake every long poll
  * (the restart_worker keeps dozens in flight).  There are many more of
  * them than long polls usually wait (up to 64 connections of a worker),
- * so that the end of a job seldom wakes a long poll of another job.  Waits for a journaling
- * job, and for the end of the runners at shutdown, use jobs_cond.
+ * so that the end of a job seldom wakes a long poll of another job.
+ * Waits for a journaling job, and for the end of the runners at shutdown,
+ * use jobs_cond.
  *
  * Runner threads are kept for the next job: a runner whose job ended waits
  * up to JOBS_RUNNER_IDLE_SEC for another one (handed over through
@@ -868,30 +869,33 @@ jobs_create(const restart_request *req, const config_service *svc)
 }
 
 /*
- * Wait, with jobs_lock held (released while waiting), until the running
- * job j has ended, the deadline has passed or the agent is stopping.  The
- * job is pinned meanwhile (see jobs_prune()), so it is still there to be
- * reported when the wait ends; the caller then calls jobs_unpin().
+ * Return the job object of j, after waiting up to wait_ms milliseconds for
+ * the job to end if it is running (long poll); caller holds jobs_lock,
+ * which is released only while waiting.  The job is pinned meanwhile (see
+ * jobs_prune()), so that it is still there to be reported however many
+ * jobs end during the wait; the last waiter of a job that ended prunes
+ * what its wait held back.  Waits of a second or more are logged.
  */
-static void
-jobs_wait_end(job *j, const struct timespec *deadline)
+static json_t *
+jobs_report_after_wait(job *j, int wait_ms)
 {
+	struct timespec deadline;
+	json_t	   *report;
+
+	if (j->status != JOB_RUNNING || wait_ms <= 0 || jobs_stopping)
+		return report_job(j, j->status);
+	if (wait_ms >= 1000)
+		log_msg("job %s: a long poll waits up to %d.%03d s for it to finish",
+				j->id, wait_ms / 1000, wait_ms % 1000);
+	util_deadline(&deadline, CLOCK_MONOTONIC, wait_ms);
 	j->waiters++;
 	while (j->status == JOB_RUNNING && !jobs_stopping &&
-		   pthread_cond_timedwait(jobs_poll_cond(j->id), &jobs_lock, deadline) != ETIMEDOUT)
+		   pthread_cond_timedwait(jobs_poll_cond(j->id), &jobs_lock, &deadline) != ETIMEDOUT)
 		;
-}
-
-/*
- * Release a job pinned by jobs_wait_end(), once it has been reported: the
- * last waiter of a job that ended prunes what its wait held back.  Caller
- * holds jobs_lock; j may be freed on return.
- */
-static void
-jobs_unpin(job *j)
-{
+	report = report_job(j, j->status);
 	if (--j->waiters == 0 && j->status != JOB_RUNNING)
 		jobs_prune();
+	return report;
 }
 
 /*
@@ -909,12 +913,9 @@ jobs_submit(const restart_request *req, int wait_ms, json_t **report)
 {
 	jobs_submit_result res;
 	const config_service *svc = config_find_service(jobs_cfg, req->service);
-	struct timespec deadline;
-	bool		waited = false;
 	job		   *j;
 
 	*report = NULL;
-	util_deadline(&deadline, CLOCK_MONOTONIC, wait_ms);
 	pthread_mutex_lock(&jobs_lock);
 	while (jobs_must_wait(req, svc))
 		pthread_cond_wait(&jobs_cond, &jobs_lock);
@@ -935,19 +936,8 @@ jobs_submit(const restart_request *req, int wait_ms, json_t **report)
 		res = JOBS_ACCEPTED;
 		log_msg("job %s: accepted for service %s", j->id, j->service);
 	}
-	if (j != NULL && (res == JOBS_ACCEPTED || res == JOBS_EXISTS) &&
-		j->status == JOB_RUNNING && wait_ms > 0 && !jobs_stopping)
-	{
-		if (wait_ms >= 1000)
-			log_msg("job %s: a long poll waits up to %d.%03d s for it to finish",
-					j->id, wait_ms / 1000, wait_ms % 1000);
-		jobs_wait_end(j, &deadline);
-		waited = true;
-	}
 	if (j != NULL && res != JOBS_CONFLICT)
-		*report = report_job(j, j->status);
-	if (waited)
-		jobs_unpin(j);
+		*report = jobs_report_after_wait(j, wait_ms);
 	pthread_mutex_unlock(&jobs_lock);
 	return res;
 }
@@ -961,29 +951,16 @@ jobs_submit(const restart_request *req, int wait_ms, json_t **report)
 bool
 jobs_lookup(const char *id, int wait_ms, json_t **report)
 {
-	struct timespec deadline;
 	job		   *j;
-	bool		found;
-	bool		waited;
 
-	util_deadline(&deadline, CLOCK_MONOTONIC, wait_ms);
 	*report = NULL;
 	pthread_mutex_lock(&jobs_lock);
 	while ((j = jobs_find(id)) != NULL && j->journaling)
 		pthread_cond_wait(&jobs_cond, &jobs_lock);
-	if (j != NULL && j->status == JOB_RUNNING && wait_ms >= 1000 && !jobs_stopping)
-		log_msg("job %s: a long poll waits up to %d.%03d s for it to finish",
-				id, wait_ms / 1000, wait_ms % 1000);
-	found = j != NULL;
-	waited = found && j->status == JOB_RUNNING && wait_ms > 0 && !jobs_stopping;
-	if (waited)
-		jobs_wait_end(j, &deadline);
-	if (found)
-		*report = report_job(j, j->status);
-	if (waited)
-		jobs_unpin(j);
+	if (j != NULL)
+		*report = jobs_report_after_wait(j, wait_ms);
 	pthread_mutex_unlock(&jobs_lock);
-	return found;
+	return j != NULL;
 }
 
 /*
