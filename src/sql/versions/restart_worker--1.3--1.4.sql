@@ -1,0 +1,103 @@
+-- restart_worker 1.3 -> 1.4.
+--
+-- 1.4 changes how the worker claims due requests (worker_claim()). The claimed rows were
+-- updated through a join that the planner could run as a scan of the whole table, which it
+-- did for tables of some thousands of rows; they are now updated through the primary key.
+-- The claim's plans are made once instead of at every call. The tables, their rows and
+-- the function's signature, results and privileges are unchanged. The definition below is
+-- that of src/sql/50_worker.sql.
+
+\echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.4'" to load this file. \quit
+
+-- Claim up to p_limit due requests for the worker, except those it has in flight
+-- (p_exclude): pending ones become dispatching (one attempt more), dispatching ones due
+-- for another attempt and running ones whose lease expired are taken again. After a
+-- restart (p_recover) every dispatching or running request is taken over at once: it is
+-- driven on with the same id, and the agent answers with the existing job. Requests past
+-- their deadline fail. Rows locked by someone else are skipped, never waited for.
+-- maybe_sent says whether an earlier call may have reached the agent (the row was not
+-- pending). The worker keeps what it has in flight in memory; the lease only matters if
+-- it forgets a request.
+--
+-- Its plans are made once (plan_cache_mode): planning the claim again at every call cost
+-- more than running it for a few rows. So no plan may depend on what the parameters are:
+-- the due requests are read through their partial index, up to the current time (the
+-- restart's look at every request in flight is a statement of its own), and the claimed
+-- rows are updated through the primary key, by their ids as an array (joined to a
+-- subquery instead, the planner may scan the whole table for a few rows).
+CREATE OR REPLACE FUNCTION restart_worker.worker_claim(
+	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
+RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
+			   maybe_sent boolean)
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+	v_ids		uuid[];
+	v_was		text[];
+BEGIN
+	-- Requests past their deadline are rare: look for one before running the update.
+	IF EXISTS (SELECT FROM public.service_restart_requests q
+			   WHERE q.status IN ('pending', 'dispatching', 'running')
+				 AND q.deadline_at <= pg_catalog.now()) THEN
+		WITH late AS (
+			SELECT q.id FROM public.service_restart_requests q
+			WHERE q.status IN ('pending', 'dispatching', 'running')
+			  AND q.deadline_at <= pg_catalog.now()
+			  AND NOT (q.id = ANY (p_exclude))
+			FOR UPDATE SKIP LOCKED)
+		UPDATE public.service_restart_requests r
+			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
+				error = restart_worker.timeout_error(r.status, r.error),
+				-- A dispatching row may have reached its agent: it holds the cooldown.
+				uncertain_at = CASE WHEN r.status = 'dispatching'
+									THEN coalesce(r.uncertain_at, pg_catalog.now())
+									ELSE r.uncertain_at END
+			FROM late
+			WHERE r.id = late.id;
+	END IF;
+
+	-- What the worker has in flight is never pending.
+	IF p_recover THEN
+		SELECT pg_catalog.array_agg(d.id), pg_catalog.array_agg(d.status) INTO v_ids, v_was
+		FROM (SELECT q.id, q.status FROM public.service_restart_requests q
+			  WHERE q.status IN ('pending', 'dispatching', 'running')
+				AND (q.next_attempt_at <= pg_catalog.now() OR q.status <> 'pending')
+				AND (q.status = 'pending' OR NOT (q.id = ANY (p_exclude)))
+			  ORDER BY q.next_attempt_at
+			  LIMIT p_limit
+			  FOR UPDATE SKIP LOCKED) d;
+	ELSE
+		SELECT pg_catalog.array_agg(d.id), pg_catalog.array_agg(d.status) INTO v_ids, v_was
+		FROM (SELECT q.id, q.status FROM public.service_restart_requests q
+			  WHERE q.status IN ('pending', 'dispatching', 'running')
+				AND q.next_attempt_at <= pg_catalog.now()
+				AND (q.status = 'pending' OR NOT (q.id = ANY (p_exclude)))
+			  ORDER BY q.next_attempt_at
+			  LIMIT p_limit
+			  FOR UPDATE SKIP LOCKED) d;
+	END IF;
+	IF v_ids IS NULL THEN
+		RETURN;
+	END IF;
+
+	RETURN QUERY
+	WITH claimed AS (
+		UPDATE public.service_restart_requests q
+			SET status = CASE WHEN q.status = 'pending' THEN 'dispatching' ELSE q.status END,
+				attempts = q.attempts + CASE WHEN q.dispatched_at IS NULL THEN 1 ELSE 0 END,
+				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
+				updated_at = pg_catalog.now()
+			WHERE q.id = ANY (v_ids)
+			RETURNING q.*)
+	SELECT c.id, a.url, pg_catalog.decode(pg_catalog.substr(a.secret, 7), 'base64'),
+		   restart_worker.call_body(c::public.service_restart_requests), c.deadline_at,
+		   w.status <> 'pending'
+	FROM claimed c
+	JOIN ROWS FROM (pg_catalog.unnest(v_ids), pg_catalog.unnest(v_was)) AS w(id, status)
+		ON w.id = c.id
+	LEFT JOIN restart_worker.services s ON s.name = c.service_name
+	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
+END;
+$$;
