@@ -20,11 +20,11 @@
 -- it forgets a request.
 --
 -- Its plans are made once (plan_cache_mode): planning the claim again at every call cost
--- more than running it for a few rows. So no plan may depend on what the parameters are:
--- the due requests are read through their partial index, up to the current time (the
--- restart's look at every request in flight is a statement of its own), and the claimed
--- rows are updated through the primary key, by their ids as an array (joined to a
--- subquery instead, the planner may scan the whole table for a few rows).
+-- more than running it for a few rows. So no plan may depend on what the arguments are:
+-- the due requests are read through their partial index up to a time (now, or after a
+-- restart the end of time), and the claimed rows are updated through the primary key, by
+-- their ids as an array (joined to the due requests instead, the planner may scan the
+-- whole table for a few rows).
 CREATE OR REPLACE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
@@ -34,8 +34,7 @@ SET search_path = ''
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-	v_ids		uuid[];
-	v_was		text[];
+	v_until		timestamptz := CASE WHEN p_recover THEN 'infinity' ELSE pg_catalog.now() END;
 BEGIN
 	-- Requests past their deadline are rare: look for one before running the update.
 	IF EXISTS (SELECT FROM public.service_restart_requests q
@@ -58,45 +57,31 @@ BEGIN
 			WHERE r.id = late.id;
 	END IF;
 
-	-- What the worker has in flight is never pending.
-	IF p_recover THEN
-		SELECT pg_catalog.array_agg(d.id), pg_catalog.array_agg(d.status) INTO v_ids, v_was
-		FROM (SELECT q.id, q.status FROM public.service_restart_requests q
-			  WHERE q.status IN ('pending', 'dispatching', 'running')
-				AND (q.next_attempt_at <= pg_catalog.now() OR q.status <> 'pending')
-				AND (q.status = 'pending' OR NOT (q.id = ANY (p_exclude)))
-			  ORDER BY q.next_attempt_at
-			  LIMIT p_limit
-			  FOR UPDATE SKIP LOCKED) d;
-	ELSE
-		SELECT pg_catalog.array_agg(d.id), pg_catalog.array_agg(d.status) INTO v_ids, v_was
-		FROM (SELECT q.id, q.status FROM public.service_restart_requests q
-			  WHERE q.status IN ('pending', 'dispatching', 'running')
-				AND q.next_attempt_at <= pg_catalog.now()
-				AND (q.status = 'pending' OR NOT (q.id = ANY (p_exclude)))
-			  ORDER BY q.next_attempt_at
-			  LIMIT p_limit
-			  FOR UPDATE SKIP LOCKED) d;
-	END IF;
-	IF v_ids IS NULL THEN
-		RETURN;
-	END IF;
-
 	RETURN QUERY
-	WITH claimed AS (
+	WITH due AS (
+		SELECT q.id, q.status AS old_status FROM public.service_restart_requests q
+		WHERE q.status IN ('pending', 'dispatching', 'running')
+		  AND q.next_attempt_at <= v_until
+		  -- pending ones once due, also after a restart
+		  AND (q.status <> 'pending' OR q.next_attempt_at <= pg_catalog.now())
+		  -- what the worker has in flight is never pending
+		  AND (q.status = 'pending' OR NOT (q.id = ANY (p_exclude)))
+		ORDER BY q.next_attempt_at
+		LIMIT p_limit
+		FOR UPDATE SKIP LOCKED),
+	claimed AS (
 		UPDATE public.service_restart_requests q
 			SET status = CASE WHEN q.status = 'pending' THEN 'dispatching' ELSE q.status END,
 				attempts = q.attempts + CASE WHEN q.dispatched_at IS NULL THEN 1 ELSE 0 END,
 				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 				updated_at = pg_catalog.now()
-			WHERE q.id = ANY (v_ids)
+			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due))
 			RETURNING q.*)
 	SELECT c.id, a.url, pg_catalog.decode(pg_catalog.substr(a.secret, 7), 'base64'),
 		   restart_worker.call_body(c::public.service_restart_requests), c.deadline_at,
-		   w.status <> 'pending'
+		   d.old_status <> 'pending'
 	FROM claimed c
-	JOIN ROWS FROM (pg_catalog.unnest(v_ids), pg_catalog.unnest(v_was)) AS w(id, status)
-		ON w.id = c.id
+	JOIN due d ON d.id = c.id
 	LEFT JOIN restart_worker.services s ON s.name = c.service_name
 	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
 END;
