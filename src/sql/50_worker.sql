@@ -212,9 +212,10 @@ END;
 -- Its plans are made once (plan_cache_mode): planning the claim again at every call cost
 -- more than running it for a few rows. So no plan may depend on what the arguments are:
 -- the due requests are read through their partial index up to a time (now, or after a
--- restart the end of time), and the claimed rows are updated through the primary key, by
--- their ids as an array (joined to the due requests instead, the planner may scan the
--- whole table for a few rows).
+-- restart the end of time), and the rows claimed or failed are updated through the
+-- primary key, by their ids as an array. (Joined to the rows found instead, the planner
+-- may scan the whole table for a few rows; the worker's session forbids that, see
+-- src/worker.c, but a session with the default settings, or a worker of 1.3, would.)
 CREATE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
@@ -243,8 +244,7 @@ BEGIN
 				uncertain_at = CASE WHEN r.status = 'dispatching'
 									THEN coalesce(r.uncertain_at, pg_catalog.now())
 									ELSE r.uncertain_at END
-			FROM late
-			WHERE r.id = late.id;
+			WHERE r.id = ANY (ARRAY(SELECT late.id FROM late));
 	END IF;
 
 	RETURN QUERY
