@@ -2,9 +2,9 @@
 -- the due requests through their partial index, the rows it claims or fails through the
 -- primary key. (Before 1.4 it updated them through a join that the planner ran as a scan
 -- of the whole table, once the table held some thousands of rows, in a session with the
--- default settings.) Its plans are made once, so they may not depend on the arguments:
--- the same calls check that a claim after a restart takes over the requests in flight
--- whatever their lease, and that no claim takes a pending request before it is due.
+-- default settings.) Its plans are made once, for any arguments: the same calls check
+-- that a claim after a restart takes over the requests in flight whatever their lease,
+-- and that no claim takes a pending request before it is due.
 \set VERBOSITY terse
 ALTER TABLE service_restart_requests SET (autovacuum_enabled = false);
 SELECT restart_worker.register_agent('clhost', 'http://127.0.0.1:9', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');

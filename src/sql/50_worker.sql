@@ -209,13 +209,14 @@ END;
 -- pending). The worker keeps what it has in flight in memory; the lease only matters if
 -- it forgets a request.
 --
--- Its plans are made once (plan_cache_mode): planning the claim again at every call cost
--- more than running it for a few rows. So no plan may depend on what the arguments are:
--- the due requests are read through their partial index up to a time (now, or after a
--- restart the end of time), and the rows claimed or failed are updated through the
--- primary key, by their ids as an array. (Joined to the rows found instead, the planner
--- may scan the whole table for a few rows; the worker's session forbids that, see
--- src/worker.c, but a session with the default settings, or a worker of 1.3, would.)
+-- Its plans are made once (plan_cache_mode), as a plan for any arguments: planning at
+-- every call costs more than a claim of a few requests, and a plan kept by default after
+-- a few calls must not depend on them either. So the due requests are read through their
+-- partial index up to a time (now, or after a restart the end of time: with the restart's
+-- case as a condition of its own, the kept plan read every active request), and the rows
+-- claimed or failed are updated through the primary key, by their ids as an array (joined
+-- to the rows found, the planner may scan the whole table for a few rows in a session that
+-- allows it; the worker's does not, see src/worker.c).
 CREATE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,

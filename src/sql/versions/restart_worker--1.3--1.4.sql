@@ -1,12 +1,14 @@
 -- restart_worker 1.3 -> 1.4.
 --
--- 1.4 changes how the worker claims due requests (worker_claim()). Its plans are made once
--- instead of at every call (for a claim of one request, planning cost more than running
--- it). The rows claimed (or failed past their deadline) were updated through a join
--- that the planner could run as a scan of the whole table, for tables of some thousands
--- of rows, in a session with the default settings (the worker's own session forbids such
--- scans); they are now updated through the primary key. The tables, their rows and
--- the function's signature, results and privileges are unchanged. The definition below is
+-- 1.4 changes how the worker claims due requests (worker_claim()). The plan the worker kept
+-- for it after its first calls looked for the due requests without a range on their index
+-- (the restart's case was part of the condition), so every claim read every active
+-- request: with 2,500 active, a claim of one took 0.24 ms in the function instead of
+-- 0.08 ms. The rows it claimed (or failed past their deadline) were updated through a join
+-- that the planner could run as a scan of the whole table, in a session with the default
+-- settings. Its plans are now made once for any arguments, read the due requests up to a
+-- time, and update the rows through the primary key. The tables, their rows and the
+-- function's signature, results and privileges are unchanged. The definition below is
 -- that of src/sql/50_worker.sql.
 
 \echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.4'" to load this file. \quit
@@ -21,13 +23,14 @@
 -- pending). The worker keeps what it has in flight in memory; the lease only matters if
 -- it forgets a request.
 --
--- Its plans are made once (plan_cache_mode): planning the claim again at every call cost
--- more than running it for a few rows. So no plan may depend on what the arguments are:
--- the due requests are read through their partial index up to a time (now, or after a
--- restart the end of time), and the rows claimed or failed are updated through the
--- primary key, by their ids as an array. (Joined to the rows found instead, the planner
--- may scan the whole table for a few rows; the worker's session forbids that, see
--- src/worker.c, but a session with the default settings, or a worker of 1.3, would.)
+-- Its plans are made once (plan_cache_mode), as a plan for any arguments: planning at
+-- every call costs more than a claim of a few requests, and a plan kept by default after
+-- a few calls must not depend on them either. So the due requests are read through their
+-- partial index up to a time (now, or after a restart the end of time: with the restart's
+-- case as a condition of its own, the kept plan read every active request), and the rows
+-- claimed or failed are updated through the primary key, by their ids as an array (joined
+-- to the rows found, the planner may scan the whole table for a few rows in a session that
+-- allows it; the worker's does not, see src/worker.c).
 CREATE OR REPLACE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
