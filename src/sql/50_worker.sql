@@ -212,11 +212,12 @@ END;
 -- Its plans are made once (plan_cache_mode), as a plan for any arguments: planning at
 -- every call costs more than a claim of a few requests, and a plan kept by default after
 -- a few calls must not depend on them either. So the due requests are read through their
--- partial index up to a time (now, or after a restart the end of time: with the restart's
--- case as a condition of its own, the kept plan read every active request), and the rows
--- claimed or failed are updated through the primary key, by their ids as an array (joined
--- to the rows found, the planner may scan the whole table for a few rows in a session that
--- allows it; the worker's does not, see src/worker.c).
+-- partial index up to a time (now, or after a restart the end of time; with the restart's
+-- case OR-ed into the condition, as before 1.4, the kept plan had no range on that index and
+-- read every active request), and the rows claimed or failed are updated through the
+-- primary key, by their ids as an array (joined to the rows found, the planner may scan the
+-- whole table for a few rows in a session that allows it; the worker's does not, see
+-- src/worker.c).
 CREATE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
