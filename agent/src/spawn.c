@@ -89,6 +89,7 @@ typedef struct spawn_state
 	bool		kill_sent;
 	int64_t		deadline;		/* step timeout */
 	int64_t		kill_at;		/* SIGKILL after grace */
+	int64_t		sweep_at;		/* empty the session then, or 0 */
 	int64_t		drain_until;	/* stop reading after exit */
 	int			kill_grace_ms;
 } spawn_state;
@@ -499,10 +500,35 @@ spawn_check_exit(spawn_state *st, spawn_result *res)
 		res->exit_code = si.si_status;
 	else
 		res->signal = si.si_status;
-	/* kill anything the step left behind in its session */
-	if (!spawn_left_nothing())
+
+	/*
+	 * Kill anything the step left behind in its session: at once, or, if
+	 * the session was told to stop (SIGTERM), once its grace period is over,
+	 * so that what it left can stop cleanly meanwhile.
+	 */
+	if (st->term_sent && !st->kill_sent)
+		st->sweep_at = st->kill_at;
+	else if (!spawn_left_nothing())
 		spawn_sweep(st->pid);
 	st->drain_until = util_monotonic_msec() + SPAWN_DRAIN_MSEC;
+}
+
+/*
+ * After a step's program exited on SIGTERM: return true once nothing of
+ * its session is left, or its grace period is over and what was left got
+ * SIGKILL.  Called at every turn of the wait, at least every tick.
+ */
+static bool
+spawn_grace_over(spawn_state *st)
+{
+	if (st->sweep_at == 0)
+		return true;
+	if (util_monotonic_msec() < st->sweep_at && !spawn_left_nothing())
+		return false;
+	if (util_monotonic_msec() >= st->sweep_at)
+		spawn_sweep(st->pid);
+	st->sweep_at = 0;
+	return true;
 }
 
 /*
@@ -540,7 +566,9 @@ spawn_poll_timeout(const spawn_state *st)
 	int64_t		now = util_monotonic_msec();
 	int64_t		until;
 
-	if (st->exited)
+	if (st->exited && st->sweep_at != 0)
+		until = st->sweep_at < now + SPAWN_TICK_MSEC ? st->sweep_at : now + SPAWN_TICK_MSEC;
+	else if (st->exited)
 		until = st->drain_until;
 	else if (!st->term_sent)
 		until = st->deadline;
@@ -568,7 +596,8 @@ spawn_wait(spawn_state *st, spawn_output_cb out, void *arg, spawn_result *res)
 		bool		stop = false;
 
 		spawn_check_exit(st, res);
-		if (st->exited && (st->outfd < 0 || util_monotonic_msec() >= st->drain_until))
+		if (st->exited && spawn_grace_over(st) &&
+			(st->outfd < 0 || util_monotonic_msec() >= st->drain_until))
 			break;
 		if (st->outfd >= 0)
 			fds[nfds++] = (struct pollfd) {st->outfd, POLLIN, 0};

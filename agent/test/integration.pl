@@ -249,6 +249,7 @@ my $services = <<"SVC";
   gate2 = ( { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; } );
   gate3 = ( { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; } );
   hang = ( { argv = ["$steps/hang.sh"]; timeout = 1; env = { PID_FILE = "$pids.hang"; }; } );
+  graceful = ( { argv = ["$steps/graceful.sh"]; timeout = 1; env = { MARKER = "$pids.graceful"; }; } );
   noisy = ( { argv = ["$steps/noisy.sh"]; } );
   bg = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bg"; }; } );
   bgsession = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bgs"; BG_SESSION = "1"; }; } );
@@ -582,6 +583,20 @@ my $okid = uuid();
 		&& $j->{signal} == 9 && !defined $j->{exit_code},
 		"step timeout: failed, timed_out, killed by SIGKILL after the grace period ($dt s)", $json->encode($j // {}));
 	ok(@p == 3 && wait_until(sub { !grep { !pid_gone($_) } @p }, 5), 'every process of the timed-out step group is gone', "@p");
+}
+
+# --- the grace period also covers what a step leaves ------------------------------
+# The step's own process dies at once on SIGTERM; its child needs 0.3 s to stop cleanly.
+# It must get the grace period (1 s here), not a SIGKILL as soon as the step has exited.
+{
+	my $id = uuid();
+	unlink "$pids.graceful";
+	post_restart($a, $id, 'graceful');
+	my $j = wait_job($a, $id, 20);
+	my $marker = -e "$pids.graceful" ? slurp("$pids.graceful") : '(none)';
+	ok($j->{status} eq 'failed' && $j->{steps}[0]{timed_out} && $marker eq "stopped\n",
+		"a timed-out step's child that stops on SIGTERM within the grace period stops cleanly",
+		$json->encode($j // {}) . " marker: $marker");
 }
 
 # --- output bound ------------------------------------------------------------
