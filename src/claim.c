@@ -25,7 +25,6 @@
 #include "parser/parse_func.h"
 #include "pgstat.h"
 #include "utils/builtins.h"
-#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -187,13 +186,8 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 		return RW_CLAIM_NO_EXTENSION;
 	}
 
-	/*
-	 * The worker's session runs with synchronous_commit off; this transaction
-	 * commits with on (also waiting for synchronous standbys).  Set directly,
-	 * as SET LOCAL would, without parsing a statement.
-	 */
-	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
-							 GUC_ACTION_LOCAL, true, 0, false);
+	/* The worker's session runs with synchronous_commit off; a claim not. */
+	rw_xact_make_durable();
 	values[0] = Int32GetDatum(limit);
 	values[1] = claim_ids_array(exclude);
 	values[2] = Int32GetDatum(rw_lease_ms());

@@ -250,6 +250,7 @@ extern void rw_record_all(RwRecord *records, int n);
 /* src/xact.c */
 extern void rw_xact_begin(const char *activity);
 extern void rw_xact_end(void);
+extern void rw_xact_make_durable(void);
 extern void rw_xact_recover(MemoryContext cxt);
 extern ErrorData *rw_xact_abort(MemoryContext cxt);
 extern bool rw_extension_exists(void);

@@ -10,7 +10,11 @@
  * Outcomes are committed asynchronously (synchronous_commit = off, set in
  * src/worker.c): an outcome lost in a crash is redone with the same request
  * id, and the agent answers a repeated id with the existing job, so nothing
- * runs twice.
+ * runs twice.  That holds only for what the agent's journal holds too: an
+ * end the worker decided itself (it gave up, the agent refused, the
+ * deadline passed) commits synchronously (rw_xact_make_durable()), or a
+ * crash could bring the request back and the restart run after all, once
+ * the request had been announced failed.
  *
  * An error in these transactions (a bad answer the SQL did not expect, a
  * missing privilege, a lock timeout) is logged and the transaction rolled
@@ -24,6 +28,7 @@
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "pgstat.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
@@ -62,6 +67,20 @@ rw_xact_end(void)
 	MemoryContextSwitchTo(xact_caller_cxt);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * Make the transaction at hand commit synchronously, as SET LOCAL
+ * synchronous_commit = on would (also waiting for synchronous standbys),
+ * without parsing a statement: for a claim (a request it makes dispatching
+ * may be sent right after), and for an end the agent's journal does not
+ * hold (see the head of this file).
+ */
+void
+rw_xact_make_durable(void)
+{
+	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
 }
 
 /*

@@ -1,0 +1,72 @@
+# An end the worker decides itself (it gave up on an agent it could not reach, the
+# deadline passed while the job ran) is committed durably: the agent's journal does not
+# hold it, so a crash that lost it would bring the request back, and the restart would
+# run after all once the request had been announced failed. The worker's other outcomes
+# are committed asynchronously; here they stay in memory for up to 10 s (a slow WAL
+# writer, no autovacuum), so that an immediate stop right after loses what was not
+# committed durably.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $gone_runs = "$tmp/durable_gone.count";
+my $late_runs = "$tmp/durable_late.count";
+
+my $agent = start_agent(
+	name => 'agent_durable',
+	services => <<"SVC");
+gone_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $gone_runs" ]; } );
+late_svc = ( { argv = [ "/bin/sh", "-c", "sleep 3; echo run >> $late_runs" ]; } );
+SVC
+
+my $node = new_node('durable', conf => "wal_writer_delay = '10s'\nautovacuum = off");
+setup_registry($node, 'host1', $agent->{url},
+	gone_svc => 'p_max_attempts => 1',
+	late_svc => "p_deadline => '2s'");
+
+# Crash the cluster (immediate stop), start it again and wait until the worker has made
+# its first claim, the one that takes over what was left dispatching or running.
+sub crash_and_restart
+{
+	$node->stop('immediate');
+	$node->start;
+	ok($node->poll_query_until('postgres',
+		'SELECT polls >= 1 AND in_flight = 0 FROM restart_worker.status()'),
+		'after the crash the worker made its first claim');
+}
+
+# Gave up: the agent is down and the service allows one attempt.
+stop_agent($agent);
+my $id = request_restart($node, 'gone_svc');
+ok(wait_status($node, $id, 'failed'), 'with the agent down and one attempt allowed, the request fails');
+restart_agent($agent);
+crash_and_restart();
+my $row = row_of($node, $id);
+is($row->{status}, 'failed', 'a crash right after it leaves the request failed');
+is($row->{error}, 'gave up after 1 attempts: could not connect to the agent', 'with its error');
+is(count_lines($gone_runs), 0, 'and its step never ran, though the agent is back');
+
+# The deadline passed while the job ran: failed "timed out"; the job then ends on the
+# agent, during the crash. (Lost, that end would be found again after the restart, but
+# by the claim's look for requests past their deadline, which no longer knows that the
+# job was running: "timed out; the agent may have received the request".)
+$id = request_restart($node, 'late_svc');
+ok(wait_status($node, $id, 'running'), 'the slow job runs');
+ok(wait_status($node, $id, 'failed'), 'and fails at its deadline');
+$node->stop('immediate');
+ok(wait_for(sub { count_lines($late_runs) == 1 }, 30), 'the job ends on the agent meanwhile');
+$node->start;
+ok($node->poll_query_until('postgres',
+	'SELECT polls >= 1 AND in_flight = 0 FROM restart_worker.status()'),
+	'after the crash the worker made its first claim');
+$row = row_of($node, $id);
+is($row->{status}, 'failed', 'a crash right after it leaves the request failed, not completed');
+is($row->{error}, 'timed out (the job was still running on the agent)', 'with its error');
+
+done_testing();
