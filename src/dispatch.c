@@ -391,6 +391,17 @@ dispatch_recorded(RwCall *call, RwOutcome outcome, TimestampTz at,
 	}
 	if (outcome == RW_OUTCOME_RETRY && at != 0 && (*next_at == 0 || at < *next_at))
 		*next_at = at;
+	if (outcome == RW_OUTCOME_ERROR)
+	{
+		/*
+		 * Not recorded (the error is logged): the request's lease brings it
+		 * back.  It is no longer in flight, so the next look for what is due
+		 * finds when; look in a second rather than at the safety-net poll.
+		 */
+		at = GetCurrentTimestamp() + USECS_PER_SEC;
+		if (*next_at == 0 || at < *next_at)
+			*next_at = at;
+	}
 	rw_http_abort(call);
 	dispatch_release(call);
 	return true;

@@ -42,7 +42,7 @@ static CURLM *http_multi = NULL;
 static HttpSocket http_sockets[HTTP_MAX_SOCKETS];
 static int	http_nsockets = 0;
 static bool http_sockets_removed = true;	/* the wait event set is stale */
-static TimestampTz http_timer_at = 0;	/* 0 = no timer */
+static int64 http_timer_at = 0;	/* on http_monotonic_us(); 0 = no timer */
 static List *http_failed_starts = NIL;	/* calls that could not start */
 
 /*
@@ -86,6 +86,22 @@ http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socket
 }
 
 /*
+ * Microseconds on the monotonic clock, the clock of libcurl's own timeouts.
+ * On the wall clock, a step forward (NTP, a resumed virtual machine) would
+ * make the worker call libcurl back before its timeout: libcurl would then
+ * find nothing due and never ask again, and a call to a silent agent would
+ * never time out.
+ */
+static int64
+http_monotonic_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/*
  * libcurl's timer callback: remember when libcurl wants to be called back
  * (-1 removes the timer).
  */
@@ -95,7 +111,7 @@ http_timer_cb(CURLM *multi, long timeout_ms, void *userp)
 	if (timeout_ms < 0)
 		http_timer_at = 0;
 	else
-		http_timer_at = GetCurrentTimestamp() + (TimestampTz) timeout_ms * 1000;
+		http_timer_at = http_monotonic_us() + (int64) timeout_ms * 1000;
 	return 0;
 }
 
@@ -308,6 +324,25 @@ rw_http_fail(RwCall *call, RwCallKind kind, const char *why)
 }
 
 /*
+ * Release the transfer of a call (not the call itself).
+ */
+static void
+http_release(RwCall *call)
+{
+	if (call->easy)
+	{
+		curl_multi_remove_handle(http_multi, (CURL *) call->easy);
+		curl_easy_cleanup((CURL *) call->easy);
+		call->easy = NULL;
+	}
+	if (call->headers)
+	{
+		curl_slist_free_all((struct curl_slist *) call->headers);
+		call->headers = NULL;
+	}
+}
+
+/*
  * Start a call: the POST of the request or, when following a running job,
  * the long-poll.  Returns false if it could not start; the call is then
  * reported as done, without an answer, by rw_http_next_done().
@@ -354,28 +389,14 @@ rw_http_start(RwCall *call)
 	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, call->error);
 	curl_easy_setopt(easy, CURLOPT_PRIVATE, call);
 	call->easy = easy;
-	curl_multi_add_handle(http_multi, easy);
+	if (curl_multi_add_handle(http_multi, easy) != CURLM_OK)
+	{
+		http_release(call);
+		rw_http_fail(call, RW_CALL_PREPARE, "could not prepare the call");
+		return false;
+	}
 	RW_COUNT(calls);
 	return true;
-}
-
-/*
- * Release the transfer of a call (not the call itself).
- */
-static void
-http_release(RwCall *call)
-{
-	if (call->easy)
-	{
-		curl_multi_remove_handle(http_multi, (CURL *) call->easy);
-		curl_easy_cleanup((CURL *) call->easy);
-		call->easy = NULL;
-	}
-	if (call->headers)
-	{
-		curl_slist_free_all((struct curl_slist *) call->headers);
-		call->headers = NULL;
-	}
 }
 
 /*
@@ -394,13 +415,13 @@ rw_http_abort(RwCall *call)
 long
 rw_http_timeout(void)
 {
-	TimestampTz now;
+	int64		now;
 
 	if (http_failed_starts != NIL)
 		return 0;
 	if (http_timer_at == 0)
 		return -1;
-	now = GetCurrentTimestamp();
+	now = http_monotonic_us();
 	if (http_timer_at <= now)
 		return 0;
 	return (long) ((http_timer_at - now + 999) / 1000);
@@ -505,7 +526,7 @@ rw_http_timer_event(void)
 {
 	int			running;
 
-	if (http_timer_at != 0 && http_timer_at <= GetCurrentTimestamp())
+	if (http_timer_at != 0 && http_timer_at <= http_monotonic_us())
 	{
 		http_timer_at = 0;
 		curl_multi_socket_action(http_multi, CURL_SOCKET_TIMEOUT, 0, &running);
