@@ -95,6 +95,7 @@ static job *jobs_done_tail;
 static int	jobs_done;			/* length of that FIFO */
 static int	jobs_running;
 static bool jobs_stopping;
+static bool jobs_runners_done;	/* stopping, and every runner has ended */
 
 /*
  * Name of a job status as used in the protocol.
@@ -317,30 +318,43 @@ jobs_is_stopping(void)
 }
 
 /*
- * Write a runner's record of its job until it is on disk, retrying with a
- * growing pause (a full disk may be freed); called without the lock, by
- * the job's runner, the only writer of a running job's record.  Gives up
- * only when the agent is shutting down: the record on disk then still says
- * "running", which the next start reports as failed.
+ * Write the final record of a job (its state as status, ended at
+ * finished_at) until it is on disk, rendering it anew at each try (memory
+ * may have run short) and retrying with a growing pause (a full disk may
+ * be freed); called without the lock, by the job's runner, the only writer
+ * of a running job's record.  Gives up, returning false, only when the
+ * agent is shutting down: the record on disk then still says "running",
+ * which the next start reports as failed.
  */
 static bool
-jobs_write_retry(const char *id, const char *text)
+jobs_write_final(job *j, job_status status, int64_t finished_at)
 {
 	int			pause = JOBS_RETRY_FIRST_MSEC;
 	int			after_stop = 0;
 
-	while (text == NULL || !journal_write(id, text))
+	for (;;)
 	{
+		char	   *text;
+		bool		ok;
+
+		pthread_mutex_lock(&jobs_lock);
+		j->finished_at = finished_at;
+		text = jobs_render(j, status);
+		j->finished_at = 0;
+		pthread_mutex_unlock(&jobs_lock);
+		ok = text != NULL && journal_write(j->id, text);
+		free(text);
+		if (ok)
+			return true;
 		if (jobs_is_stopping() && ++after_stop > JOBS_RETRY_WHEN_STOPPING)
 		{
-			log_msg("ERROR: job %s: giving up journaling its final state (shutting down)", id);
+			log_msg("ERROR: job %s: giving up journaling its final state (shutting down)", j->id);
 			return false;
 		}
-		log_msg("ERROR: job %s: cannot journal its final state, retrying in %d ms", id, pause);
+		log_msg("ERROR: job %s: cannot journal its final state, retrying in %d ms", j->id, pause);
 		usleep((useconds_t) pause * 1000);
 		pause = pause * 2 > JOBS_RETRY_MAX_MSEC ? JOBS_RETRY_MAX_MSEC : pause * 2;
 	}
-	return true;
 }
 
 /*
@@ -585,31 +599,29 @@ jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
 /*
  * Journal the final state (retrying until it is on disk), then make it
  * visible, wake long-poll waiters and prune old jobs.  Until then clients
- * see the job running.
+ * see the job running; if the agent gave the write up while shutting
+ * down, they go on seeing it running (the next start reports it failed):
+ * a final state is shown only once it is on disk.
  */
 static void
 jobs_finish(job *j, job_status final)
 {
 	int64_t		finished_at = util_now_usec();
-	char	   *text;
+	bool		durable = jobs_write_final(j, final, finished_at);
 
 	pthread_mutex_lock(&jobs_lock);
-	j->finished_at = finished_at;
-	text = jobs_render(j, final);
-	j->finished_at = 0;
-	pthread_mutex_unlock(&jobs_lock);
-	jobs_write_retry(j->id, text);
-	free(text);
-	pthread_mutex_lock(&jobs_lock);
-	j->finished_at = finished_at;
-	j->status = final;
-	log_msg("job %s: %s%s%s", j->id, job_status_name(final),
-			j->error ? ": " : "", j->error ? j->error : "");
 	jobs_running--;
-	jobs_retire(j);
-	pthread_cond_broadcast(jobs_poll_cond(j->id));
+	if (durable)
+	{
+		j->finished_at = finished_at;
+		j->status = final;
+		log_msg("job %s: %s%s%s", j->id, job_status_name(final),
+				j->error ? ": " : "", j->error ? j->error : "");
+		jobs_retire(j);
+		pthread_cond_broadcast(jobs_poll_cond(j->id));
+		jobs_prune();
+	}
 	pthread_cond_broadcast(&jobs_cond);
-	jobs_prune();
 	pthread_mutex_unlock(&jobs_lock);
 }
 
@@ -889,7 +901,7 @@ jobs_report_after_wait(job *j, int wait_ms)
 				j->id, wait_ms / 1000, wait_ms % 1000);
 	util_deadline(&deadline, CLOCK_MONOTONIC, wait_ms);
 	j->waiters++;
-	while (j->status == JOB_RUNNING && !jobs_stopping &&
+	while (j->status == JOB_RUNNING && !jobs_runners_done &&
 		   pthread_cond_timedwait(jobs_poll_cond(j->id), &jobs_lock, &deadline) != ETIMEDOUT)
 		;
 	report = report_job(j, j->status);
@@ -964,8 +976,11 @@ jobs_lookup(const char *id, int wait_ms, json_t **report)
 }
 
 /*
- * Stop for shutdown: refuse new jobs, wake long polls, interrupt running
- * steps and wait until every runner has journaled its final state.
+ * Stop for shutdown: refuse new jobs, interrupt running steps, wait until
+ * every runner has journaled its final state, then wake the long polls.
+ * A long poll on a running job is answered with the job's final state,
+ * woken by its runner once that is on disk; only one whose final state
+ * could not be journaled is answered "running" here.
  */
 void
 jobs_shutdown(void)
@@ -974,13 +989,14 @@ jobs_shutdown(void)
 	jobs_stopping = true;
 	pthread_cond_broadcast(&jobs_cond);
 	pthread_cond_broadcast(&jobs_runner_cond);
-	for (int i = 0; i < JOBS_POLL_CONDS; i++)
-		pthread_cond_broadcast(&jobs_poll_conds[i]);
 	if (jobs_running > 0)
 		log_msg("stopping %d running job(s)", jobs_running);
 	spawn_request_stop();
 	while (jobs_running > 0)
 		pthread_cond_wait(&jobs_cond, &jobs_lock);
+	jobs_runners_done = true;
+	for (int i = 0; i < JOBS_POLL_CONDS; i++)
+		pthread_cond_broadcast(&jobs_poll_conds[i]);
 	pthread_mutex_unlock(&jobs_lock);
 }
 

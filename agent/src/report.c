@@ -61,8 +61,9 @@ report_steps(const job *j)
 
 /*
  * Render a job as the protocol's job object, with the given status (the
- * runner renders the final state before it is made visible).  The caller
- * holds the job table lock.
+ * runner renders the final state before it is made visible).  A job shown
+ * running has no error yet: why it failed is told with its end, once that
+ * is on disk.  The caller holds the job table lock.
  */
 json_t *
 report_job(const job *j, job_status status)
@@ -85,7 +86,7 @@ report_job(const job *j, job_status status)
 					"steps", report_steps(j),
 					"output", output ? json_stringn(output, outlen) : json_string(""),
 					"output_truncated", j->output.truncated,
-					"error", j->error ? json_string(j->error) : json_null());
+					"error", status != JOB_RUNNING && j->error ? json_string(j->error) : json_null());
 	free(output);
 	return obj;
 }

@@ -28,7 +28,10 @@ my $SECRET2 = 'whsec_' . MIME::Base64::encode_base64('0123456789abcdefghijklmnop
 my ($passed, $failed) = (0, 0);
 my @agents;
 
-sub ok
+# The prototype puts the condition in scalar context: in list context a failed match
+# (the last operand of an &&, say) would be an empty list, and the description would
+# take its place as a true condition.
+sub ok($$;$)
 {
 	my ($cond, $desc, $diag) = @_;
 	$cond = $cond ? 1 : 0;
@@ -827,7 +830,8 @@ my $okid = uuid();
 SKIP: {
 	my ($prlimit) = grep { -x $_ } map { "$_/prlimit" } split /:/, $ENV{PATH} // '/usr/bin';
 	unless ($prlimit) { print "ok - # SKIP prlimit is not installed: failed journal writes not checked\n"; last SKIP; }
-	my $svc = $services . qq{  efbig = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.efbig"; }; } );\n};
+	my $svc = $services . qq{  efbig = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.efbig"; }; } );\n}
+		. qq{  noisyfail = ( { argv = ["/bin/sh", "-c", "$steps/noisy.sh; exit 3"]; } );\n};
 	my $b = start_agent(services => $svc, limits => { output_tail => 65536 });
 	my $state = "$b->{dir}/state";
 	# RLIMIT_FSIZE of the running agent (the soft limit; the agent ignores SIGXFSZ, so a write
@@ -865,6 +869,19 @@ SKIP: {
 	$rec = journal_last($state, $id) // {};
 	ok($j->{status} eq 'completed' && $rec->{status} eq 'completed',
 		'once the journal write succeeds the job is completed, on disk and for clients', $json->encode($rec));
+	# the same with a step that fails: why it failed is not told before the end is on disk
+	$id = uuid();
+	$fsize->(journal_end($state) + 4096);
+	($s) = post_restart($b, $id, 'noisyfail');
+	$blocked = wait_until(sub { slurp($b->{log}) =~ /ERROR: job $id: cannot journal its final state/ }, 10);
+	(undef, $j) = get_job($b, $id);
+	ok($s == 202 && $blocked && $j->{status} eq 'running' && !defined $j->{error},
+		'while the end of a failed job cannot be journaled, it is reported running, with no error yet',
+		$json->encode($j // {}));
+	$fsize->('unlimited');
+	$j = wait_job($b, $id, 20);
+	ok($j->{status} eq 'failed' && $j->{error} eq 'step 1 exited with code 3',
+		'once it is journaled the job is failed, with its error', $json->encode($j // {}));
 	stop_agent($b);
 }
 
@@ -952,16 +969,31 @@ SKIP: {
 }
 
 # --- SIGTERM during a job ---------------------------------------------------------
+# A long poll on the job waits through the stop and is answered with the job's end, once
+# that is journaled, not with "running" (the step takes 0.5 s to stop).
 {
-	my $b = start_agent(services => $services);
-	unlink $gate;
+	my $b = start_agent(services => $services . qq{  slowstop = ( { argv = ["/bin/sh", "-c",
+	  "trap 'sleep 0.5; exit 143' TERM; echo started; while :; do sleep 0.05; done"]; } );\n});
+	unlink "$tmp/poll.stop";
 	my $id = uuid();
-	post_restart($b, $id, 'gate2');
+	post_restart($b, $id, 'slowstop');
 	wait_until(sub { slurp($b->{log}) =~ /step 1\/1 started/ }, 5);
+	my $poller = fork;
+	if ($poller == 0)
+	{
+		my ($s, $j) = get_job($b, $id, 20);
+		spew("$tmp/poll.stop", ($s // 0) . ' ' . ($j->{status} // '-') . ' ' . ($j->{error} // '-') . "\n");
+		POSIX::_exit(0);
+	}
+	wait_until(sub { slurp($b->{log}) =~ /a long poll waits up to/ }, 5);
 	my $stopped = stop_agent($b, 'TERM');
 	ok($stopped && $b->{status} == 0 && slurp($b->{log}) =~ /restart-agent stopped/, 'SIGTERM stops the agent cleanly during a job');
 	my $rec = journal_last("$b->{dir}/state", $id) // {};
 	ok(($rec->{status} // '') eq 'failed' && ($rec->{error} // '') =~ /agent was stopped/, 'the interrupted job is journaled as failed');
+	waitpid($poller, 0);
+	my $poll = -e "$tmp/poll.stop" ? slurp("$tmp/poll.stop") : '(no answer)';
+	ok($poll =~ /^200 failed step 1 interrupted: the agent was stopped during the job$/m,
+		'a long poll waiting through the stop is answered with the journaled end', $poll);
 }
 
 # --- a shutdown between two steps: the next step never starts -------------------------
