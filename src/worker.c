@@ -134,10 +134,14 @@ worker_ms_until(TimestampTz t, TimestampTz now)
 	return (long) ((t - now + 999) / 1000);
 }
 
+/* After a failed claim: no claim before then, not even for a new request. */
+static TimestampTz worker_claim_retry_at = 0;
+
 /*
  * How long to wait: until libcurl's timer, the next due request (only if a
- * slot is free to take it), an outcome or after-claim work to record, or
- * the safety-net poll, whichever is first.
+ * slot is free to take it, and not before a failed claim may be tried
+ * again), an outcome or after-claim work to record, or the safety-net
+ * poll, whichever is first.
  */
 static long
 worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
@@ -151,7 +155,7 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 
 	timeout = worker_ms_until(last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC, now);
 	if (next_due != 0 && rw_dispatch_free_slots() > 0)
-		timeout = Min(timeout, worker_ms_until(next_due, now));
+		timeout = Min(timeout, worker_ms_until(Max(next_due, worker_claim_retry_at), now));
 	if (record_at != 0)
 		timeout = Min(timeout, worker_ms_until(record_at, now));
 	if (after_claim_at != 0)
@@ -193,9 +197,11 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 		failures++;
 		*next_due = GetCurrentTimestamp() +
 			(TimestampTz) Min(1000L << Min(failures - 1, 6), 60000L) * 1000;
+		worker_claim_retry_at = *next_due;
 		return true;
 	}
 	failures = 0;
+	worker_claim_retry_at = 0;
 	*recover = *recover && *more;
 	rw_status_note_poll(list_length(rows));
 	foreach(lc, rows)
@@ -232,6 +238,18 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	if (!*more && *next_due != 0 && *next_due <= GetCurrentTimestamp())
 		*next_due = GetCurrentTimestamp() + USECS_PER_SEC;
 	return true;
+}
+
+/*
+ * Whether the worker may claim now: a slot is free, and no failed claim
+ * asks it to wait (a new request does not make it try again sooner, or a
+ * persistent error would be logged once per request).
+ */
+static bool
+worker_may_claim(void)
+{
+	return rw_dispatch_free_slots() > 0 &&
+		(worker_claim_retry_at == 0 || GetCurrentTimestamp() >= worker_claim_retry_at);
 }
 
 /*
@@ -306,7 +324,7 @@ worker_loop(void)
 		if ((next_due != 0 && next_due <= now) ||
 			now >= last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC)
 			need_claim = true;
-		if (need_claim && rw_dispatch_free_slots() > 0)
+		if (need_claim && worker_may_claim())
 		{
 			wakes_seen = restart_worker_wake_count();
 			extension_seen = worker_claim(&recover, &next_due, &more);
@@ -317,7 +335,7 @@ worker_loop(void)
 							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
 
 		/* A wake-up used up inside a transaction (see src/wake.c) counts. */
-		if (rw_dispatch_free_slots() > 0 && restart_worker_wake_count() != wakes_seen)
+		if (worker_may_claim() && restart_worker_wake_count() != wakes_seen)
 			more_done = need_claim = true;
 		if (worker_wait(&set, more_done ? 0 : worker_wait_timeout(next_due, last_poll)))
 		{
@@ -331,7 +349,7 @@ worker_loop(void)
 		 * never two turns in a row, so that a stream of commits cannot hold
 		 * them (and the long-polls they start) back.
 		 */
-		if (need_claim && rw_dispatch_free_slots() > 0 && !deferred)
+		if (need_claim && worker_may_claim() && !deferred)
 		{
 			more_done = true;
 			deferred = true;

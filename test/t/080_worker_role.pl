@@ -1,5 +1,6 @@
-# A worker role without privileges: the worker logs the error and tries again later; it
-# neither exits nor restarts in a loop, and carries on once the role is granted.
+# A worker role without privileges: the worker logs the error and tries again later, less
+# and less often, also when new requests come in (not once per request); it neither exits
+# nor restarts in a loop, and carries on once the role is granted.
 use strict;
 use warnings;
 
@@ -14,7 +15,7 @@ my $agent = start_agent(
 	services => qq{svc = ( { argv = [ "/bin/sh", "-c", "echo as a plain role" ]; } );});
 
 my $node = new_node('role');
-setup_registry($node, 'host1', $agent->{url}, svc => '');
+setup_registry($node, 'host1', $agent->{url}, svc => '', map { ("more$_" => '') } 1 .. 20);
 $node->safe_psql('postgres', 'CREATE ROLE rw_worker LOGIN');
 $node->append_conf('postgresql.conf', "restart_worker.role = 'rw_worker'");
 $node->restart;
@@ -29,6 +30,17 @@ ok(wait_for(sub { $node->log_contains('permission denied') }, 60),
 	'the missing privilege is logged');
 is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_requests WHERE id = '$id'"),
 	'pending', 'the request waits');
+
+# Twenty more requests, each waking the worker at its commit: the failing claim is not
+# tried (and its error logged) once for each.
+sub denials { my @m = slurp_file($node->logfile) =~ /permission denied/g; return scalar @m; }
+my $before = denials();
+request_restart($node, "more$_") for 1 .. 20;
+is($node->safe_psql('postgres', q{SELECT count(*) FROM public.service_restart_requests
+	WHERE service_name LIKE 'more%' AND status = 'pending'}), '20', 'the new requests wait too');
+ok(wait_for(sub { denials() > $before }, 90), 'the failing claim is tried again later');
+my $logged = denials() - $before;
+ok($logged < 10, "while the claim keeps failing, new requests do not make it log once each ($logged)");
 is($node->safe_psql('postgres',
 	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
 	$pid, 'the worker did not exit');
