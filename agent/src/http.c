@@ -407,15 +407,46 @@ http_json_content_type(struct MHD_Connection *c)
 						  (ct[16] == '\0' || ct[16] == ';' || ct[16] == ' '));
 }
 
+/* The "wait" arguments of a request's query string, as http_wait_arg() sees them. */
+typedef struct http_wait_args
+{
+	int			n;				/* how many */
+	bool		bare;			/* one has no value ("?wait") */
+	const char *value;			/* the last one's */
+} http_wait_args;
+
+/*
+ * MHD's callback for each query argument: note those named "wait".
+ */
+static enum MHD_Result
+http_wait_arg(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+	http_wait_args *a = cls;
+
+	(void) kind;
+	if (key != NULL && strcmp(key, "wait") == 0)
+	{
+		a->n++;
+		a->bare |= value == NULL;
+		a->value = value;
+	}
+	return MHD_YES;
+}
+
 /*
  * The "wait" query value of a request, in milliseconds; false if it is
- * malformed.
+ * malformed, has no value, or is given more than once.
  */
 static bool
 http_wait(struct MHD_Connection *c, int *wait_ms)
 {
-	return request_parse_wait(MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "wait"),
-							  http_cfg->max_wait, wait_ms);
+	http_wait_args a = {0};
+
+	*wait_ms = 0;
+	MHD_get_connection_values(c, MHD_GET_ARGUMENT_KIND, http_wait_arg, &a);
+	if (a.n > 1 || a.bare)
+		return false;
+	return request_parse_wait(a.value, http_cfg->max_wait, wait_ms);
 }
 
 /*
@@ -620,12 +651,13 @@ http_access(void *cls, struct MHD_Connection *c, const char *url,
 		return keep ? MHD_YES : http_close_oversized(r);
 	}
 	http_conn_set_busy(c, true);
+	/* a GET with a body is refused as such, however large the body */
+	if (r->route != ROUTE_RESTARTS && (r->received > 0 || r->too_large))
+		return http_get_with_body(c, r);
 	if (r->too_large)
 		return http_error(c, r, 413, "payload_too_large", "the body is larger than the agent accepts");
 	if (r->route == ROUTE_RESTARTS)
 		return http_post_restart(c, r);
-	if (r->received > 0)
-		return http_get_with_body(c, r);
 	return http_get_job(c, url, r);
 }
 

@@ -417,6 +417,11 @@ my $okid = uuid();
 		. "webhook-timestamp: $ts\r\nwebhook-signature: $sig\r\n\r\n" . sprintf("%x\r\n%s\r\n0\r\n\r\n", length($body), $body);
 	my $resp = join '', <$sock>;
 	ok($resp =~ m{^HTTP/1\.1 400} && $resp =~ /empty body/, 'the same replay with a chunked body: 400', $resp);
+	$sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+	print $sock "GET /v1/restarts/$okid HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nwebhook-id: $okid\r\n"
+		. "webhook-timestamp: $ts\r\nwebhook-signature: $sig\r\n\r\n" . sprintf("%x\r\n%s\r\n", 800, 'y' x 800) x 3 . "0\r\n\r\n";
+	$resp = join '', <$sock>;
+	ok($resp =~ m{^HTTP/1\.1 400} && $resp =~ /empty body/, 'a GET with a chunked body over max_body: 400 too, not 413', $resp);
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => uuid());
 	ok($s == 400, 'GET with webhook-id different from the path id: 400');
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => $okid, unsigned => 1);
@@ -533,14 +538,17 @@ my $okid = uuid();
 	($s, $j) = req($a, 'POST', '/v1/restarts?wait=20', id => $slow, body => restart_body($slow, 'slow'));
 	ok($s == 200 && $j->{status} eq 'completed',
 		'the same POST with wait=20: 200 once the job completed');
-	for my $bad ('0.0001', 'soon', '-1', '1.', '.5')
+	for my $bad ('wait=0.0001', 'wait=soon', 'wait=-1', 'wait=1.', 'wait=.5', 'wait', 'wait=', 'wait=1&wait=abc',
+		'wait=1&wait=1')
 	{
 		my $never = uuid();
-		($s, $j) = req($a, 'POST', "/v1/restarts?wait=$bad", id => $never, body => restart_body($never, 'quick'));
-		ok($s == 400 && $j->{error} eq 'bad_request', "POST with wait=$bad: 400 bad_request");
+		($s, $j) = req($a, 'POST', "/v1/restarts?$bad", id => $never, body => restart_body($never, 'quick'));
+		ok($s == 400 && $j->{error} eq 'bad_request', "POST with ?$bad: 400 bad_request");
 		($s) = get_job($a, $never);
-		ok($s == 404, "... and nothing was accepted (wait=$bad)");
+		ok($s == 404, "... and nothing was accepted (?$bad)");
 	}
+	($s, $j) = req($a, 'GET', "/v1/restarts/$slow?wait", id => $slow);
+	ok($s == 400 && $j->{error} eq 'bad_request', 'GET with a bare ?wait: 400 bad_request');
 }
 
 # --- concurrent long polls each return when their own job ends ---------------------------
