@@ -66,6 +66,14 @@ static bool spawn_subreaper = false;	/* orphans of steps come to the agent */
 static char spawn_children_path[64];	/* the main thread's children */
 
 /*
+ * Held while the main thread's children are read and reaped: the kernel
+ * lists them one at a time, and a child reaped by another runner during
+ * the read would shift the rest of the list, so that the next one (maybe
+ * alive) was skipped.
+ */
+static pthread_mutex_t spawn_children_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/*
  * Sessions of steps whose program exited, waiting to be emptied by the
  * next sweep; a runner thread that finds no sweep running leads one for
  * every session waiting then (see spawn_sweep()).
@@ -127,12 +135,19 @@ spawn_left_nothing(void)
 
 	if (!spawn_subreaper)
 		return false;
+	pthread_mutex_lock(&spawn_children_lock);
 	if ((fd = open(spawn_children_path, O_RDONLY | O_CLOEXEC)) < 0)
+	{
+		pthread_mutex_unlock(&spawn_children_lock);
 		return false;
+	}
 	n = read(fd, buf, sizeof(buf) - 1);
 	close(fd);
 	if (n < 0 || n == (ssize_t) sizeof(buf) - 1)
+	{
+		pthread_mutex_unlock(&spawn_children_lock);
 		return false;
+	}
 	buf[n] = '\0';
 	for (char *p = buf, *end;; p = end)
 	{
@@ -143,6 +158,7 @@ spawn_left_nothing(void)
 		if (pid > 0 && waitpid((pid_t) pid, NULL, WNOHANG) == 0)
 			none = false;		/* alive: the scan decides whose it is */
 	}
+	pthread_mutex_unlock(&spawn_children_lock);
 	return none;
 }
 
