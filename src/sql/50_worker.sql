@@ -200,8 +200,9 @@ BEGIN ATOMIC
 END;
 
 -- Claim up to p_limit due requests for the worker, except those it has in flight
--- (p_exclude): pending ones become dispatching (one attempt more), dispatching ones due
--- for another attempt and running ones whose lease expired are taken again. After a
+-- (p_exclude): pending ones become dispatching, dispatching ones due for another attempt
+-- and running ones due again (a call following the job failed, or their lease expired)
+-- are taken again; each counts one attempt more. After a
 -- restart (p_recover) every dispatching or running request is taken over at once: it is
 -- driven on with the same id, and the agent answers with the existing job. Requests past
 -- their deadline fail. Rows locked by someone else are skipped, never waited for.
@@ -264,7 +265,9 @@ BEGIN
 	claimed AS (
 		UPDATE public.service_restart_requests q
 			SET status = CASE WHEN q.status = 'pending' THEN 'dispatching' ELSE q.status END,
-				attempts = q.attempts + CASE WHEN q.dispatched_at IS NULL THEN 1 ELSE 0 END,
+				-- every call made again counts, also one following a running job after
+				-- a failure, so that the delay before the next grows (worker_record())
+				attempts = q.attempts + 1,
 				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 				updated_at = pg_catalog.now()
 			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due))

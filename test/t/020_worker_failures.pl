@@ -1,6 +1,7 @@
 # How the worker copes with agents that fail: down then up (retried, then completed),
 # never back (failed after the maximum attempts), unresponsive (timed out), a job that
-# outlives its deadline, a wrong secret (refused, not retried).
+# outlives its deadline, gone while a job runs (followed with growing delays), a wrong
+# secret (refused, not retried).
 use strict;
 use warnings;
 
@@ -18,12 +19,14 @@ my $agent = start_agent(
 	services => <<"SVC");
 flaky_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count; echo back up" ]; } );
 slow_svc = ( { argv = [ "/bin/sh", "-c", "echo slow; sleep 20" ]; } );
+long_svc = ( { argv = [ "/bin/sh", "-c", "echo long; sleep 30" ]; } );
 SVC
 
 my $node = new_node('failures');
 setup_registry($node, 'host1', $agent->{url},
 	flaky_svc => 'p_max_attempts => 100',
-	slow_svc => "p_deadline => '3s'");
+	slow_svc => "p_deadline => '3s'",
+	long_svc => '');
 
 # Agent down, then up: the request is retried with backoff and completes.
 stop_agent($agent);
@@ -78,6 +81,24 @@ is($row->{error}, 'timed out (the job was still running on the agent)',
 ok(defined $row->{dispatched_at}, 'it had been dispatched');
 is($node->safe_psql('postgres', 'SELECT call_errors FROM restart_worker.status()'),
 	$errors_before, 'no call timed out');
+
+# The agent goes away while a job runs: the calls that follow the job are retried, each
+# after a longer delay (retry_base 100 ms here, doubled each time up to retry_max 1 s,
+# half of it random), not every 100 ms until the deadline. A retry's delay is on the row:
+# next_attempt_at - updated_at.
+$id = request_restart($node, 'long_svc');
+ok(wait_status($node, $id, 'running'), 'the long job runs');
+stop_agent($agent, 'KILL');
+ok($node->poll_query_until('postgres',
+	"SELECT status = 'running' AND error IS NOT NULL
+	        AND next_attempt_at - updated_at BETWEEN interval '400 ms' AND interval '2 s'
+	 FROM public.service_restart_requests WHERE id = '$id'"),
+	'with the agent gone, the calls following its job are retried after longer and longer delays');
+$row = row_of($node, $id);
+ok($row->{attempts} >= 4, "each call made again is an attempt ($row->{attempts})");
+restart_agent($agent);
+ok(wait_status($node, $id, 'failed'), 'once the agent is back, the job it lost is failed');
+is(row_of($node, $id)->{error}, 'agent restarted during the job', 'with the reason the agent gives');
 
 # A wrong secret: 401, refused at once with the agent's reason, not retried.
 $node->safe_psql('postgres', "SELECT restart_worker.register_agent('badkey', '$agent->{url}',

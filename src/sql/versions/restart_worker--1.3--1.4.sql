@@ -7,15 +7,18 @@
 -- 0.08 ms. The rows it claimed (or failed past their deadline) were updated through a join
 -- that the planner could run as a scan of the whole table, in a session with the default
 -- settings. Its plans are now made once for any arguments, read the due requests up to a
--- time, and update the rows through the primary key. The tables, their rows and the
+-- time, and update the rows through the primary key. It also counts an attempt for a
+-- running job taken again after a failed call, so that the delay before the next call
+-- grows (it stayed at restart_worker.retry_base until the deadline). The tables, their rows and the
 -- function's signature, results and privileges are unchanged. The definition below is
 -- that of src/sql/50_worker.sql.
 
 \echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.4'" to load this file. \quit
 
 -- Claim up to p_limit due requests for the worker, except those it has in flight
--- (p_exclude): pending ones become dispatching (one attempt more), dispatching ones due
--- for another attempt and running ones whose lease expired are taken again. After a
+-- (p_exclude): pending ones become dispatching, dispatching ones due for another attempt
+-- and running ones due again (a call following the job failed, or their lease expired)
+-- are taken again; each counts one attempt more. After a
 -- restart (p_recover) every dispatching or running request is taken over at once: it is
 -- driven on with the same id, and the agent answers with the existing job. Requests past
 -- their deadline fail. Rows locked by someone else are skipped, never waited for.
@@ -78,7 +81,9 @@ BEGIN
 	claimed AS (
 		UPDATE public.service_restart_requests q
 			SET status = CASE WHEN q.status = 'pending' THEN 'dispatching' ELSE q.status END,
-				attempts = q.attempts + CASE WHEN q.dispatched_at IS NULL THEN 1 ELSE 0 END,
+				-- every call made again counts, also one following a running job after
+				-- a failure, so that the delay before the next grows (worker_record())
+				attempts = q.attempts + 1,
 				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 				updated_at = pg_catalog.now()
 			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due))
