@@ -117,6 +117,38 @@ spawn_init(void)
 }
 
 /*
+ * Read the main thread's children and reap those that are zombies; true if
+ * none is alive, false if one is or the list cannot be read whole.  Caller
+ * holds spawn_children_lock.
+ */
+static bool
+spawn_children_gone(void)
+{
+	char		buf[4096];
+	ssize_t		n;
+	int			fd;
+	bool		none = true;
+
+	if ((fd = open(spawn_children_path, O_RDONLY | O_CLOEXEC)) < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n < 0 || n == (ssize_t) sizeof(buf) - 1)
+		return false;
+	buf[n] = '\0';
+	for (char *p = buf, *end;; p = end)
+	{
+		long		pid = strtol(p, &end, 10);
+
+		if (end == p)
+			break;
+		if (pid > 0 && waitpid((pid_t) pid, NULL, WNOHANG) == 0)
+			none = false;		/* alive: the scan decides whose it is */
+	}
+	return none;
+}
+
+/*
  * Whether no process that a step left behind is alive: the agent's main
  * thread, which the orphans of steps are handed to (see the head comment;
  * it starts no process itself), has no live child.  Its children that are
@@ -128,36 +160,12 @@ spawn_init(void)
 static bool
 spawn_left_nothing(void)
 {
-	char		buf[4096];
-	ssize_t		n;
-	int			fd;
-	bool		none = true;
+	bool		none;
 
 	if (!spawn_subreaper)
 		return false;
 	pthread_mutex_lock(&spawn_children_lock);
-	if ((fd = open(spawn_children_path, O_RDONLY | O_CLOEXEC)) < 0)
-	{
-		pthread_mutex_unlock(&spawn_children_lock);
-		return false;
-	}
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
-	if (n < 0 || n == (ssize_t) sizeof(buf) - 1)
-	{
-		pthread_mutex_unlock(&spawn_children_lock);
-		return false;
-	}
-	buf[n] = '\0';
-	for (char *p = buf, *end;; p = end)
-	{
-		long		pid = strtol(p, &end, 10);
-
-		if (end == p)
-			break;
-		if (pid > 0 && waitpid((pid_t) pid, NULL, WNOHANG) == 0)
-			none = false;		/* alive: the scan decides whose it is */
-	}
+	none = spawn_children_gone();
 	pthread_mutex_unlock(&spawn_children_lock);
 	return none;
 }
@@ -537,11 +545,14 @@ spawn_check_exit(spawn_state *st, spawn_result *res)
 static bool
 spawn_grace_over(spawn_state *st)
 {
+	bool		over;
+
 	if (st->sweep_at == 0)
 		return true;
-	if (util_monotonic_msec() < st->sweep_at && !spawn_left_nothing())
+	over = util_monotonic_msec() >= st->sweep_at;
+	if (!over && !spawn_left_nothing())
 		return false;
-	if (util_monotonic_msec() >= st->sweep_at)
+	if (over)
 		spawn_sweep(st->pid);
 	st->sweep_at = 0;
 	return true;

@@ -30,11 +30,14 @@ setup_registry($node, 'host1', $agent->{url},
 	gone_svc => 'p_max_attempts => 1',
 	late_svc => "p_deadline => '2s'");
 
-# Crash the cluster (immediate stop), start it again and wait until the worker has made
-# its first claim, the one that takes over what was left dispatching or running.
+# Crash the cluster (immediate stop), run what is given to happen meanwhile, start it
+# again and wait until the worker has made its first claim, the one that takes over what
+# was left dispatching or running.
 sub crash_and_restart
 {
+	my ($meanwhile) = @_;
 	$node->stop('immediate');
+	$meanwhile->() if $meanwhile;
 	$node->start;
 	ok($node->poll_query_until('postgres',
 		'SELECT polls >= 1 AND in_flight = 0 FROM restart_worker.status()'),
@@ -45,8 +48,7 @@ sub crash_and_restart
 stop_agent($agent);
 my $id = request_restart($node, 'gone_svc');
 ok(wait_status($node, $id, 'failed'), 'with the agent down and one attempt allowed, the request fails');
-restart_agent($agent);
-crash_and_restart();
+crash_and_restart(sub { restart_agent($agent) });
 my $row = row_of($node, $id);
 is($row->{status}, 'failed', 'a crash right after it leaves the request failed');
 is($row->{error}, 'gave up after 1 attempts: could not connect to the agent', 'with its error');
@@ -59,12 +61,9 @@ is(count_lines($gone_runs), 0, 'and its step never ran, though the agent is back
 $id = request_restart($node, 'late_svc');
 ok(wait_status($node, $id, 'running'), 'the slow job runs');
 ok(wait_status($node, $id, 'failed'), 'and fails at its deadline');
-$node->stop('immediate');
-ok(wait_for(sub { count_lines($late_runs) == 1 }, 30), 'the job ends on the agent meanwhile');
-$node->start;
-ok($node->poll_query_until('postgres',
-	'SELECT polls >= 1 AND in_flight = 0 FROM restart_worker.status()'),
-	'after the crash the worker made its first claim');
+crash_and_restart(sub {
+	ok(wait_for(sub { count_lines($late_runs) == 1 }, 30), 'the job ends on the agent meanwhile');
+});
 $row = row_of($node, $id);
 is($row->{status}, 'failed', 'a crash right after it leaves the request failed, not completed');
 is($row->{error}, 'timed out (the job was still running on the agent)', 'with its error');
