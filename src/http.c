@@ -28,6 +28,7 @@
 #include "restart_worker.h"
 
 #define HTTP_MAX_SOCKETS 1024
+#define HTTP_MAX_IDLE_EASY 512	/* the most calls in flight (dispatch.c) */
 
 typedef struct HttpSocket
 {
@@ -44,6 +45,8 @@ static int	http_nsockets = 0;
 static bool http_sockets_removed = true;	/* the wait event set is stale */
 static int64 http_timer_at = 0;	/* on http_monotonic_us(); 0 = no timer */
 static List *http_failed_starts = NIL;	/* calls that could not start */
+static CURL *http_idle_easy[HTTP_MAX_IDLE_EASY];	/* transfers to reuse */
+static int	http_n_idle_easy = 0;
 
 /*
  * libcurl's socket callback: remember which sockets to watch and for what.
@@ -324,6 +327,39 @@ rw_http_fail(RwCall *call, RwCallKind kind, const char *why)
 }
 
 /*
+ * A transfer for a new call: one a finished call left, with its options
+ * reset to libcurl's defaults, or a new one.  Making and freeing a
+ * transfer for every call was a good part of libcurl's share of the
+ * worker's time in a burst; a reset one keeps only buffers and caches,
+ * never a setting of the call before (every option is set again by
+ * rw_http_start()).
+ */
+static CURL *
+http_easy_get(void)
+{
+	CURL	   *easy;
+
+	if (http_n_idle_easy == 0)
+		return curl_easy_init();
+	easy = http_idle_easy[--http_n_idle_easy];
+	curl_easy_reset(easy);
+	return easy;
+}
+
+/*
+ * Keep the transfer of a finished call for the next call, up to as many as
+ * may be in flight at once.
+ */
+static void
+http_easy_put(CURL *easy)
+{
+	if (http_n_idle_easy < HTTP_MAX_IDLE_EASY)
+		http_idle_easy[http_n_idle_easy++] = easy;
+	else
+		curl_easy_cleanup(easy);
+}
+
+/*
  * Release the transfer of a call (not the call itself).
  */
 static void
@@ -332,7 +368,7 @@ http_release(RwCall *call)
 	if (call->easy)
 	{
 		curl_multi_remove_handle(http_multi, (CURL *) call->easy);
-		curl_easy_cleanup((CURL *) call->easy);
+		http_easy_put((CURL *) call->easy);
 		call->easy = NULL;
 	}
 	if (call->headers)
@@ -365,12 +401,12 @@ rw_http_start(RwCall *call)
 	call->sent = false;
 	call->error[0] = '\0';
 
-	easy = curl_easy_init();
+	easy = http_easy_get();
 	call->headers = easy ? http_call_headers(call, body) : NULL;
 	if (easy == NULL || call->headers == NULL)
 	{
 		if (easy)
-			curl_easy_cleanup(easy);
+			http_easy_put(easy);
 		rw_http_fail(call, RW_CALL_PREPARE, "could not prepare the call");
 		return false;
 	}
