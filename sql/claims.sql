@@ -90,6 +90,37 @@ SELECT count(*) AS claimed FROM claims WHERE call = 5;
 SELECT pg_stat_force_next_flush();
 SELECT pg_temp.due_read() - :due_read_before < 2000 AS read_only_the_due;
 
+-- worker_fail_late(), which the worker runs instead of a claim while every call slot is
+-- busy: it fails the requests past their deadline, but not those in flight, and says when
+-- the next pending request reaches its deadline, whatever the deadlines of the requests
+-- that are not pending. cl107 and cl108 are past their deadline, cl108 dispatching and in
+-- flight at first; cl109 reaches its deadline in 90 minutes, the other pending requests in
+-- two hours; cl1, dispatching, in 30 minutes. (Requests left pending by earlier tests are
+-- cancelled first.)
+UPDATE service_restart_requests SET status = 'cancelled'
+	WHERE status = 'pending' AND service_name NOT LIKE 'cl%';
+UPDATE service_restart_requests SET deadline_at = now() - interval '1 second'
+	WHERE service_name IN ('cl107', 'cl108');
+UPDATE service_restart_requests SET status = 'dispatching' WHERE service_name = 'cl108';
+UPDATE service_restart_requests SET deadline_at = now() + interval '90 minutes'
+	WHERE service_name = 'cl109'
+	RETURNING deadline_at AS cl109_deadline \gset
+UPDATE service_restart_requests SET deadline_at = now() + interval '30 minutes'
+	WHERE service_name = 'cl1';
+SELECT f.failed, f.next_deadline = :'cl109_deadline' AS next_is_cl109
+	FROM restart_worker.worker_fail_late(
+		ARRAY(SELECT id FROM service_restart_requests WHERE service_name = 'cl108')) f;
+SELECT service_name, status, error, completed_at IS NOT NULL AS completed_at
+	FROM service_restart_requests WHERE service_name IN ('cl107', 'cl108', 'cl109', 'cl1')
+	  AND status <> 'completed'
+	ORDER BY service_name;
+SELECT f.failed, f.next_deadline = :'cl109_deadline' AS next_is_cl109
+	FROM restart_worker.worker_fail_late('{}') f;
+SELECT service_name, status FROM service_restart_requests WHERE service_name = 'cl108';
+-- Nothing pending: no next deadline.
+UPDATE service_restart_requests SET status = 'cancelled' WHERE service_name LIKE 'cl%' AND status = 'pending';
+SELECT * FROM restart_worker.worker_fail_late('{}');
+
 DELETE FROM service_restart_requests WHERE service_name LIKE 'cl%';
 DELETE FROM restart_worker.services WHERE name LIKE 'cl%';
 DELETE FROM restart_worker.agents WHERE name = 'clhost';

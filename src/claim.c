@@ -83,27 +83,6 @@ rw_lease_ms(void)
 }
 
 /*
- * A list of request ids as a uuid[] literal.
- */
-static Datum
-claim_ids_array(List *ids)
-{
-	StringInfoData buf;
-	ListCell   *lc;
-
-	initStringInfo(&buf);
-	appendStringInfoChar(&buf, '{');
-	foreach(lc, ids)
-	{
-		if (buf.len > 1)
-			appendStringInfoChar(&buf, ',');
-		appendStringInfoString(&buf, (char *) lfirst(lc));
-	}
-	appendStringInfoChar(&buf, '}');
-	return CStringGetTextDatum(buf.data);
-}
-
-/*
  * Copy the claimed rows out of SPI's memory into the caller's context.
  */
 static List *
@@ -143,10 +122,10 @@ claim_copy_rows(MemoryContext cxt)
 static void
 claim_run_with_ids(SPIPlanPtr *plan, const char *query, List *ids, bool read_only)
 {
-	Oid			types[1] = {TEXTOID};
+	Oid			types[1] = {UUIDARRAYOID};
 	Datum		values[1];
 
-	values[0] = claim_ids_array(ids);
+	values[0] = rw_uuid_array(ids);
 	rw_run_one_row(plan, query, 1, types, values, NULL, read_only);
 }
 
@@ -161,7 +140,7 @@ claim_next_due_query(List *exclude)
 	Datum		d;
 
 	claim_run_with_ids(&claim_plan_next_due,
-					   "SELECT restart_worker.worker_next_due($1::uuid[])",
+					   "SELECT restart_worker.worker_next_due($1)",
 					   exclude, true);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return isnull ? 0 : DatumGetTimestampTz(d);
@@ -175,7 +154,7 @@ static RwClaimResult
 claim_run(int limit, List *exclude, bool recover, List **rows,
 		  TimestampTz *next_due, bool *more, MemoryContext cxt)
 {
-	Oid			types[4] = {INT4OID, TEXTOID, INT4OID, BOOLOID};
+	Oid			types[4] = {INT4OID, UUIDARRAYOID, INT4OID, BOOLOID};
 	Datum		values[4];
 	SPIPlanPtr	plan;
 
@@ -189,12 +168,12 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 	/* The worker's session runs with synchronous_commit off; a claim not. */
 	rw_xact_make_durable();
 	values[0] = Int32GetDatum(limit);
-	values[1] = claim_ids_array(exclude);
+	values[1] = rw_uuid_array(exclude);
 	values[2] = Int32GetDatum(rw_lease_ms());
 	values[3] = BoolGetDatum(recover);
 	plan = rw_plan(&claim_plan_claim,
 					  "SELECT id::text, url, key, body, deadline_at, maybe_sent"
-					  " FROM restart_worker.worker_claim($1, $2::uuid[], $3, $4)",
+					  " FROM restart_worker.worker_claim($1, $2, $3, $4)",
 					  4, types);
 	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "restart_worker: claim failed");
@@ -251,7 +230,7 @@ static void
 claim_announce(List *announce)
 {
 	claim_run_with_ids(&claim_plan_announce,
-					   "SELECT restart_worker.worker_announce($1::uuid[])",
+					   "SELECT restart_worker.worker_announce($1)",
 					   announce, false);
 }
 

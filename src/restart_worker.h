@@ -10,6 +10,8 @@
  *							wake-ups, timers and sockets;
  *	src/claim.c				claims due rows (policy in
  *							src/sql/50_worker.sql);
+ *	src/deadline.c			fails requests past their deadline while
+ *							every call slot is busy;
  *	src/dispatch.c			one call slot per request in flight;
  *	src/http.c				libcurl's multi interface on the worker's
  *							wait event set;
@@ -17,7 +19,8 @@
  *	src/job.c				reads the common answer, a job object;
  *	src/record.c			records what agents answered, many at once
  *							when they come in together;
- *	src/xact.c				the short transactions of claim.c and record.c;
+ *	src/xact.c				the short transactions of claim.c, deadline.c
+ *							and record.c;
  *	src/status.c			counters in shared memory, restart_worker.status();
  *	src/dropdb.c			lets DROP DATABASE of the worker's database
  *							proceed;
@@ -233,6 +236,12 @@ extern int	rw_lease_ms(void);
 extern void rw_after_claim_work(void);
 extern void rw_after_claim_done(bool ok);
 
+/* src/deadline.c */
+extern void rw_deadline_claimed(bool more);
+extern void rw_deadline_blocked(bool woken);
+extern TimestampTz rw_deadline_look_at(void);
+extern void rw_deadline_look(List *exclude);
+
 /* src/record.c */
 typedef struct RwRecord
 {
@@ -257,6 +266,7 @@ extern bool rw_extension_exists(void);
 extern SPIPlanPtr rw_plan(SPIPlanPtr *plan, const char *query, int nargs, Oid *types);
 extern void rw_run_one_row(SPIPlanPtr *plan, const char *query, int nargs, Oid *types,
 						   Datum *values, const char *nulls, bool read_only);
+extern Datum rw_uuid_array(List *ids);
 
 /* src/job.c */
 typedef struct RwJob

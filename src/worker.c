@@ -140,8 +140,9 @@ static TimestampTz worker_claim_retry_at = 0;
 /*
  * How long to wait: until libcurl's timer, the next due request (only if a
  * slot is free to take it, and not before a failed claim may be tried
- * again), an outcome or after-claim work to record, or the safety-net
- * poll, whichever is first.
+ * again), the next look at deadlines (only if no slot is free, see
+ * src/deadline.c), an outcome or after-claim work to record, or the
+ * safety-net poll, whichever is first.
  */
 static long
 worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
@@ -153,9 +154,13 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 	TimestampTz record_at = rw_dispatch_next_record();
 	TimestampTz after_claim_at = rw_after_claim_due();
 
+	TimestampTz look_at = rw_deadline_look_at();
+
 	timeout = worker_ms_until(last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC, now);
 	if (next_due != 0 && rw_dispatch_free_slots() > 0)
 		timeout = Min(timeout, worker_ms_until(Max(next_due, worker_claim_retry_at), now));
+	if (look_at != 0 && rw_dispatch_free_slots() == 0)
+		timeout = Min(timeout, worker_ms_until(look_at, now));
 	if (record_at != 0)
 		timeout = Min(timeout, worker_ms_until(record_at, now));
 	if (after_claim_at != 0)
@@ -202,6 +207,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	}
 	failures = 0;
 	worker_claim_retry_at = 0;
+	rw_deadline_claimed(*more);
 	*recover = *recover && *more;
 	rw_status_note_poll(list_length(rows));
 	foreach(lc, rows)
@@ -303,6 +309,7 @@ worker_loop(void)
 	bool		more = false;
 	bool		more_done = false;
 	bool		deferred = false;
+	bool		woken = false;
 	uint64		wakes_seen = 0;
 
 	for (;;)
@@ -331,6 +338,12 @@ worker_loop(void)
 			last_poll = now;
 			need_claim = false;
 		}
+		else if (need_claim && rw_dispatch_free_slots() == 0)
+			rw_deadline_blocked(woken);
+		woken = false;
+		/* No slot to claim with: requests waiting for one still end in time. */
+		if (rw_dispatch_free_slots() == 0)
+			rw_deadline_look(rw_dispatch_ids());
 		rw_status_set_state(!extension_seen ? RW_STATE_NO_EXTENSION :
 							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
 
@@ -340,7 +353,7 @@ worker_loop(void)
 		if (worker_wait(&set, more_done ? 0 : worker_wait_timeout(next_due, last_poll)))
 		{
 			rw_status_note_wake();
-			need_claim = true;
+			need_claim = woken = true;
 		}
 
 		/*

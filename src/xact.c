@@ -25,12 +25,16 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "pgstat.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/uuid.h"
 
 #include "restart_worker.h"
 
@@ -163,4 +167,23 @@ rw_run_one_row(SPIPlanPtr *plan, const char *query, int nargs, Oid *types,
 	if (SPI_execute_plan(rw_plan(plan, query, nargs, types), values, nulls,
 						 read_only, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "restart_worker: \"%s\" failed", query);
+}
+
+/*
+ * A list of request ids (id strings) as a uuid[] value, for a parameter of
+ * one of the worker's statements.  Built in binary rather than as a literal
+ * for array_in: the claims of a burst pass the ids of every call in flight,
+ * and parsing the literal was a tenth of a claim's time.
+ */
+Datum
+rw_uuid_array(List *ids)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * Max(list_length(ids), 1));
+	int			n = 0;
+	ListCell   *lc;
+
+	foreach(lc, ids)
+		elems[n++] = DirectFunctionCall1(uuid_in, CStringGetDatum((char *) lfirst(lc)));
+	return PointerGetDatum(construct_array(elems, n, UUIDOID, UUID_LEN, false,
+										   TYPALIGN_CHAR));
 }

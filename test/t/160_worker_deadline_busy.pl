@@ -1,0 +1,69 @@
+# A pending request ends at its deadline even while every call slot of the worker is
+# busy: with restart_worker.max_in_flight = 1 and a long job holding the slot, requests
+# for other services wait pending for the slot, and each fails "timed out" once its
+# deadline has passed, while the long job still runs.  A request committed after the
+# worker learnt the next deadline is seen too (it wakes the worker), also when its own
+# deadline comes first.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $gate = "$tmp/deadline.gate";
+my $gated = qq{( { argv = [ "/bin/sh", "-c",
+  "i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done; echo gated" ]; } )};
+
+my $agent = start_agent(
+	name => 'agent_deadline',
+	services => "long = $gated;\n"
+	  . qq{late1 = ( { argv = [ "/bin/true" ]; } );\n}
+	  . qq{late2 = ( { argv = [ "/bin/true" ]; } );});
+
+my $node = new_node('deadline', conf => <<CONF);
+restart_worker.max_in_flight = 1
+CONF
+setup_registry($node, 'host1', $agent->{url},
+	long => '',
+	late1 => "p_deadline => '4 seconds'",
+	late2 => "p_deadline => '1 second'");
+
+my $long = request_restart($node, 'long');
+ok(wait_status($node, $long, 'running'), 'the long job runs and holds the only slot');
+
+# late1 first: the worker, woken, finds no free slot and learns late1's deadline.  Then
+# late2, whose deadline comes before late1's.
+my $late1 = request_restart($node, 'late1');
+my $late2 = request_restart($node, 'late2');
+
+ok(wait_status($node, $late2, 'failed', 30), 'late2 fails while waiting for the slot');
+ok(wait_status($node, $late1, 'failed', 30), 'late1 fails while waiting for the slot');
+is($node->safe_psql('postgres',
+	"SELECT status FROM public.service_restart_requests WHERE id = '$long'"), 'running',
+	'while the long job still runs');
+for my $r ([ late1 => $late1 ], [ late2 => $late2 ])
+{
+	my ($name, $id) = @$r;
+	my $row = row_of($node, $id);
+	like($row->{error}, qr/^timed out/, "$name: the error says it timed out");
+	is($row->{attempts}, 0, "$name: no call was made");
+	is($node->safe_psql('postgres',
+		"SELECT completed_at >= deadline_at FROM public.service_restart_requests"
+		  . " WHERE id = '$id'"), 't', "$name: not before its deadline");
+}
+is($node->safe_psql('postgres',
+	"SELECT count(*) FROM public.service_restart_requests WHERE id IN ('$late1', '$late2')"
+	  . " AND completed_at < (SELECT completed_at FROM public.service_restart_requests"
+	  . " WHERE id = '$late1')"), '1', 'late2, whose deadline came first, failed first');
+
+spew($gate, '');
+ok(wait_status($node, $long, 'completed'), 'the long job is followed to its end');
+unlike(slurp($agent->{log}), qr/service late[12]/, 'the agent never got the requests that timed out');
+
+$node->stop;
+stop_agent($agent);
+done_testing();
