@@ -92,13 +92,13 @@ SELECT pg_temp.due_read() - :due_read_before < 2000 AS read_only_the_due;
 
 -- worker_fail_late(), which the worker runs instead of a claim while every call slot is
 -- busy: it fails the requests past their deadline, but not those in flight, and says when
--- the next pending request reaches its deadline, whatever the deadlines of the requests
--- that are not pending. cl107 and cl108 are past their deadline, cl108 dispatching and in
--- flight at first; cl109 reaches its deadline in 90 minutes, the other pending requests in
--- two hours; cl1, dispatching, in 30 minutes. (Requests left pending by earlier tests are
--- cancelled first.)
+-- the next active request not in flight reaches its deadline. cl107 and cl108 are past
+-- their deadline, cl108 dispatching and in flight at first; cl109 reaches its deadline in
+-- 90 minutes, the other pending requests in two hours; cl1, dispatching and in flight, in
+-- 30 minutes; then cl2, dispatching and waiting for another call (not in flight), in 60
+-- minutes. (Requests left active by earlier tests are ended first.)
 UPDATE service_restart_requests SET status = 'cancelled'
-	WHERE status = 'pending' AND service_name NOT LIKE 'cl%';
+	WHERE status IN ('pending', 'dispatching', 'running') AND service_name NOT LIKE 'cl%';
 UPDATE service_restart_requests SET deadline_at = now() - interval '1 second'
 	WHERE service_name IN ('cl107', 'cl108');
 UPDATE service_restart_requests SET status = 'dispatching' WHERE service_name = 'cl108';
@@ -106,20 +106,31 @@ UPDATE service_restart_requests SET deadline_at = now() + interval '90 minutes'
 	WHERE service_name = 'cl109'
 	RETURNING deadline_at AS cl109_deadline \gset
 UPDATE service_restart_requests SET deadline_at = now() + interval '30 minutes'
-	WHERE service_name = 'cl1';
-SELECT f.failed, f.next_deadline = :'cl109_deadline' AS next_is_cl109
-	FROM restart_worker.worker_fail_late(
-		ARRAY(SELECT id FROM service_restart_requests WHERE service_name = 'cl108')) f;
+	WHERE service_name = 'cl1' AND status = 'dispatching';
+SELECT restart_worker.worker_fail_late(ARRAY(SELECT id FROM service_restart_requests
+											 WHERE service_name IN ('cl1', 'cl108')
+											   AND status = 'dispatching'))
+	= :'cl109_deadline' AS next_is_cl109;
 SELECT service_name, status, error, completed_at IS NOT NULL AS completed_at
 	FROM service_restart_requests WHERE service_name IN ('cl107', 'cl108', 'cl109', 'cl1')
 	  AND status <> 'completed'
 	ORDER BY service_name;
-SELECT f.failed, f.next_deadline = :'cl109_deadline' AS next_is_cl109
-	FROM restart_worker.worker_fail_late('{}') f;
-SELECT service_name, status FROM service_restart_requests WHERE service_name = 'cl108';
--- Nothing pending: no next deadline.
-UPDATE service_restart_requests SET status = 'cancelled' WHERE service_name LIKE 'cl%' AND status = 'pending';
-SELECT * FROM restart_worker.worker_fail_late('{}');
+UPDATE service_restart_requests SET deadline_at = now() + interval '60 minutes'
+	WHERE service_name = 'cl2' AND status = 'dispatching'
+	RETURNING deadline_at AS cl2_deadline \gset
+SELECT restart_worker.worker_fail_late(ARRAY(SELECT id FROM service_restart_requests
+											 WHERE service_name = 'cl1'
+											   AND status = 'dispatching'))
+	= :'cl2_deadline' AS next_is_cl2;
+SELECT service_name, status, error FROM service_restart_requests
+	WHERE service_name = 'cl108';
+-- Nothing active but what is in flight: no next deadline.
+UPDATE service_restart_requests SET status = 'cancelled'
+	WHERE service_name LIKE 'cl%' AND status IN ('pending', 'dispatching', 'running')
+	  AND service_name <> 'cl1';
+SELECT restart_worker.worker_fail_late(ARRAY(SELECT id FROM service_restart_requests
+											 WHERE service_name = 'cl1'
+											   AND status = 'dispatching')) AS next_deadline;
 
 DELETE FROM service_restart_requests WHERE service_name LIKE 'cl%';
 DELETE FROM restart_worker.services WHERE name LIKE 'cl%';

@@ -3,20 +3,24 @@
  * deadline.c
  *		Requests that reach their deadline while every call slot is busy.
  *
- * Each claim first fails the requests past their deadline (fail_late() in
- * src/sql/50_worker.sql).  While every call slot is busy the worker does
- * not claim, so a request waiting for a slot would stay pending past its
- * deadline, until a slot was free.  Instead, once the worker wants to claim
- * and cannot, it asks the database (worker_fail_late()), at most
- * DEADLINE_LOOK_MS later, which pending request reaches its deadline first,
- * and at that time fails what is past its deadline and asks again.  What it
- * learnt holds until a request is committed (a wake-up) or a claim runs;
- * then it asks again, at most DEADLINE_LOOK_MS later.  During a burst the
- * slots free up and claims follow each other much faster than that, so
- * the look is never made.
+ * Each claim first fails the requests past their deadline (worker_claim()
+ * in src/sql/50_worker.sql).  While every call slot is busy the worker does
+ * not claim, so a request waiting for a slot (pending, or waiting to be
+ * called again) would stay active past its deadline, until a slot was free.
+ * Instead, while no slot is free, the worker asks the database
+ * (worker_fail_late()), at most DEADLINE_LOOK_MS after it began to wait
+ * for one, when the first of those requests reaches its deadline, and at
+ * that time fails what is past its deadline and asks again.  What it
+ * learnt holds until a request is committed (a wake-up, also one used up
+ * inside a transaction: see src/wake.c), a claim runs or the safety-net
+ * poll comes; then it asks again, at most DEADLINE_LOOK_MS later.  During
+ * a burst the slots free up and claims follow each other much faster than
+ * that, so the question is not asked.
  *
- * An extension older than 1.5 has no worker_fail_late(): the worker then
- * does without, as before.
+ * An extension older than 1.5 has no worker_fail_late(), and a role the
+ * update did not grant it to (say, after restoring a dump: see the README)
+ * may not run it; the worker then does without, as before, and says so in
+ * the log once.
  *
  *-------------------------------------------------------------------------
  */
@@ -25,8 +29,10 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
 #include "nodes/value.h"
 #include "parser/parse_func.h"
+#include "utils/acl.h"
 #include "utils/timestamp.h"
 
 #include "restart_worker.h"
@@ -35,6 +41,7 @@
 
 static TimestampTz deadline_look_at = 0;	/* when to look, or 0 */
 static bool deadline_known = false; /* deadline_look_at is the next deadline */
+static uint64 deadline_wakes = 0;	/* the wake-up count at the last look */
 static int	deadline_failures = 0;	/* looks in a row that failed */
 static SPIPlanPtr deadline_plan = NULL;
 
@@ -66,14 +73,14 @@ rw_deadline_claimed(bool more)
 }
 
 /*
- * The worker wants to claim (woken, if a request was committed since it
- * last waited) and has no free slot: look soon, unless it already knows
- * the next deadline and nothing new was committed.
+ * No slot is free: look soon, unless the worker already knows the next
+ * deadline and nothing may have changed since (nothing was committed, and
+ * the safety-net poll did not come: new says it did, or the latch was set).
  */
 void
-rw_deadline_blocked(bool woken)
+rw_deadline_blocked(bool new)
 {
-	if (woken || !deadline_known)
+	if (new || !deadline_known || restart_worker_wake_count() != deadline_wakes)
 		deadline_look_soon();
 }
 
@@ -87,36 +94,54 @@ rw_deadline_look_at(void)
 }
 
 /*
- * Whether the extension has worker_fail_late() (1.5 and later).  Found once
- * per extension; looked for again while missing, which is cheap (a catalog
- * cache look-up) and rare (only while every slot is busy).
+ * Whether the worker may run worker_fail_late(): the extension has it (1.5
+ * and later) and the worker's role may execute it.  Found once per
+ * extension; looked for again while missing, which is cheap (catalog cache
+ * look-ups) and rare (only while every slot is busy).  A missing privilege
+ * is logged once.
  */
 static bool
-deadline_function_exists(void)
+deadline_function_usable(void)
 {
 	static Oid	found_in = InvalidOid;
+	static bool logged = false;
 	Oid			ext = get_extension_oid("restart_worker", true);
 	Oid			types[1] = {UUIDARRAYOID};
+	Oid			func;
 
 	if (!OidIsValid(ext) || ext == found_in)
 		return OidIsValid(ext);
-	if (!OidIsValid(LookupFuncName(list_make2(makeString(pstrdup("restart_worker")),
-											  makeString(pstrdup("worker_fail_late"))),
-								   1, types, true)))
+	func = LookupFuncName(list_make2(makeString(pstrdup("restart_worker")),
+									 makeString(pstrdup("worker_fail_late"))),
+						  1, types, true);
+	if (!OidIsValid(func))
 		return false;
+	if (pg_proc_aclcheck(func, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+	{
+		if (!logged)
+			ereport(LOG,
+					(errmsg("restart_worker: role \"%s\" may not execute restart_worker.worker_fail_late(); "
+							"requests waiting for a call slot end at their deadline only once a slot is free",
+							GetUserNameFromId(GetUserId(), false)),
+					 errhint("Run restart_worker.grant_admin() for that role again.")));
+		logged = true;
+		return false;
+	}
 	found_in = ext;
+	logged = false;
 	return true;
 }
 
 /*
  * The look proper, in its own transaction: fail what is past its deadline
  * except the requests in flight (exclude, a list of id strings), and find
- * the next deadline of a pending request (0 if none).  Returns false if the
- * extension cannot do it.  A request it failed is an end the agent's
- * journal does not hold: it commits synchronously (see src/xact.c).
+ * the next deadline of a request not in flight (0 if none).  Returns false
+ * if the worker cannot ask.  A request it failed is an end the agent's
+ * journal does not hold: the transaction commits synchronously (see
+ * src/xact.c); one that changed nothing writes nothing.
  */
 static bool
-deadline_look(List *exclude, int *failed, TimestampTz *next)
+deadline_look(List *exclude, TimestampTz *next)
 {
 	Oid			types[1] = {UUIDARRAYOID};
 	Datum		values[1];
@@ -124,21 +149,17 @@ deadline_look(List *exclude, int *failed, TimestampTz *next)
 	Datum		d;
 
 	rw_xact_begin("restart_worker: fail requests past their deadline");
-	if (!deadline_function_exists())
+	if (!deadline_function_usable())
 	{
 		rw_xact_end();
 		return false;
 	}
+	rw_xact_make_durable();
 	values[0] = rw_uuid_array(exclude);
-	rw_run_one_row(&deadline_plan,
-				   "SELECT failed, next_deadline FROM restart_worker.worker_fail_late($1)",
+	rw_run_one_row(&deadline_plan, "SELECT restart_worker.worker_fail_late($1)",
 				   1, types, values, NULL, false);
-	*failed = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-										  &isnull));
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	*next = isnull ? 0 : DatumGetTimestampTz(d);
-	if (*failed > 0)
-		rw_xact_make_durable();
 	rw_xact_end();
 	return true;
 }
@@ -148,14 +169,14 @@ deadline_look(List *exclude, int *failed, TimestampTz *next)
  * the look was made, 0 if the extension cannot make it, -1 on error.
  */
 static int
-deadline_try_look(List *exclude, int *failed, TimestampTz *next)
+deadline_try_look(List *exclude, TimestampTz *next)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile int result = -1;
 
 	PG_TRY();
 	{
-		result = deadline_look(exclude, failed, next) ? 1 : 0;
+		result = deadline_look(exclude, next) ? 1 : 0;
 	}
 	PG_CATCH();
 	{
@@ -167,22 +188,30 @@ deadline_try_look(List *exclude, int *failed, TimestampTz *next)
 }
 
 /*
- * Look now if a look is due: fail the requests past their deadline that
- * are not in flight (exclude) and plan the next look for the next deadline.
- * A row past its deadline that someone else holds is looked at again in a
- * second; a look that failed is tried again later, less and less often.
+ * Whether a look is due now.
+ */
+bool
+rw_deadline_look_due(void)
+{
+	return deadline_look_at != 0 && deadline_look_at <= GetCurrentTimestamp();
+}
+
+/*
+ * Look now: fail the requests past their deadline that are not in flight
+ * (exclude) and plan the next look for the next deadline.  A row past its
+ * deadline that someone else holds is looked at again in a second; a look
+ * that failed is tried again later, less and less often.  The look counts
+ * as a poll in restart_worker.status().
  */
 void
 rw_deadline_look(List *exclude)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz next = 0;
-	int			failed = 0;
 	int			result;
 
-	if (deadline_look_at == 0 || deadline_look_at > now)
-		return;
-	result = deadline_try_look(exclude, &failed, &next);
+	deadline_wakes = restart_worker_wake_count();
+	result = deadline_try_look(exclude, &next);
 	deadline_known = true;
 	if (result < 0)
 	{
@@ -192,7 +221,7 @@ rw_deadline_look(List *exclude)
 		return;
 	}
 	deadline_failures = 0;
-	RW_COUNT_ADD(failed, failed);
+	rw_status_note_poll(0);
 	if (result == 0 || next == 0)
 		deadline_look_at = 0;
 	else if (next <= now)		/* a row past it that someone holds */

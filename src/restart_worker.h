@@ -238,8 +238,9 @@ extern void rw_after_claim_done(bool ok);
 
 /* src/deadline.c */
 extern void rw_deadline_claimed(bool more);
-extern void rw_deadline_blocked(bool woken);
+extern void rw_deadline_blocked(bool new);
 extern TimestampTz rw_deadline_look_at(void);
+extern bool rw_deadline_look_due(void);
 extern void rw_deadline_look(List *exclude);
 
 /* src/record.c */

@@ -138,11 +138,11 @@ worker_ms_until(TimestampTz t, TimestampTz now)
 static TimestampTz worker_claim_retry_at = 0;
 
 /*
- * How long to wait: until libcurl's timer, the next due request (only if a
- * slot is free to take it, and not before a failed claim may be tried
- * again), the next look at deadlines (only if no slot is free, see
- * src/deadline.c), an outcome or after-claim work to record, or the
- * safety-net poll, whichever is first.
+ * How long to wait: until libcurl's timer, an outcome or after-claim work
+ * to record, the safety-net poll, and, if a slot is free, the next due
+ * request (neither that nor the poll before a failed claim may be tried
+ * again), or, if no slot is free, the next look at deadlines (see
+ * src/deadline.c), whichever is first.
  */
 static long
 worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
@@ -155,12 +155,20 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 	TimestampTz after_claim_at = rw_after_claim_due();
 
 	TimestampTz look_at = rw_deadline_look_at();
+	TimestampTz poll_at = last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC;
 
-	timeout = worker_ms_until(last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC, now);
-	if (next_due != 0 && rw_dispatch_free_slots() > 0)
-		timeout = Min(timeout, worker_ms_until(Max(next_due, worker_claim_retry_at), now));
-	if (look_at != 0 && rw_dispatch_free_slots() == 0)
-		timeout = Min(timeout, worker_ms_until(look_at, now));
+	if (rw_dispatch_free_slots() > 0)
+	{
+		timeout = worker_ms_until(Max(poll_at, worker_claim_retry_at), now);
+		if (next_due != 0)
+			timeout = Min(timeout, worker_ms_until(Max(next_due, worker_claim_retry_at), now));
+	}
+	else
+	{
+		timeout = worker_ms_until(poll_at, now);
+		if (look_at != 0)
+			timeout = Min(timeout, worker_ms_until(look_at, now));
+	}
 	if (record_at != 0)
 		timeout = Min(timeout, worker_ms_until(record_at, now));
 	if (after_claim_at != 0)
@@ -316,6 +324,7 @@ worker_loop(void)
 	{
 		TimestampTz now;
 		TimestampTz retry_at = 0;
+		bool		poll_due;
 
 		MemoryContextReset(loopcxt);
 		MemoryContextSwitchTo(loopcxt);
@@ -328,8 +337,8 @@ worker_loop(void)
 		}
 
 		now = GetCurrentTimestamp();
-		if ((next_due != 0 && next_due <= now) ||
-			now >= last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC)
+		poll_due = now >= last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC;
+		if ((next_due != 0 && next_due <= now) || poll_due)
 			need_claim = true;
 		if (need_claim && worker_may_claim())
 		{
@@ -338,12 +347,19 @@ worker_loop(void)
 			last_poll = now;
 			need_claim = false;
 		}
-		else if (need_claim && rw_dispatch_free_slots() == 0)
-			rw_deadline_blocked(woken);
+		else if (rw_dispatch_free_slots() == 0)
+		{
+			/*
+			 * No slot to claim with: requests waiting for one still end at
+			 * their deadline (src/deadline.c).  The poll is such a look.
+			 */
+			rw_deadline_blocked(woken || poll_due);
+			if (poll_due)
+				last_poll = now;
+			if (rw_deadline_look_due())
+				rw_deadline_look(rw_dispatch_ids());
+		}
 		woken = false;
-		/* No slot to claim with: requests waiting for one still end in time. */
-		if (rw_dispatch_free_slots() == 0)
-			rw_deadline_look(rw_dispatch_ids());
 		rw_status_set_state(!extension_seen ? RW_STATE_NO_EXTENSION :
 							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
 

@@ -199,72 +199,13 @@ BEGIN ATOMIC
 		WHERE id = p_id;
 END;
 
--- Fail the active requests past their deadline that the worker does not have in flight
--- (p_exclude: a call in flight ends within the deadline, its timeout and a long-poll's
--- wait see to that, and the worker fails the request then), with the error
--- timeout_error() gives for their status. Rows locked by someone else are skipped, never
--- waited for. Returns how many it failed. worker_claim() runs it before every claim.
-CREATE FUNCTION restart_worker.fail_late(p_exclude uuid[])
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-SET search_path = ''
-SET plan_cache_mode = force_generic_plan
-AS $$
-DECLARE
-	v_failed	integer := 0;
-BEGIN
-	-- Requests past their deadline are rare: look for one before running the update.
-	IF EXISTS (SELECT FROM public.service_restart_requests q
-			   WHERE q.status IN ('pending', 'dispatching', 'running')
-				 AND q.deadline_at <= pg_catalog.now()) THEN
-		WITH late AS (
-			SELECT q.id FROM public.service_restart_requests q
-			WHERE q.status IN ('pending', 'dispatching', 'running')
-			  AND q.deadline_at <= pg_catalog.now()
-			  AND NOT (q.id = ANY (p_exclude))
-			FOR UPDATE SKIP LOCKED)
-		UPDATE public.service_restart_requests r
-			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
-				error = restart_worker.timeout_error(r.status, r.error),
-				-- A dispatching row may have reached its agent: it holds the cooldown.
-				uncertain_at = CASE WHEN r.status = 'dispatching'
-									THEN coalesce(r.uncertain_at, pg_catalog.now())
-									ELSE r.uncertain_at END
-			WHERE r.id = ANY (ARRAY(SELECT late.id FROM late));
-		GET DIAGNOSTICS v_failed = ROW_COUNT;
-	END IF;
-	RETURN v_failed;
-END;
-$$;
-
--- While every call slot is busy the worker claims nothing, so that the requests waiting
--- for a slot would not end at their deadline: it runs this instead (src/deadline.c),
--- when the earliest of them reaches its deadline. Fails the requests past their deadline
--- that the worker does not have in flight (fail_late()) and returns how many (failed),
--- and when the next pending request reaches its deadline (next_deadline, NULL if none is
--- pending; what the worker has in flight is never pending).
-CREATE FUNCTION restart_worker.worker_fail_late(p_exclude uuid[],
-	OUT failed integer, OUT next_deadline timestamptz)
-LANGUAGE plpgsql VOLATILE
-SET search_path = ''
-SET plan_cache_mode = force_generic_plan
-AS $$
-BEGIN
-	failed := restart_worker.fail_late(p_exclude);
-	SELECT q.deadline_at INTO next_deadline FROM public.service_restart_requests q
-		WHERE q.status IN ('pending', 'dispatching', 'running') AND q.status = 'pending'
-		ORDER BY q.deadline_at
-		LIMIT 1;
-END;
-$$;
-
 -- Claim up to p_limit due requests for the worker, except those it has in flight
 -- (p_exclude): pending ones become dispatching, dispatching ones due for another attempt
 -- and running ones due again (a call following the job failed, or their lease expired)
--- are taken again; each counts one attempt more. After a restart (p_recover) every
--- dispatching or running request is taken over at once: it is driven on with the same
--- id, and the agent answers with the existing job. Requests past their deadline fail
--- first (fail_late()). Rows locked by someone else are skipped, never waited for.
+-- are taken again; each counts one attempt more. After a
+-- restart (p_recover) every dispatching or running request is taken over at once: it is
+-- driven on with the same id, and the agent answers with the existing job. Requests past
+-- their deadline fail. Rows locked by someone else are skipped, never waited for.
 -- maybe_sent says whether an earlier call may have reached the agent (the row was not
 -- pending). The worker keeps what it has in flight in memory; the lease only matters if
 -- it forgets a request.
@@ -289,7 +230,25 @@ AS $$
 DECLARE
 	v_until		timestamptz := CASE WHEN p_recover THEN 'infinity' ELSE pg_catalog.now() END;
 BEGIN
-	PERFORM restart_worker.fail_late(p_exclude);
+	-- Requests past their deadline are rare: look for one before running the update.
+	IF EXISTS (SELECT FROM public.service_restart_requests q
+			   WHERE q.status IN ('pending', 'dispatching', 'running')
+				 AND q.deadline_at <= pg_catalog.now()) THEN
+		WITH late AS (
+			SELECT q.id FROM public.service_restart_requests q
+			WHERE q.status IN ('pending', 'dispatching', 'running')
+			  AND q.deadline_at <= pg_catalog.now()
+			  AND NOT (q.id = ANY (p_exclude))
+			FOR UPDATE SKIP LOCKED)
+		UPDATE public.service_restart_requests r
+			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
+				error = restart_worker.timeout_error(r.status, r.error),
+				-- A dispatching row may have reached its agent: it holds the cooldown.
+				uncertain_at = CASE WHEN r.status = 'dispatching'
+									THEN coalesce(r.uncertain_at, pg_catalog.now())
+									ELSE r.uncertain_at END
+			WHERE r.id = ANY (ARRAY(SELECT late.id FROM late));
+	END IF;
 
 	RETURN QUERY
 	WITH due AS (
@@ -320,6 +279,29 @@ BEGIN
 	JOIN due d ON d.id = c.id
 	LEFT JOIN restart_worker.services s ON s.name = c.service_name
 	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
+END;
+$$;
+
+-- While every call slot is busy the worker claims nothing, so that requests waiting for a
+-- slot would not end at their deadline: it runs this instead (src/deadline.c), when the
+-- earliest of them reaches its deadline. Fails the requests past their deadline that the
+-- worker does not have in flight (p_exclude), as a claim does (worker_claim() of none),
+-- and returns when the next active request it does not have in flight reaches its
+-- deadline, or NULL if there is none: those are the pending requests and those waiting
+-- to be called again.
+CREATE FUNCTION restart_worker.worker_fail_late(p_exclude uuid[])
+RETURNS timestamptz
+LANGUAGE plpgsql VOLATILE
+SET search_path = ''
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+	PERFORM FROM restart_worker.worker_claim(0, p_exclude, 0, false);
+	RETURN (SELECT q.deadline_at FROM public.service_restart_requests q
+			WHERE q.status IN ('pending', 'dispatching', 'running')
+			  AND NOT (q.id = ANY (p_exclude))
+			ORDER BY q.deadline_at
+			LIMIT 1);
 END;
 $$;
 

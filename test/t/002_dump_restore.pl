@@ -52,5 +52,31 @@ is($node->safe_psql('dst', 'SET ROLE viewer; SELECT count(*) FROM service_restar
 my ($ret, $out, $err) = $node->psql('dst', "SELECT request_service_restart('svc')");
 like($err, qr/was restarted less than/, 'the restored history still holds the cooldown');
 
+# A database whose extension was updated (here from 1.0) rather than created: pg_dump
+# leaves out the grants that update scripts made to the admin roles (it takes them for
+# part of the extension), so the README says to run grant_admin() again after restoring
+# it; then the admin may execute every function of the extension, as before the dump.
+$node->safe_psql('postgres', 'CREATE DATABASE usrc');
+$node->safe_psql('postgres', 'CREATE DATABASE udst');
+$node->safe_psql('usrc', q{
+	CREATE EXTENSION restart_worker VERSION '1.0';
+	CREATE ROLE uops LOGIN;
+	SELECT restart_worker.grant_admin('uops');
+	ALTER EXTENSION restart_worker UPDATE;
+});
+my $denied = q{SELECT coalesce(string_agg(p.proname, ',' ORDER BY p.proname), '')
+	FROM pg_proc p WHERE p.pronamespace = 'restart_worker'::regnamespace
+	  AND NOT has_function_privilege('uops', p.oid, 'EXECUTE')};
+is($node->safe_psql('usrc', $denied), '', 'after the update the admin may execute every function');
+my $udump = $node->basedir . '/usrc.sql';
+$node->command_ok([ 'pg_dump', '-d', $node->connstr('usrc'), '-f', $udump ],
+	'pg_dump of a database whose extension was updated');
+$node->command_ok([ 'psql', '-X', '-v', 'ON_ERROR_STOP=1', '-q', '-d', $node->connstr('udst'), '-f', $udump ],
+	'its dump restores without errors');
+note('denied after the restore, before grant_admin(): ' . $node->safe_psql('udst', $denied));
+$node->safe_psql('udst', q{SELECT restart_worker.grant_admin('uops')});
+is($node->safe_psql('udst', $denied), '',
+	'after the restore and grant_admin() again, the admin may execute every function');
+
 $node->stop;
 done_testing();

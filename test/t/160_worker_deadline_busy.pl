@@ -2,10 +2,14 @@
 # busy: with restart_worker.max_in_flight = 1 and a long job holding the slot, requests
 # for other services wait pending for the slot, and each fails "timed out" once its
 # deadline has passed, while the long job still runs.  A request committed after the
-# worker learnt the next deadline is seen too (it wakes the worker), also when its own
-# deadline comes first.
+# worker looked for the next deadline is seen too (it wakes the worker), also when its
+# own deadline comes first.  And while the slot stays busy for longer than the
+# safety-net poll's interval, the worker goes on polling once per interval instead of
+# spinning (it used to wait with a timeout of zero until a slot was free).
 use strict;
 use warnings;
+use POSIX ();
+use Time::HiRes ();
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -35,9 +39,13 @@ setup_registry($node, 'host1', $agent->{url},
 my $long = request_restart($node, 'long');
 ok(wait_status($node, $long, 'running'), 'the long job runs and holds the only slot');
 
-# late1 first: the worker, woken, finds no free slot and learns late1's deadline.  Then
-# late2, whose deadline comes before late1's.
+# late1 first: the worker, woken, finds no free slot and looks for the next deadline
+# (a look counts as a poll): late1's.  Then late2, whose deadline comes before late1's.
+my $polls = sub { $node->safe_psql('postgres', 'SELECT polls FROM restart_worker.status()') };
+my $polls_before = $polls->();
 my $late1 = request_restart($node, 'late1');
+ok(wait_for(sub { $polls->() > $polls_before }, 30),
+	'the worker looks for the next deadline while the slot is busy');
 my $late2 = request_restart($node, 'late2');
 
 ok(wait_status($node, $late2, 'failed', 30), 'late2 fails while waiting for the slot');
@@ -59,6 +67,27 @@ is($node->safe_psql('postgres',
 	"SELECT count(*) FROM public.service_restart_requests WHERE id IN ('$late1', '$late2')"
 	  . " AND completed_at < (SELECT completed_at FROM public.service_restart_requests"
 	  . " WHERE id = '$late1')"), '1', 'late2, whose deadline came first, failed first');
+
+# The poll every second while the slot stays busy: three polls, and little CPU meanwhile.
+my $pid = $node->safe_psql('postgres', 'SELECT pid FROM restart_worker.status()');
+my $cpu = sub {
+	my @f = split ' ', (slurp("/proc/$pid/stat") =~ s/^.*\)\s*//sr);
+	return ($f[11] + $f[12]) / POSIX::sysconf(POSIX::_SC_CLK_TCK);
+};
+$node->safe_psql('postgres', "ALTER SYSTEM SET restart_worker.poll_interval = '1s'");
+$node->safe_psql('postgres', 'SELECT pg_reload_conf()');
+$polls_before = $polls->();
+my $cpu_before = $cpu->();
+my $t0 = Time::HiRes::time();
+ok(wait_for(sub { $polls->() >= $polls_before + 3 }, 60),
+	'the safety-net poll goes on while the slot is busy');
+my $used = $cpu->() - $cpu_before;
+my $wall = Time::HiRes::time() - $t0;
+cmp_ok($used, '<', $wall / 2,
+	sprintf('the worker does not spin meanwhile (%.2f s of CPU in %.2f s)', $used, $wall));
+is($node->safe_psql('postgres',
+	"SELECT status FROM public.service_restart_requests WHERE id = '$long'"), 'running',
+	'the long job still held the slot');
 
 spew($gate, '');
 ok(wait_status($node, $long, 'completed'), 'the long job is followed to its end');
