@@ -46,12 +46,17 @@ static int	deadline_failures = 0;	/* looks in a row that failed */
 static SPIPlanPtr deadline_plan = NULL;
 
 /*
- * Make the look come DEADLINE_LOOK_MS from now, unless it comes sooner.
+ * Make the look come DEADLINE_LOOK_MS from now, unless it comes sooner or
+ * a failed look asked to wait longer.
  */
 static void
 deadline_look_soon(void)
 {
 	TimestampTz soon = GetCurrentTimestamp() + DEADLINE_LOOK_MS * 1000;
+
+	/* After a failed look, not before its backoff ends (nor log more often). */
+	if (deadline_failures > 0)
+		return;
 
 	if (deadline_look_at == 0 || deadline_look_at > soon)
 		deadline_look_at = soon;
@@ -222,9 +227,13 @@ rw_deadline_look(List *exclude)
 	}
 	deadline_failures = 0;
 	rw_status_note_poll(0);
+	/*
+	 * A deadline before the look began was past for its transaction too:
+	 * someone holds that row.  One that passed during the look is due now.
+	 */
 	if (result == 0 || next == 0)
 		deadline_look_at = 0;
-	else if (next <= now)		/* a row past it that someone holds */
+	else if (next <= now)
 		deadline_look_at = now + USECS_PER_SEC;
 	else
 		deadline_look_at = next;

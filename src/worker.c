@@ -318,6 +318,7 @@ worker_loop(void)
 	bool		more_done = false;
 	bool		deferred = false;
 	bool		woken = false;
+	bool		freed = false;
 	uint64		wakes_seen = 0;
 
 	for (;;)
@@ -351,15 +352,17 @@ worker_loop(void)
 		{
 			/*
 			 * No slot to claim with: requests waiting for one still end at
-			 * their deadline (src/deadline.c).  The poll is such a look.
+			 * their deadline (src/deadline.c).  The poll is such a look; so
+			 * is a slot freed without a claim (a request put back while a
+			 * lowered max_in_flight keeps every slot busy).
 			 */
-			rw_deadline_blocked(woken || poll_due);
+			rw_deadline_blocked(woken || poll_due || freed);
 			if (poll_due)
 				last_poll = now;
 			if (rw_deadline_look_due())
 				rw_deadline_look(rw_dispatch_ids());
 		}
-		woken = false;
+		woken = freed = false;
 		rw_status_set_state(!extension_seen ? RW_STATE_NO_EXTENSION :
 							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
 
@@ -386,8 +389,11 @@ worker_loop(void)
 		else
 		{
 			deferred = false;
-			if (rw_dispatch_finish(&retry_at, &more_done) && more)
-				need_claim = true;
+			if (rw_dispatch_finish(&retry_at, &more_done))
+			{
+				need_claim |= more;
+				freed = true;	/* what is in flight changed */
+			}
 		}
 		rw_after_claim_next_due(&next_due);
 		if (retry_at != 0 && (next_due == 0 || retry_at < next_due))

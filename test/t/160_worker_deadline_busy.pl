@@ -33,7 +33,7 @@ restart_worker.max_in_flight = 1
 CONF
 setup_registry($node, 'host1', $agent->{url},
 	long => '',
-	late1 => "p_deadline => '4 seconds'",
+	late1 => "p_deadline => '10 seconds'",
 	late2 => "p_deadline => '1 second'");
 
 my $long = request_restart($node, 'long');
@@ -44,8 +44,13 @@ ok(wait_status($node, $long, 'running'), 'the long job runs and holds the only s
 my $polls = sub { $node->safe_psql('postgres', 'SELECT polls FROM restart_worker.status()') };
 my $polls_before = $polls->();
 my $late1 = request_restart($node, 'late1');
-ok(wait_for(sub { $polls->() > $polls_before }, 30),
-	'the worker looks for the next deadline while the slot is busy');
+my $committed = $node->safe_psql('postgres', 'SELECT clock_timestamp()');
+ok(wait_for(sub {
+		$node->safe_psql('postgres',
+			"SELECT polls > $polls_before AND last_poll > '$committed' FROM restart_worker.status()")
+		  eq 't';
+	}, 30),
+	'the worker looks for the next deadline while the slot is busy, after late1 was committed');
 my $late2 = request_restart($node, 'late2');
 
 ok(wait_status($node, $late2, 'failed', 30), 'late2 fails while waiting for the slot');
