@@ -1,6 +1,7 @@
 /*
  * Unit tests of journal.c on a real state directory: concurrent writers
- * sharing flushes, compaction at run time (also after pruning), the zeros
+ * sharing flushes, compaction at run time (also after pruning, and with
+ * pruning while it runs), the zeros
  * written ahead of appends, and the last record of each id read back after
  * a restart; a failed flush failing the journal for good.
  */
@@ -9,6 +10,7 @@
 #include <limits.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -25,6 +27,7 @@
 #define IDS_PER_WRITER 200
 
 static char state_dir[64];
+static atomic_int records_written;	/* by writer threads, so far */
 
 /* What one writer thread writes: its ids, both records of each, padded. */
 typedef struct writer
@@ -83,6 +86,7 @@ writer_main(void *arg)
 			if (text == NULL || !journal_write(id, text))
 				w->failures++;
 			free(text);
+			atomic_fetch_add(&records_written, 1);
 		}
 	}
 	return NULL;
@@ -195,6 +199,103 @@ test_concurrent_writes_and_compaction(void **state)
 	assert_null(find_job(jobs, n, 0, 0));
 	assert_non_null(find_job(jobs, n, 1, 0));
 	assert_non_null(find_job(jobs, n, WRITERS - 1, 1000 + IDS_PER_WRITER - 1));
+	free_jobs(jobs, n);
+}
+
+/* Writer 300's ids, pruned by the remover thread while others write. */
+#define REMOVED_WRITER 300
+
+typedef struct remover
+{
+	pthread_t	tid;
+	int			spread;			/* records written by others per removal */
+	int			failures;
+} remover;
+
+/*
+ * Remover thread: remove writer 300's ids one by one, spread over the
+ * records the writer threads write meanwhile (so that some removals come
+ * while a compaction runs), and write a new record of every even id right
+ * after its removal, as for a new job of an id the agent forgot.
+ */
+static void *
+remover_main(void *arg)
+{
+	remover    *r = arg;
+	int			start = atomic_load(&records_written);
+
+	for (int i = 0; i < IDS_PER_WRITER; i++)
+	{
+		char		id[UUID_TEXT_LEN + 1];
+
+		while (atomic_load(&records_written) < start + i * r->spread)
+			usleep(200);
+		make_id(id, REMOVED_WRITER, i);
+		if (!journal_remove(id))
+			r->failures++;
+		if (i % 2 == 0)
+		{
+			char	   *text = make_record(id, "running", 8);
+
+			if (text == NULL || !journal_write(id, text))
+				r->failures++;
+			free(text);
+		}
+	}
+	return NULL;
+}
+
+/*
+ * Ids removed while other writers make the journal compact in the
+ * background: once a compaction has begun after the last removal, a
+ * restart loads none of the removed ids, but loads every id written again
+ * right after its removal, with its new record (a removal is applied before
+ * the next append, so it never drops a later record of the same id).
+ */
+static void
+test_removal_during_compaction(void **state)
+{
+	job		  **jobs;
+	int			n;
+	int			gone = 0;
+	int			back = 0;
+	remover		r = {.spread = (WRITERS - 1) * IDS_PER_WRITER * 2 / IDS_PER_WRITER};
+
+	(void) state;
+	for (int i = 0; i < IDS_PER_WRITER; i++)
+	{
+		char		id[UUID_TEXT_LEN + 1];
+
+		make_id(id, REMOVED_WRITER, i);
+		for (int k = 0; k < 2; k++)
+		{
+			char	   *text = make_record(id, k ? "completed" : "running", 64);
+
+			assert_true(text != NULL && journal_write(id, text));
+			free(text);
+		}
+	}
+	/* 7 writers x 200 ids x 2 records x ~8 KB, compacted on the way */
+	assert_int_equal(pthread_create(&r.tid, NULL, remover_main, &r), 0);
+	assert_int_equal(run_writers(1, 2000, 8192), 0);
+	pthread_join(r.tid, NULL);
+	assert_int_equal(r.failures, 0);
+	/* as much again: compactions that begin after the last removal */
+	assert_int_equal(run_writers(1, 3000, 8192), 0);
+	n = reload(&jobs);
+	for (int i = 0; i < IDS_PER_WRITER; i++)
+	{
+		job		   *j = find_job(jobs, n, REMOVED_WRITER, i);
+
+		if (i % 2)
+			gone += j == NULL;
+		else
+			back += j != NULL && j->status == JOB_RUNNING && j->output.len == 8;
+	}
+	assert_int_equal(gone, IDS_PER_WRITER / 2);
+	assert_int_equal(back, IDS_PER_WRITER / 2);
+	assert_non_null(find_job(jobs, n, 1, 2000));
+	assert_non_null(find_job(jobs, n, WRITERS - 1, 3000 + IDS_PER_WRITER - 1));
 	free_jobs(jobs, n);
 }
 
@@ -351,6 +452,7 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_records_refused),
 		cmocka_unit_test(test_concurrent_writes_and_compaction),
+		cmocka_unit_test(test_removal_during_compaction),
 		cmocka_unit_test(test_room_made_for_appends),
 		cmocka_unit_test(test_failed_flush_fails_the_journal),
 	};
