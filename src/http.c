@@ -21,6 +21,7 @@
 #include <curl/curl.h>
 #include <time.h>
 
+#include "common/hashfn.h"
 #include "lib/stringinfo.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -196,7 +197,22 @@ http_follow_wait(RwCall *call)
 }
 
 /*
- * Build the URL of a call: the agent's base URL (or http://localhost for
+ * Append the base URL of a call to an agent on the unix socket at path: a
+ * host name of its own, made from the path, because libcurl counts
+ * connections per host name and port (CURLMOPT_MAX_HOST_CONNECTIONS): with
+ * one name for every such agent, they shared max_connections_per_agent.
+ * Nothing resolves the name; the connection goes to the socket.
+ */
+static void
+http_unix_base(StringInfo url, const char *path)
+{
+	uint64		h = hash_bytes_extended((const unsigned char *) path, strlen(path), 0);
+
+	appendStringInfo(url, "http://unix-%016llx.localhost", (unsigned long long) h);
+}
+
+/*
+ * Build the URL of a call: the agent's base URL (see http_unix_base() for
  * an agent on a unix socket) and the path of the POST or the long-poll.
  * The POST asks the agent to hold its answer for up to HTTP_POST_WAIT_MS
  * while the job runs (docs/protocol.md), so that the answer to a quick
@@ -216,11 +232,14 @@ http_call_url(RwCall *call, int wait)
 
 	initStringInfo(&url);
 	if (strncmp(base, "unix:", 5) == 0)
-		base = "http://localhost";
-	len = strlen(base);
-	while (len > 0 && base[len - 1] == '/')
-		len--;
-	appendBinaryStringInfo(&url, base, len);
+		http_unix_base(&url, base + 5);
+	else
+	{
+		len = strlen(base);
+		while (len > 0 && base[len - 1] == '/')
+			len--;
+		appendBinaryStringInfo(&url, base, len);
+	}
 	appendStringInfoString(&url, "/v1/restarts");
 	if (call->following)
 		appendStringInfo(&url, "/%s?wait=%d", call->id, wait);

@@ -89,8 +89,9 @@ sub free_port
 
 # Start an agent.  Options: name (directory), services (libconfig text of the services
 # group), port (default: a free one, so that a restarted agent keeps its URL), tls
-# ({cert, key}), limits (extra libconfig text inside limits).  Returns a hash with pid,
-# port, url, dir, log.
+# ({cert, key}), limits (extra libconfig text inside limits), unix (the path of a unix
+# socket to listen on instead of a port; keep it short).  Returns a hash with pid, port,
+# url, dir, log.
 sub start_agent
 {
 	my (%o) = @_;
@@ -99,11 +100,12 @@ sub start_agent
 	make_path("$dir/state");
 	spew("$dir/secrets", "$SECRET\n");
 	chmod 0600, "$dir/secrets";
-	my $port = $o{port} // free_port();
+	my $port = $o{unix} ? undef : ($o{port} // free_port());
+	my $listen = $o{unix} ? "unix:$o{unix}" : "127.0.0.1:$port";
 	my $tls = $o{tls} ? "tls_cert = \"$o{tls}{cert}\";\ntls_key = \"$o{tls}{key}\";\n" : '';
 	my $limits = $o{limits} // '';
 	spew("$dir/agent.conf", <<"CONF");
-listen = "127.0.0.1:$port";
+listen = "$listen";
 $tls
 secrets_file = "$dir/secrets";
 state_dir = "$dir/state";
@@ -115,7 +117,8 @@ $o{services}
 CONF
 	my $a = { name => $name, port => $port, dir => $dir, log => "$dir/agent.log",
 		scheme => $o{tls} ? 'https' : 'http', conf => "$dir/agent.conf" };
-	$a->{url} = "$a->{scheme}://" . ($o{host} // '127.0.0.1') . ":$port";
+	$a->{url} = $o{unix} ? "unix:$o{unix}"
+	  : "$a->{scheme}://" . ($o{host} // '127.0.0.1') . ":$port";
 	_spawn_agent($a);
 	push @agents, $a;
 	return $a;
