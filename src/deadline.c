@@ -66,12 +66,14 @@ deadline_look_soon(void)
 /*
  * A claim ran; it failed what was past its deadline.  If it was cut short
  * by the free slots (more), pending requests wait for a slot: look at their
- * deadlines soon, unless another claim comes first.
+ * deadlines soon, unless another claim comes first.  The backoff of a
+ * failed look stays.
  */
 void
 rw_deadline_claimed(bool more)
 {
-	deadline_look_at = 0;
+	if (deadline_failures == 0)
+		deadline_look_at = 0;
 	deadline_known = false;
 	if (more)
 		deadline_look_soon();
@@ -79,8 +81,9 @@ rw_deadline_claimed(bool more)
 
 /*
  * No slot is free: look soon, unless the worker already knows the next
- * deadline and nothing may have changed since (nothing was committed, and
- * the safety-net poll did not come: new says it did, or the latch was set).
+ * deadline and nothing may have changed since: no request was committed
+ * (no wake-up, counted or not), and nothing else new happened (new: the
+ * latch was set, the safety-net poll came, or a slot was freed).
  */
 void
 rw_deadline_blocked(bool new)

@@ -34,7 +34,9 @@ CONF
 setup_registry($node, 'host1', $agent->{url},
 	long => '',
 	late1 => "p_deadline => '10 seconds'",
-	late2 => "p_deadline => '1 second'");
+	late2 => "p_deadline => '1 second'",
+	late3 => "p_deadline => '3 seconds'",
+	map { ("w$_" => '') } 1 .. 5);
 
 my $long = request_restart($node, 'long');
 ok(wait_status($node, $long, 'running'), 'the long job runs and holds the only slot');
@@ -91,6 +93,37 @@ cmp_ok($used, '<', $wall / 2,
 is($node->safe_psql('postgres',
 	"SELECT status FROM public.service_restart_requests WHERE id = '$long'"), 'running',
 	'the long job still held the slot');
+
+# A look that fails (here worker_fail_late() raises an error) is tried again later and
+# later (1 s, then 2 s, ...): requests committed meanwhile do not make the worker try
+# sooner, nor log the error once per request.  Once the look works again, the request
+# past its deadline ends.
+my $def = $node->safe_psql('postgres',
+	"SELECT pg_get_functiondef('restart_worker.worker_fail_late(uuid[])'::regprocedure)");
+$node->safe_psql('postgres', q{
+	CREATE OR REPLACE FUNCTION restart_worker.worker_fail_late(p_exclude uuid[])
+	RETURNS timestamptz LANGUAGE plpgsql
+	AS $$ BEGIN RAISE EXCEPTION 'look broken on purpose'; END $$});
+my $log_from = -s $node->logfile;
+# The times (seconds in the day) of the failed looks logged so far.
+my $tries = sub {
+	my $log = substr(slurp($node->logfile), $log_from);
+	my @at;
+	push @at, $1 * 3600 + $2 * 60 + $3
+	  while $log =~ /^\S+ (\d+):(\d+):([\d.]+) .*look broken on purpose/mg;
+	return @at;
+};
+my $late3 = request_restart($node, 'late3');
+ok(wait_for(sub { $tries->() >= 1 }, 30), 'the look fails');
+my @wakers = map { request_restart($node, "w$_") } 1 .. 5;
+ok(wait_for(sub { $tries->() >= 2 }, 30), 'and is tried again');
+my @t = $tries->();
+cmp_ok($t[1] - $t[0], '>=', 0.5,
+	'a second later, however many requests were committed meanwhile (five)');
+$node->safe_psql('postgres', $def);
+ok(wait_status($node, $late3, 'failed', 30), 'once the look works again, late3 fails');
+like(row_of($node, $late3)->{error}, qr/^timed out/, 'timed out');
+$node->safe_psql('postgres', "SELECT restart_worker.cancel_request('$_')") for @wakers;
 
 spew($gate, '');
 ok(wait_status($node, $long, 'completed'), 'the long job is followed to its end');
