@@ -20,7 +20,7 @@ use PostgreSQL::Test::Utils;
 our @EXPORT = qw(
 	$SECRET agent_binary start_agent stop_agent restart_agent wait_for
 	new_node setup_registry request_restart wait_status row_of slurp spew count_lines
-	unresponsive_listener free_port fake_agent fake_calls job_json
+	unresponsive_listener free_port fake_agent fake_calls job_json gated_steps
 );
 
 # The signing secret shared by the tests' agents and the registry.
@@ -86,6 +86,16 @@ sub free_port
 	close $s;
 	return $port;
 }
+
+# The steps (libconfig text) of a service whose one step waits until the file $gate
+# exists (at most 60 s), then prints "gated": a job that runs until the test lets it end.
+sub gated_steps
+{
+	my ($gate) = @_;
+	my $wait = "i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done";
+	return qq|( { argv = [ "/bin/sh", "-c", "$wait; echo gated" ]; } )|;
+}
+
 
 # Start an agent.  Options: name (directory), services (libconfig text of the services
 # group), port (default: a free one, so that a restarted agent keeps its URL), tls

@@ -14,13 +14,13 @@ use RestartWorkerTest;
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $gate = "$tmp/locks.gate";
 
+my $gated = gated_steps($gate);
 my $agent = start_agent(
 	name => 'agent_locks',
 	services => <<"SVC");
 quick = ( { argv = [ "/bin/sh", "-c", "echo quick" ]; } );
 other = ( { argv = [ "/bin/sh", "-c", "echo other" ]; } );
-gated = ( { argv = [ "/bin/sh", "-c",
-  "i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done; echo gated" ]; } );
+gated = $gated;
 SVC
 
 my $node = new_node('locks');

@@ -19,8 +19,7 @@ use RestartWorkerTest;
 
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $gate = "$tmp/deadline.gate";
-my $gated = qq{( { argv = [ "/bin/sh", "-c",
-  "i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done; echo gated" ]; } )};
+my $gated = gated_steps($gate);
 
 my $agent = start_agent(
 	name => 'agent_deadline',

@@ -16,8 +16,7 @@ use RestartWorkerTest;
 
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $gate = "$tmp/unix.gate";
-my $gated = qq{( { argv = [ "/bin/sh", "-c",
-  "i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done; echo gated" ]; } )};
+my $gated = gated_steps($gate);
 # A short directory: a unix socket's path has room for about 100 bytes.
 my $sockdir = tempdir('rwsockXXXXXX', TMPDIR => 1, CLEANUP => 1);
 
