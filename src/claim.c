@@ -21,8 +21,6 @@
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "mb/pg_wchar.h"
-#include "nodes/value.h"
-#include "parser/parse_func.h"
 #include "pgstat.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
@@ -55,9 +53,7 @@ claim_extension_current(void)
 
 	if (!OidIsValid(ext) || ext == current)
 		return OidIsValid(ext);
-	if (OidIsValid(LookupFuncName(list_make2(makeString(pstrdup("restart_worker")),
-											 makeString(pstrdup("worker_record_jobs"))),
-								  10, types, true)))
+	if (OidIsValid(rw_extension_function("worker_record_jobs", 10, types)))
 	{
 		current = ext;
 		logged = false;

@@ -30,8 +30,6 @@
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
-#include "nodes/value.h"
-#include "parser/parse_func.h"
 #include "utils/acl.h"
 #include "utils/timestamp.h"
 
@@ -119,9 +117,7 @@ deadline_function_usable(void)
 
 	if (!OidIsValid(ext) || ext == found_in)
 		return OidIsValid(ext);
-	func = LookupFuncName(list_make2(makeString(pstrdup("restart_worker")),
-									 makeString(pstrdup("worker_fail_late"))),
-						  1, types, true);
+	func = rw_extension_function("worker_fail_late", 1, types);
 	if (!OidIsValid(func))
 		return false;
 	if (pg_proc_aclcheck(func, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
@@ -230,6 +226,7 @@ rw_deadline_look(List *exclude)
 	}
 	deadline_failures = 0;
 	rw_status_note_poll(0);
+
 	/*
 	 * A deadline before the look began was past for its transaction too:
 	 * someone holds that row.  One that passed during the look is due now.

@@ -267,6 +267,7 @@ extern bool rw_extension_exists(void);
 extern SPIPlanPtr rw_plan(SPIPlanPtr *plan, const char *query, int nargs, Oid *types);
 extern void rw_run_one_row(SPIPlanPtr *plan, const char *query, int nargs, Oid *types,
 						   Datum *values, const char *nulls, bool read_only);
+extern Oid	rw_extension_function(const char *name, int nargs, Oid *types);
 extern Datum rw_uuid_array(List *ids);
 
 /* src/job.c */

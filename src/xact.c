@@ -28,6 +28,8 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
 #include "pgstat.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -167,6 +169,19 @@ rw_run_one_row(SPIPlanPtr *plan, const char *query, int nargs, Oid *types,
 	if (SPI_execute_plan(rw_plan(plan, query, nargs, types), values, nulls,
 						 read_only, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "restart_worker: \"%s\" failed", query);
+}
+
+/*
+ * The function restart_worker.name(types) of the extension installed, or
+ * InvalidOid if its version has none: the worker checks that a function it
+ * needs exists before it calls it.
+ */
+Oid
+rw_extension_function(const char *name, int nargs, Oid *types)
+{
+	return LookupFuncName(list_make2(makeString(pstrdup("restart_worker")),
+									 makeString(pstrdup(name))),
+						  nargs, types, true);
 }
 
 /*
