@@ -132,6 +132,54 @@ SELECT restart_worker.worker_fail_late(ARRAY(SELECT id FROM service_restart_requ
 											 WHERE service_name = 'cl1'
 											   AND status = 'dispatching')) AS next_deadline;
 
+-- A claim that ends requests past their deadline commits synchronously, also in a session
+-- (the worker's) whose claims do not: such an end must not be lost in a crash.
+BEGIN;
+SET LOCAL synchronous_commit = off;
+SELECT count(*) AS claimed FROM restart_worker.worker_claim(0, '{}', 0, false);
+SELECT current_setting('synchronous_commit') AS without_late;
+INSERT INTO service_restart_requests (service_name, requested_by_role, next_attempt_at, deadline_at)
+	VALUES ('cl110', 'postgres', now() + interval '1 hour', now() - interval '1 second');
+SELECT count(*) AS claimed FROM restart_worker.worker_claim(0, '{}', 0, false);
+SELECT current_setting('synchronous_commit') AS with_late;
+SELECT status FROM service_restart_requests WHERE service_name = 'cl110' AND status <> 'cancelled';
+ROLLBACK;
+
+-- After a start of the server the worker settles what a claim lost in a crash may have
+-- left pending (worker_settle()): every request still pending that was due before the
+-- worker's first start becomes dispatching, holds its service's cooldown and can no
+-- longer be cancelled. Requests due later, and those in any other state, stay as they
+-- are. The regression database is not the worker's: no cancellation is held back here.
+UPDATE service_restart_requests SET status = 'cancelled'
+	WHERE service_name LIKE 'cl%' AND status IN ('pending', 'dispatching', 'running');
+INSERT INTO service_restart_requests (service_name, status, requested_by_role, attempts,
+									  next_attempt_at, deadline_at, uncertain_at, dispatched_at)
+	VALUES ('cl111', 'pending', 'postgres', 0, now() - interval '10 minutes', now() + interval '1 hour', NULL, NULL),
+		   ('cl112', 'pending', 'postgres', 2, now() - interval '10 minutes', now() + interval '1 hour',
+			'2026-01-01 00:00:00+00', NULL),
+		   ('cl113', 'pending', 'postgres', 1, now() - interval '1 minute', now() + interval '1 hour', NULL, NULL),
+		   ('cl114', 'running', 'postgres', 1, now() - interval '10 minutes', now() + interval '1 hour', NULL, now());
+SELECT restart_worker.worker_settle(now() - interval '5 minutes') AS settled;
+SELECT service_name, status, attempts, next_attempt_at <= now() AS due,
+	   uncertain_at IS NOT NULL AS holds_cooldown, uncertain_at = '2026-01-01 00:00:00+00' AS kept
+	FROM service_restart_requests WHERE service_name IN ('cl111', 'cl112', 'cl113', 'cl114')
+	  AND status <> 'cancelled'
+	ORDER BY service_name;
+SELECT restart_worker.worker_settle(now() - interval '5 minutes') AS settled_again;
+SELECT restart_worker.worker_unsettled_before() IS NULL AS nothing_held_back;
+DO $$
+BEGIN
+	PERFORM restart_worker.cancel_request(id) FROM service_restart_requests
+		WHERE service_name = 'cl111' AND status = 'dispatching';
+EXCEPTION WHEN object_not_in_prerequisite_state THEN
+	RAISE NOTICE '%', regexp_replace(SQLERRM, '[0-9a-f-]{36}', '<id>');
+END;
+$$;
+SELECT (restart_worker.cancel_request(id)).status FROM service_restart_requests
+	WHERE service_name = 'cl113' AND status = 'pending';
+UPDATE service_restart_requests SET status = 'cancelled'
+	WHERE service_name LIKE 'cl%' AND status IN ('pending', 'dispatching', 'running');
+
 DELETE FROM service_restart_requests WHERE service_name LIKE 'cl%';
 DELETE FROM restart_worker.services WHERE name LIKE 'cl%';
 DELETE FROM restart_worker.agents WHERE name = 'clhost';

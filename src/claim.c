@@ -7,9 +7,10 @@
  * A claim runs in a short transaction of its own (src/xact.c) that commits
  * before any network I/O.  The policy (what is due, the lease, the
  * deadline) is in SQL, worker_claim() in src/sql/50_worker.sql.  A claim
- * commits synchronously: once a request may be sent, its row must never be
- * found pending (cancellable) again after a crash.  What agents answer is
- * recorded by src/record.c.
+ * commits asynchronously once the worker has settled what a crash may
+ * have lost of earlier claims (src/settle.c), synchronously before; one
+ * that ends requests past their deadline makes itself synchronous.  What
+ * agents answer is recorded by src/record.c.
  *
  *-------------------------------------------------------------------------
  */
@@ -143,8 +144,8 @@ claim_next_due_query(List *exclude)
 }
 
 /*
- * The claim proper, in its own transaction; see rw_claim().  The claim
- * commits synchronously: the calls start right after it.
+ * The claim proper, in its own transaction; see rw_claim().  The calls
+ * start right after it commits.
  */
 static RwClaimResult
 claim_run(int limit, List *exclude, bool recover, List **rows,
@@ -161,8 +162,9 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 		return RW_CLAIM_NO_EXTENSION;
 	}
 
-	/* The worker's session runs with synchronous_commit off; a claim not. */
-	rw_xact_make_durable();
+	/* The worker's session runs with synchronous_commit off (src/settle.c). */
+	if (!rw_settle_claims_async())
+		rw_xact_make_durable();
 	values[0] = Int32GetDatum(limit);
 	values[1] = rw_uuid_array(exclude);
 	values[2] = Int32GetDatum(rw_lease_ms());

@@ -220,8 +220,7 @@ rw_deadline_look(List *exclude)
 	if (result < 0)
 	{
 		deadline_failures++;
-		deadline_look_at = now +
-			(TimestampTz) Min(1000L << Min(deadline_failures - 1, 6), 60000L) * 1000;
+		deadline_look_at = now + rw_retry_delay(deadline_failures);
 		return;
 	}
 	deadline_failures = 0;

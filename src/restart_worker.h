@@ -88,6 +88,10 @@ typedef struct RestartWorkerShared
 
 	/* failed connection attempts in a row (src/worker.c backs off) */
 	int			connect_failures;
+
+	/* claims lost in a crash (src/settle.c) */
+	TimestampTz first_started_at;	/* the first worker's start, or 0 */
+	bool		settled;		/* the worker took care of them */
 } RestartWorkerShared;
 
 /* src/wake.c */
@@ -261,6 +265,7 @@ extern void rw_record_all(RwRecord *records, int n);
 extern void rw_xact_begin(const char *activity);
 extern void rw_xact_end(void);
 extern void rw_xact_make_durable(void);
+extern TimestampTz rw_retry_delay(int failures);
 extern void rw_xact_recover(MemoryContext cxt);
 extern ErrorData *rw_xact_abort(MemoryContext cxt);
 extern bool rw_extension_exists(void);
@@ -313,6 +318,11 @@ extern void rw_status_note_poll(int claimed);
 #define RW_COUNT(field) RW_COUNT_ADD(field, 1)
 extern void rw_status_set_in_flight(int n);
 extern void rw_status_set_sockets(int n);
+
+/* src/settle.c */
+extern void rw_settle_note_start(void);
+extern bool rw_settle(TimestampTz *retry_at);
+extern bool rw_settle_claims_async(void);
 
 /* src/dropdb.c */
 extern void restart_worker_dropdb_init(void);

@@ -180,8 +180,11 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 
 /*
  * Claim as many due requests as there are free slots, start their calls
- * and find when the next request not in flight is due.  Returns false if the extension does not exist (yet, or any
- * more); calls in flight are then abandoned.  A claim that failed (the
+ * and find when the next request not in flight is due; first, once in the
+ * life of the server, settle what a crash may have lost of earlier claims
+ * (src/settle.c: while that fails, claim nothing).  Returns false if the
+ * extension does not exist (yet, or any more); calls in flight are then
+ * abandoned.  A claim that failed (the
  * error is logged) is tried again later, less and less often, so that a
  * persistent error (say, a role without privileges) neither stops nor
  * restarts the worker in a loop.  Recovery (taking over every request left
@@ -196,7 +199,14 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	List	   *announce = NIL;
 	ListCell   *lc;
 	RwClaimResult result;
+	TimestampTz settle_at = 0;
 
+	if (!rw_settle(&settle_at))
+	{
+		*next_due = worker_claim_retry_at = settle_at;
+		*more = false;
+		return true;
+	}
 	result = rw_claim(rw_dispatch_free_slots(), rw_dispatch_ids(), *recover,
 					  &rows, next_due, more);
 	if (result == RW_CLAIM_NO_EXTENSION)
@@ -208,8 +218,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	if (result == RW_CLAIM_ERROR)
 	{
 		failures++;
-		*next_due = GetCurrentTimestamp() +
-			(TimestampTz) Min(1000L << Min(failures - 1, 6), 60000L) * 1000;
+		*next_due = GetCurrentTimestamp() + rw_retry_delay(failures);
 		worker_claim_retry_at = *next_due;
 		return true;
 	}
@@ -411,6 +420,7 @@ restart_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	rw_status_set_state(RW_STATE_STARTING);
+	rw_settle_note_start();
 
 	worker_connect();
 	before_shmem_exit(worker_on_exit, (Datum) 0);
@@ -418,10 +428,10 @@ restart_worker_main(Datum main_arg)
 	rw_status_worker_started();
 
 	/*
-	 * Outcomes lost in a crash are redone with the same id; claims commit
-	 * synchronously with a transaction-local setting (see src/claim.c),
-	 * which is why this is a session setting.  The worker never waits long
-	 * for a lock.
+	 * Claims and outcomes lost in a crash are redone with the same id (see
+	 * src/settle.c and src/xact.c); what must not be lost commits
+	 * synchronously with a transaction-local setting.  The worker never
+	 * waits long for a lock.
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_SESSION);

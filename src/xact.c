@@ -7,10 +7,11 @@
  * transaction of its own that commits before any network I/O; no snapshot
  * is held across a call to an agent.
  *
- * Outcomes are committed asynchronously (synchronous_commit = off, set in
- * src/worker.c): an outcome lost in a crash is redone with the same request
- * id, and the agent answers a repeated id with the existing job, so nothing
- * runs twice.  That holds only for what the agent's journal holds too: an
+ * Claims and outcomes are committed asynchronously (synchronous_commit =
+ * off, set in src/worker.c): an outcome lost in a crash is redone with the
+ * same request id, and the agent answers a repeated id with the existing
+ * job, so nothing runs twice; what a lost claim leaves is settled by
+ * src/settle.c.  That holds only for what the agent's journal holds too: an
  * end the worker decided itself (it gave up, the agent refused, the
  * deadline passed) commits synchronously (rw_xact_make_durable()), or a
  * crash could bring the request back and the restart run after all, once
@@ -78,15 +79,27 @@ rw_xact_end(void)
 /*
  * Make the transaction at hand commit synchronously, as SET LOCAL
  * synchronous_commit = on would (also waiting for synchronous standbys),
- * without parsing a statement: for a claim (a request it makes dispatching
- * may be sent right after), and for an end the agent's journal does not
- * hold (see the head of this file).
+ * without parsing a statement: for an end the agent's journal does not
+ * hold (see the head of this file), for settling (src/settle.c), and for a
+ * claim before the worker has settled.
  */
 void
 rw_xact_make_durable(void)
 {
 	(void) set_config_option("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
+}
+
+/*
+ * How long to wait before trying again a transaction that failed failures
+ * times in a row (at least 1): a second, doubled at each failure up to a
+ * minute, so that a persistent error (say, a missing privilege) is neither
+ * retried nor logged in a loop.
+ */
+TimestampTz
+rw_retry_delay(int failures)
+{
+	return (TimestampTz) Min(1000L << Min(failures - 1, 6), 60000L) * 1000;
 }
 
 /*

@@ -228,6 +228,12 @@ BEGIN
 	ELSIF v_row.status <> 'pending' THEN
 		RAISE EXCEPTION 'request % is %; only a pending request can be cancelled', p_id, v_row.status
 			USING ERRCODE = 'object_not_in_prerequisite_state';
+	ELSIF v_row.next_attempt_at <= restart_worker.worker_unsettled_before() THEN
+		-- A claim lost in a crash leaves its request pending (worker_settle()).
+		RAISE EXCEPTION 'request % cannot be cancelled yet: it may have reached its agent before the server restarted', p_id
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  DETAIL = 'The background worker has not yet checked the requests left pending from before the server started.',
+				  HINT = 'The worker does so as soon as it runs; a request that may have reached its agent cannot be cancelled.';
 	END IF;
 	UPDATE public.service_restart_requests
 		SET status = 'cancelled', completed_at = now(), updated_at = now(),

@@ -7,17 +7,21 @@
 --
 -- The states of a request, and what the worker does with each:
 --
---   pending      The request certainly never reached its agent: not yet tried, or every
---                call so far failed before anything was sent (could not connect, TLS
---                handshake, the agent's own 429 too_many_jobs or 500 internal_error,
---                which say that nothing ran). It can be cancelled; it does not start the
---                service's cooldown. Due at next_attempt_at.
+--   pending      The request never reached its agent: not yet tried, or every call so
+--                far failed before anything was sent (could not connect, TLS handshake,
+--                the agent's own 429 too_many_jobs or 500 internal_error, which say that
+--                nothing ran); or else a crash lost the claim that made it dispatching
+--                (see dispatching). It can be cancelled; it does not start the service's
+--                cooldown. Due at next_attempt_at.
 --   dispatching  A call may have reached the agent: a call is in flight, or one ended
 --                without a certain answer (timed out or connection lost after the request
 --                was sent, 5xx from something in between) and the same request id is sent
 --                again at next_attempt_at. It cannot be cancelled. The claim that makes a
---                row dispatching commits synchronously, before any byte is sent, so a crash
---                can never bring a request that may have been sent back to pending.
+--                row dispatching commits before any byte is sent, asynchronously: a crash
+--                may bring a request that may have been sent back to pending. Such a
+--                request was due before the worker's first start after the crash; before
+--                the worker claims anything it makes every such request dispatching again
+--                (worker_settle()), and until then cancel() refuses them.
 --   running      The agent accepted the job (dispatched_at); the worker follows it with
 --                long-polls. next_attempt_at is the lease, or the next retry of a call that
 --                failed.
@@ -234,6 +238,9 @@ BEGIN
 	IF EXISTS (SELECT FROM public.service_restart_requests q
 			   WHERE q.status IN ('pending', 'dispatching', 'running')
 				 AND q.deadline_at <= pg_catalog.now()) THEN
+		-- Claims commit asynchronously (src/settle.c); an end the agent's journal does not
+		-- hold must not be lost in a crash, or the request could come back and run after
+		-- it was announced failed: a claim that failed a request commits synchronously.
 		WITH late AS (
 			SELECT q.id FROM public.service_restart_requests q
 			WHERE q.status IN ('pending', 'dispatching', 'running')
@@ -248,6 +255,9 @@ BEGIN
 									THEN coalesce(r.uncertain_at, pg_catalog.now())
 									ELSE r.uncertain_at END
 			WHERE r.id = ANY (ARRAY(SELECT late.id FROM late));
+		IF FOUND THEN
+			PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
+		END IF;
 	END IF;
 
 	RETURN QUERY
@@ -281,6 +291,48 @@ BEGIN
 	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
 END;
 $$;
+
+-- Before its first claim in the life of the server the worker (src/settle.c) takes every
+-- request still pending that was due before its first start (p_before) for one that may
+-- have reached its agent: a claim commits asynchronously, and one lost in a crash (or not
+-- yet received by a standby that was then promoted) left its request pending. Such a
+-- request becomes dispatching: it is sent again with the same id (the agent answers with
+-- the job it has, if any), holds its service's cooldown and can no longer be cancelled.
+-- Each is announced (the claim's pending -> dispatching is not, see worker_announce()).
+-- Returns how many. The worker commits this synchronously. SECURITY DEFINER: with a role
+-- that row level security kept from seeing some requests, it would settle those as none.
+CREATE FUNCTION restart_worker.worker_settle(p_before timestamptz)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+	v_ids		uuid[];
+BEGIN
+	WITH settled AS (
+		UPDATE public.service_restart_requests q
+			SET status = 'dispatching', uncertain_at = coalesce(q.uncertain_at, pg_catalog.now()),
+				updated_at = pg_catalog.now()
+			WHERE q.status = 'pending' AND q.next_attempt_at <= p_before
+			RETURNING q.id)
+	SELECT pg_catalog.array_agg(settled.id) INTO v_ids FROM settled;
+	IF v_ids IS NULL THEN
+		RETURN 0;
+	END IF;
+	PERFORM restart_worker.worker_announce(v_ids);
+	RETURN pg_catalog.cardinality(v_ids);
+END;
+$$;
+
+-- The time before which a pending request of this database may have reached its agent
+-- through a claim lost in a crash, while the worker has not yet settled those requests
+-- (worker_settle()) in the life of the server: when the first worker started, or infinity
+-- if none has yet. NULL once it has settled, in a database other than the worker's, and
+-- without the library in shared_preload_libraries (there is no worker).
+CREATE FUNCTION restart_worker.worker_unsettled_before()
+RETURNS timestamptz
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'restart_worker_worker_unsettled_before';
 
 -- While every call slot is busy the worker claims nothing, so that requests waiting for a
 -- slot would not end at their deadline: it runs this instead (src/deadline.c), when the
@@ -679,8 +731,8 @@ CREATE TRIGGER notify_status_insert
 -- Every status change but the claim's pending -> dispatching, which the worker announces
 -- itself with worker_announce(), right after it sent the call: a transaction that
 -- notifies holds a lock that serializes the commits of every notifying transaction of the
--- cluster until it has committed, and the claim commits synchronously, so a notifying
--- claim would hold that lock through a WAL flush (requests being made would wait for it).
+-- cluster until it has committed, and the calls wait for the claim's commit (which, before
+-- the worker settled, or when the claim failed a request, includes a WAL flush).
 CREATE TRIGGER notify_status_update
 	AFTER UPDATE OF status ON public.service_restart_requests
 	FOR EACH ROW

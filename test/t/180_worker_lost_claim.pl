@@ -1,0 +1,115 @@
+# Claims commit asynchronously, so a crash may lose one after its call reached the agent:
+# the request is pending again although its step ran. Until the worker has settled such
+# requests (here it cannot log in after the crash), cancelling them is refused; a request
+# made after the restart can still be cancelled. Once the worker runs it sends the
+# request again with the same id, the agent answers with the job it has, and the step
+# has run once.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $count = "$tmp/lost_claim.count";
+
+my $agent = start_agent(
+	name => 'agent_lost_claim',
+	services => <<"SVC");
+count_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count" ]; } );
+other_svc = ( { argv = [ "/bin/true" ]; } );
+SVC
+
+# Nothing but the WAL writer (stopped below) flushes the worker's commits: no autovacuum,
+# no checkpoint, no background writer.
+my $node = new_node('lost_claim', conf => "restart_after_crash = on\nautovacuum = off\n"
+	  . "checkpoint_timeout = '1h'\nbgwriter_lru_maxpages = 0\n");
+setup_registry($node, 'host1', $agent->{url}, count_svc => '', other_svc => '');
+$node->safe_psql('postgres', q{CREATE ROLE rw_worker LOGIN;
+	SELECT restart_worker.grant_admin('rw_worker')});
+$node->append_conf('postgresql.conf', "restart_worker.role = 'rw_worker'");
+$node->restart;
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'"),
+	'the worker runs as its role');
+
+my $first = request_restart($node, 'count_svc');
+ok(wait_status($node, $first, 'completed'), 'a first request completes');
+is($node->safe_psql('postgres', 'SELECT restart_worker.worker_unsettled_before() IS NULL'),
+	't', 'the worker has settled: its claims commit asynchronously');
+
+# After the crash the worker will not be able to log in.
+$node->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
+
+# With the WAL writer stopped, the worker's asynchronous commits stay in memory: the
+# request's own commit is flushed, the claim and the recorded answer are not.
+# It is stopped while it sleeps, not while it holds the lock commits need to write.
+my $walwriter = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'");
+ok($walwriter =~ /^\d+$/, 'the WAL writer runs');
+my $asleep = 0;
+for (1 .. 50)
+{
+	kill 'STOP', $walwriter;
+	$asleep = $node->safe_psql('postgres',
+		"SELECT wait_event = 'WalWriterMain' FROM pg_stat_activity WHERE pid = $walwriter") eq 't';
+	last if $asleep;
+	kill 'CONT', $walwriter;
+}
+ok($asleep, 'the WAL writer is stopped while it sleeps');
+my $id = request_restart($node, 'count_svc');
+ok(wait_status($node, $id, 'completed'), 'the request completes before the crash');
+is(count_lines($count), 2, 'its step ran');
+
+# The crash: the postmaster restarts everything and recovers from what is on disk.
+my $offset = -s $node->logfile;
+kill 'KILL', $walwriter;
+ok($node->wait_for_log(qr/all server processes terminated; reinitializing/, $offset),
+	'the server restarts after the crash');
+ok($node->wait_for_log(qr/role "rw_worker" is not permitted to log in/, $offset),
+	'the new worker cannot log in');
+
+is($node->safe_psql('postgres',
+	"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'"),
+	'pending 0', 'the claim was lost: the request is pending again, as if never sent');
+my ($rc, $out, $err) = $node->psql('postgres', qq{DO \$\$
+BEGIN
+	PERFORM restart_worker.cancel_request('$id');
+EXCEPTION WHEN object_not_in_prerequisite_state THEN
+	RAISE NOTICE 'refused: %', SQLERRM;
+END;
+\$\$});
+like($err, qr/refused: request \S+ cannot be cancelled yet: it may have reached its agent before the server restarted/,
+	'cancelling it is refused (55000), with the reason');
+is($node->safe_psql('postgres',
+	"SELECT status FROM public.service_restart_requests WHERE id = '$id'"),
+	'pending', 'the request is left as it was');
+
+# The worker's first start came after the crash; requests made after it (and a margin for
+# clocks that disagree) are not held back.
+ok($node->poll_query_until('postgres',
+	'SELECT restart_worker.worker_unsettled_before() < now()'),
+	'the margin after the first start of the worker has passed');
+my $later = request_restart($node, 'other_svc');
+is($node->safe_psql('postgres',
+	"SELECT (restart_worker.cancel_request('$later')).status"),
+	'cancelled', 'a request made after the restart can be cancelled');
+
+# Once the worker runs, it settles: the request is sent again and the agent answers with
+# the job it ran.
+$node->safe_psql('postgres', 'ALTER ROLE rw_worker LOGIN');
+ok(wait_status($node, $id, 'completed'), 'the request completes again');
+ok($node->log_contains(qr/1 pending requests due before the server started may have reached their agents/, $offset),
+	'the worker says it settled one request');
+is(count_lines($count), 2, 'the step ran once for it');
+my $row = row_of($node, $id);
+ok(defined $row->{uncertain_at}, 'the request holds the cooldown as one that may have been sent');
+is($row->{exit_code}, 0, 'with the exit code of the job that ran');
+is($node->safe_psql('postgres', 'SELECT restart_worker.worker_unsettled_before() IS NULL'),
+	't', 'nothing is held back any more');
+
+$node->stop;
+done_testing();
