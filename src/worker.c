@@ -184,12 +184,11 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
  * life of the server, settle what a crash may have lost of earlier claims
  * (src/settle.c: while that fails, claim nothing).  Returns false if the
  * extension does not exist (yet, or any more); calls in flight are then
- * abandoned.  A claim that failed (the
- * error is logged) is tried again later, less and less often, so that a
- * persistent error (say, a role without privileges) neither stops nor
- * restarts the worker in a loop.  Recovery (taking over every request left
- * dispatching or running) goes on until a successful claim took them all;
- * a failed claim does not end it.
+ * abandoned.  A claim that failed (the error is logged) is tried again
+ * later, less and less often, so that a persistent error (say, a role
+ * without privileges) neither stops nor restarts the worker in a loop.
+ * Recovery (taking over every request left dispatching or running) goes on
+ * until a successful claim took them all; a failed claim does not end it.
  */
 static bool
 worker_claim(bool *recover, TimestampTz *next_due, bool *more)

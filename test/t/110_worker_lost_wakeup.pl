@@ -7,8 +7,9 @@
 # session holds that lock in a commit that waits for a synchronous standby that does not
 # exist.  A request is committed while the worker waits; the worker's wait ends with its
 # lock timeout (the error is logged, the job's end is recorded later).  The worker then
-# claims the request at once: its claim commits synchronously, so it waits for the missing
-# standby in turn, which the test sees.  Nothing but the commit's wake-up explains that
+# claims the request at once: its claim commits synchronously (as every claim does while
+# synchronous standbys are configured), so it waits for the missing standby in turn, which
+# the test sees.  Nothing but the commit's wake-up explains that
 # claim: no reload, no timer due.  If the request did not commit within the worker's wait
 # (lock_timeout is 1 s), the scenario is run again with other services.
 use strict;
