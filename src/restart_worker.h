@@ -46,7 +46,8 @@ typedef enum RestartWorkerState
 	RW_STATE_STARTING,
 	RW_STATE_NO_EXTENSION,		/* waiting for CREATE EXTENSION */
 	RW_STATE_IDLE,				/* nothing in flight */
-	RW_STATE_BUSY				/* calls in flight */
+	RW_STATE_BUSY,				/* calls in flight */
+	RW_STATE_SETTLING			/* settling fails: claims wait (src/settle.c) */
 } RestartWorkerState;
 
 /* Counters since the worker started, for restart_worker.status(). */

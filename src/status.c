@@ -123,6 +123,8 @@ status_state_name(RestartWorkerState state)
 			return "idle";
 		case RW_STATE_BUSY:
 			return "busy";
+		case RW_STATE_SETTLING:
+			return "settling";
 	}
 	return "unknown";
 }

@@ -137,6 +137,9 @@ worker_ms_until(TimestampTz t, TimestampTz now)
 /* After a failed claim: no claim before then, not even for a new request. */
 static TimestampTz worker_claim_retry_at = 0;
 
+/* Settling failed at the last claim: the worker claims nothing meanwhile. */
+static bool worker_settling = false;
+
 /*
  * How long to wait: until libcurl's timer, an outcome or after-claim work
  * to record, the safety-net poll, and, if a slot is free, the next due
@@ -200,7 +203,8 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	RwClaimResult result;
 	TimestampTz settle_at = 0;
 
-	if (!rw_settle(&settle_at))
+	worker_settling = !rw_settle(&settle_at);
+	if (worker_settling)
 	{
 		*next_due = worker_claim_retry_at = settle_at;
 		*more = false;
@@ -372,6 +376,7 @@ worker_loop(void)
 		}
 		woken = freed = false;
 		rw_status_set_state(!extension_seen ? RW_STATE_NO_EXTENSION :
+							worker_settling ? RW_STATE_SETTLING :
 							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
 
 		/* A wake-up used up inside a transaction (see src/wake.c) counts. */

@@ -30,6 +30,10 @@ ok(wait_for(sub { $node->log_contains('permission denied') }, 60),
 	'the missing privilege is logged');
 is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_requests WHERE id = '$id'"),
 	'pending', 'the request waits');
+# The first thing the worker does is settling what a crash may have lost (src/settle.c);
+# without the privilege it cannot, and claims nothing meanwhile.
+ok($node->poll_query_until('postgres', 'SELECT state FROM restart_worker.status()', 'settling'),
+	'the worker says it cannot settle');
 
 # Twenty more requests, each waking the worker at its commit: the failing claim is not
 # tried (and its error logged) once for each.
