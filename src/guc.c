@@ -28,6 +28,7 @@ int			rw_retry_base = 1000;
 int			rw_retry_max = 60000;
 int			rw_max_attempts = 5;
 int			rw_follow_wait = 25;
+int			rw_settle_margin = 10;
 int			rw_max_response_size = 1024;
 char	   *rw_ca_file = NULL;
 
@@ -81,6 +82,11 @@ guc_define_timing(void)
 	DefineCustomIntVariable("restart_worker.follow_wait",
 							"Seconds each long-poll asks the agent to wait for a running job to end.",
 							NULL, &rw_follow_wait, 25, 1, 300,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("restart_worker.settle_margin",
+							"How far the clock of a server may be behind that of the server before it: pending requests due up to this long after the worker's first start are settled as possibly sent.",
+							"Read when the first worker starts after a server start, a crash or a promotion.",
+							&rw_settle_margin, 10, 0, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 }
 

@@ -91,7 +91,8 @@ typedef struct RestartWorkerShared
 	int			connect_failures;
 
 	/* claims lost in a crash (src/settle.c) */
-	TimestampTz first_started_at;	/* the first worker's start, or 0 */
+	TimestampTz settle_before;	/* the first worker's start plus
+								 * restart_worker.settle_margin, or 0 */
 	bool		settled;		/* the worker took care of them */
 } RestartWorkerShared;
 
@@ -114,6 +115,7 @@ extern int	rw_retry_base;		/* ms */
 extern int	rw_retry_max;		/* ms */
 extern int	rw_max_attempts;
 extern int	rw_follow_wait;		/* s */
+extern int	rw_settle_margin;	/* s */
 extern int	rw_max_response_size;	/* kB */
 extern char *rw_ca_file;
 extern void restart_worker_guc_init(void);

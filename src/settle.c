@@ -22,8 +22,9 @@
  * cancelled.  Until the worker has done so, cancelling such a request is
  * refused: restart_worker.cancel() asks worker_unsettled_before(), below.
  * The time is compared with times an earlier server wrote, maybe on
- * another host (a promoted standby): SETTLE_MARGIN_S allows for clocks
- * that disagree.
+ * another host (a promoted standby): restart_worker.settle_margin allows
+ * for a clock that is behind the earlier server's; a lost claim of a
+ * server whose clock was further ahead is not held back.
  *
  * While settling fails (a missing privilege, say: after restoring a dump,
  * see the README) the worker claims nothing: a claim of such a request
@@ -52,25 +53,27 @@
 
 PG_FUNCTION_INFO_V1(restart_worker_worker_unsettled_before);
 
-#define SETTLE_MARGIN_S 10
-
 static TimestampTz settle_retry_at = 0; /* no attempt before then */
 static int	settle_failures = 0;	/* attempts in a row that failed */
 static SPIPlanPtr settle_plan = NULL;
 
 /*
  * A worker process started: the first in the life of the server notes
- * when.  It starts once recovery is finished, so after any crash and after
- * a promotion.
+ * when, plus the margin then set, as the time before which a pending
+ * request may have been sent.  It starts once recovery is finished, so
+ * after any crash and after a promotion.  Noting the bound, not the
+ * start, keeps it the same for the worker and for cancel() in every
+ * backend, whatever the setting says later.
  */
 void
 rw_settle_note_start(void)
 {
-	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz before = GetCurrentTimestamp() +
+		(TimestampTz) rw_settle_margin * USECS_PER_SEC;
 
 	SpinLockAcquire(&restart_worker_shared->mutex);
-	if (restart_worker_shared->first_started_at == 0)
-		restart_worker_shared->first_started_at = now;
+	if (restart_worker_shared->settle_before == 0)
+		restart_worker_shared->settle_before = before;
 	SpinLockRelease(&restart_worker_shared->mutex);
 }
 
@@ -84,13 +87,11 @@ static bool
 settle_state(TimestampTz *before)
 {
 	bool		settled;
-	TimestampTz first;
 
 	SpinLockAcquire(&restart_worker_shared->mutex);
 	settled = restart_worker_shared->settled;
-	first = restart_worker_shared->first_started_at;
+	*before = restart_worker_shared->settle_before;
 	SpinLockRelease(&restart_worker_shared->mutex);
-	*before = (first == 0) ? 0 : first + (TimestampTz) SETTLE_MARGIN_S * USECS_PER_SEC;
 	return settled;
 }
 

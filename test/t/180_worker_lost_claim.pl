@@ -30,7 +30,8 @@ my $node = new_node('lost_claim', conf => "restart_after_crash = on\nautovacuum 
 setup_registry($node, 'host1', $agent->{url}, count_svc => '', other_svc => '');
 $node->safe_psql('postgres', q{CREATE ROLE rw_worker LOGIN;
 	SELECT restart_worker.grant_admin('rw_worker')});
-$node->append_conf('postgresql.conf', "restart_worker.role = 'rw_worker'");
+$node->append_conf('postgresql.conf',
+	"restart_worker.role = 'rw_worker'\nrestart_worker.settle_margin = '2s'");
 $node->restart;
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'"),
@@ -88,8 +89,11 @@ is($node->safe_psql('postgres',
 	"SELECT status FROM public.service_restart_requests WHERE id = '$id'"),
 	'pending', 'the request is left as it was');
 
-# The worker's first start came after the crash; requests made after it (and a margin for
-# clocks that disagree) are not held back.
+# The worker's first start came after the crash; requests due after it (and the margin for
+# clocks that disagree, here 2 s instead of 10 s) are not held back.
+is($node->safe_psql('postgres',
+	"SELECT restart_worker.worker_unsettled_before() <= now() + interval '2 seconds'"),
+	't', 'the margin is restart_worker.settle_margin');
 ok($node->poll_query_until('postgres',
 	'SELECT restart_worker.worker_unsettled_before() < now()'),
 	'the margin after the first start of the worker has passed');
