@@ -21,6 +21,7 @@ our @EXPORT = qw(
 	$SECRET agent_binary start_agent stop_agent restart_agent wait_for
 	new_node setup_registry request_restart wait_status row_of slurp spew count_lines
 	unresponsive_listener free_port fake_agent fake_calls job_json gated_steps
+	$NO_FLUSH_CONF stop_walwriter crash_walwriter
 );
 
 # The signing secret shared by the tests' agents and the registry.
@@ -363,6 +364,42 @@ sub row_of
 		"SELECT row_to_json(r) FROM public.service_restart_requests r WHERE id = '$id'");
 	require JSON::PP;
 	return JSON::PP::decode_json($json);
+}
+
+# Settings under which nothing but the WAL writer flushes a cluster's asynchronous
+# commits: no autovacuum, no checkpoint, no background writer; and a crash restarts it.
+our $NO_FLUSH_CONF = "restart_after_crash = on\nautovacuum = off\n"
+  . "checkpoint_timeout = '1h'\nbgwriter_lru_maxpages = 0\n";
+
+# Stop the WAL writer (SIGSTOP) while it sleeps, not while it holds the lock commits need
+# to write, so that asynchronous commits stay in memory; returns its pid, or undef if it
+# never was asleep.
+sub stop_walwriter
+{
+	my ($node) = @_;
+	my $pid = $node->safe_psql($DB,
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'");
+	return undef unless $pid =~ /^\d+$/;
+	for (1 .. 50)
+	{
+		kill 'STOP', $pid;
+		return $pid if $node->safe_psql($DB,
+			"SELECT wait_event = 'WalWriterMain' FROM pg_stat_activity WHERE pid = $pid") eq 't';
+		kill 'CONT', $pid;
+	}
+	return undef;
+}
+
+# Kill the stopped WAL writer: the postmaster restarts every process and recovers from
+# what is on disk, losing the commits that were not flushed.  Returns the offset of the
+# server log before the crash, or undef if the server did not say it restarts.
+sub crash_walwriter
+{
+	my ($node, $pid) = @_;
+	my $offset = -s $node->logfile;
+	kill 'KILL', $pid;
+	return $node->wait_for_log(qr/all server processes terminated; reinitializing/, $offset)
+	  ? $offset : undef;
 }
 
 1;

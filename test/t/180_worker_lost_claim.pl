@@ -23,10 +23,7 @@ count_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count" ]; } );
 other_svc = ( { argv = [ "/bin/true" ]; } );
 SVC
 
-# Nothing but the WAL writer (stopped below) flushes the worker's commits: no autovacuum,
-# no checkpoint, no background writer.
-my $node = new_node('lost_claim', conf => "restart_after_crash = on\nautovacuum = off\n"
-	  . "checkpoint_timeout = '1h'\nbgwriter_lru_maxpages = 0\n");
+my $node = new_node('lost_claim', conf => $NO_FLUSH_CONF);
 setup_registry($node, 'host1', $agent->{url}, count_svc => '', other_svc => '');
 $node->safe_psql('postgres', q{CREATE ROLE rw_worker LOGIN;
 	SELECT restart_worker.grant_admin('rw_worker')});
@@ -47,29 +44,15 @@ $node->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
 
 # With the WAL writer stopped, the worker's asynchronous commits stay in memory: the
 # request's own commit is flushed, the claim and the recorded answer are not.
-# It is stopped while it sleeps, not while it holds the lock commits need to write.
-my $walwriter = $node->safe_psql('postgres',
-	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'");
-ok($walwriter =~ /^\d+$/, 'the WAL writer runs');
-my $asleep = 0;
-for (1 .. 50)
-{
-	kill 'STOP', $walwriter;
-	$asleep = $node->safe_psql('postgres',
-		"SELECT wait_event = 'WalWriterMain' FROM pg_stat_activity WHERE pid = $walwriter") eq 't';
-	last if $asleep;
-	kill 'CONT', $walwriter;
-}
-ok($asleep, 'the WAL writer is stopped while it sleeps');
+my $walwriter = stop_walwriter($node);
+ok(defined $walwriter, 'the WAL writer is stopped while it sleeps');
 my $id = request_restart($node, 'count_svc');
 ok(wait_status($node, $id, 'completed'), 'the request completes before the crash');
 is(count_lines($count), 2, 'its step ran');
 
 # The crash: the postmaster restarts everything and recovers from what is on disk.
-my $offset = -s $node->logfile;
-kill 'KILL', $walwriter;
-ok($node->wait_for_log(qr/all server processes terminated; reinitializing/, $offset),
-	'the server restarts after the crash');
+my $offset = crash_walwriter($node, $walwriter);
+ok(defined $offset, 'the server restarts after the crash');
 ok($node->wait_for_log(qr/role "rw_worker" is not permitted to log in/, $offset),
 	'the new worker cannot log in');
 

@@ -1,0 +1,93 @@
+# This build on an extension still at 1.5 (no worker_settle(), no check in cancel())
+# commits its claims synchronously: a crash that loses every asynchronous commit keeps
+# the claim, and the request is driven on as dispatching. After ALTER EXTENSION UPDATE,
+# with the worker running, its claims commit asynchronously: the same crash loses one,
+# and the worker settles that request at its next start. Either way the step runs once.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $count = "$tmp/older_extension.count";
+
+my $agent = start_agent(
+	name => 'agent_older_extension',
+	services => <<"SVC");
+count_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count" ]; } );
+SVC
+
+my $node = new_node('older_extension', no_extension => 1, conf => $NO_FLUSH_CONF);
+$node->safe_psql('postgres', "CREATE EXTENSION restart_worker VERSION '1.5'");
+setup_registry($node, 'host1', $agent->{url}, count_svc => '');
+$node->safe_psql('postgres', q{CREATE ROLE rw_worker LOGIN;
+	SELECT restart_worker.grant_admin('rw_worker')});
+$node->append_conf('postgresql.conf',
+	"restart_worker.role = 'rw_worker'\nrestart_worker.settle_margin = '0'");
+$node->restart;
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'"),
+	'the worker runs as its role');
+
+# A request completes while the WAL writer is stopped, then the server crashes with the
+# new worker unable to log in; returns the request id and the log offset of the crash.
+sub request_then_crash
+{
+	my ($what) = @_;
+	my $before = count_lines($count);
+	$node->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
+	my $walwriter = stop_walwriter($node);
+	ok(defined $walwriter, "$what: the WAL writer is stopped while it sleeps");
+	my $id = request_restart($node, 'count_svc');
+	ok(wait_status($node, $id, 'completed'), "$what: the request completes before the crash");
+	is(count_lines($count), $before + 1, "$what: its step ran");
+	my $offset = crash_walwriter($node, $walwriter);
+	ok(defined $offset, "$what: the server restarts after the crash");
+	ok($node->wait_for_log(qr/role "rw_worker" is not permitted to log in/, $offset),
+		"$what: the new worker cannot log in");
+	return ($id, $offset, $before + 1);
+}
+
+# The worker runs again: the request is sent again with the same id and the agent answers
+# with the job it ran.
+sub worker_back
+{
+	my ($what, $id, $runs) = @_;
+	$node->safe_psql('postgres', 'ALTER ROLE rw_worker LOGIN');
+	ok(wait_status($node, $id, 'completed'), "$what: the request completes again");
+	is(count_lines($count), $runs, "$what: the step ran once for it");
+	is(row_of($node, $id)->{exit_code}, 0, "$what: with the exit code of the job that ran");
+}
+
+my $first = request_restart($node, 'count_svc');
+ok(wait_status($node, $first, 'completed'), 'a first request completes on 1.5');
+
+my ($id, $offset, $runs) = request_then_crash('1.5');
+is($node->safe_psql('postgres',
+	"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'"),
+	'dispatching 1', '1.5: the claim was kept (synchronous); only the recorded answer was lost');
+worker_back('1.5', $id, $runs);
+ok(!$node->log_contains(qr/pending requests due before the server started/, $offset),
+	'1.5: nothing was settled');
+
+$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+is($node->safe_psql('postgres',
+	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
+	'1.6', 'the extension is updated while the worker runs');
+my $after = request_restart($node, 'count_svc');
+ok(wait_status($node, $after, 'completed'), 'a request completes on 1.6');
+
+($id, $offset, $runs) = request_then_crash('1.6');
+is($node->safe_psql('postgres',
+	"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'"),
+	'pending 0', '1.6: the claim was lost (asynchronous): the request is pending again');
+worker_back('1.6', $id, $runs);
+ok($node->log_contains(qr/1 pending requests due before the server started may have reached their agents/, $offset),
+	'1.6: the worker settled it');
+
+$node->stop;
+done_testing();
