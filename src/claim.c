@@ -105,6 +105,10 @@ claim_copy_rows(MemoryContext cxt)
 		row->deadline = DatumGetTimestampTz(SPI_getbinval(tup, desc, 5, &isnull));
 		d = SPI_getbinval(tup, desc, 6, &isnull);
 		row->maybe_sent = isnull || DatumGetBool(d);
+		d = SPI_getbinval(tup, desc, 7, &isnull);
+		if (isnull)
+			elog(ERROR, "restart_worker: worker_claim() returned a NULL id");
+		row->uuid = *DatumGetUUIDP(d);
 		rows = lappend(rows, row);
 	}
 	MemoryContextSwitchTo(old);
@@ -113,7 +117,7 @@ claim_copy_rows(MemoryContext cxt)
 
 /*
  * Run one of the worker's statements whose only parameter is a list of
- * request ids (a list of id strings, passed as uuid[]), in the caller's
+ * request ids (a list of pg_uuid_t, passed as uuid[]), in the caller's
  * transaction; it returns one row, left in SPI_tuptable.
  */
 static void
@@ -170,7 +174,7 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 	values[2] = Int32GetDatum(rw_lease_ms());
 	values[3] = BoolGetDatum(recover);
 	plan = rw_plan(&claim_plan_claim,
-					  "SELECT id::text, url, key, body, deadline_at, maybe_sent"
+					  "SELECT id::text, url, key, body, deadline_at, maybe_sent, id"
 					  " FROM restart_worker.worker_claim($1, $2, $3, $4)",
 					  4, types);
 	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
@@ -185,7 +189,7 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 
 /*
  * Claim up to limit due requests, except those in flight (exclude, a list
- * of id strings).  After a restart (recover) every dispatching or running
+ * of pg_uuid_t).  After a restart (recover) every dispatching or running
  * request is taken over.  Claims nothing if the extension does not exist,
  * or if the claim failed (the error is logged).  *more says whether the
  * claim was cut short by the limit.  When nothing was claimed, *next_due
@@ -221,7 +225,7 @@ rw_claim(int limit, List *exclude, bool recover, List **rows,
 }
 
 /*
- * Announce the requests in announce (a list of id strings) with NOTIFY;
+ * Announce the requests in announce (a list of pg_uuid_t) with NOTIFY;
  * runs in the caller's transaction.
  */
 static void
@@ -271,7 +275,12 @@ rw_after_claim_defer(List *announce, bool want_due)
 												ALLOCSET_SMALL_SIZES);
 	old = MemoryContextSwitchTo(claim_after_cxt);
 	foreach(lc, announce)
-		claim_after_announce = lappend(claim_after_announce, pstrdup(lfirst(lc)));
+	{
+		pg_uuid_t  *id = palloc(sizeof(pg_uuid_t));
+
+		memcpy(id, lfirst(lc), sizeof(pg_uuid_t));
+		claim_after_announce = lappend(claim_after_announce, id);
+	}
 	MemoryContextSwitchTo(old);
 	if (claim_after_at == 0)
 		claim_after_at = GetCurrentTimestamp() + CLAIM_AFTER_MS * 1000;

@@ -138,7 +138,7 @@ deadline_function_usable(void)
 
 /*
  * The look proper, in its own transaction: fail what is past its deadline
- * except the requests in flight (exclude, a list of id strings), and find
+ * except the requests in flight (exclude, a list of pg_uuid_t), and find
  * the next deadline of a request not in flight (0 if none).  Returns false
  * if the worker cannot ask.  A request it failed is an end the agent's
  * journal does not hold: the transaction commits synchronously (see

@@ -79,7 +79,8 @@ rw_dispatch_in_flight(void)
 }
 
 /*
- * The ids of the requests in flight, as C strings, so that claims skip them.
+ * The ids of the requests in flight (pointers to their pg_uuid_t), so that
+ * claims skip them.
  */
 List *
 rw_dispatch_ids(void)
@@ -89,7 +90,7 @@ rw_dispatch_ids(void)
 
 	for (i = 0; i < RW_MAX_SLOTS; i++)
 		if (dispatch_slots[i].in_use)
-			ids = lappend(ids, dispatch_slots[i].id);
+			ids = lappend(ids, &dispatch_slots[i].uuid);
 	return ids;
 }
 
@@ -168,6 +169,7 @@ rw_dispatch_start(RwClaimed *row)
 	dispatch_in_flight++;
 	rw_status_set_in_flight(dispatch_in_flight);
 	strlcpy(call->id, row->id, sizeof(call->id));
+	call->uuid = row->uuid;
 	call->deadline = row->deadline;
 	call->maybe_sent = row->maybe_sent;
 	call->following = false;

@@ -38,6 +38,7 @@
 #include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "utils/uuid.h"
 
 /* What the worker is doing, for restart_worker.status(). */
 typedef enum RestartWorkerState
@@ -163,6 +164,7 @@ typedef struct RwCall
 	uint64		follow_seq;		/* place in its agent's long-poll queue, or 0
 								 * if its long-poll is not waiting to start */
 	char		id[37];			/* request id, canonical uuid text */
+	pg_uuid_t	uuid;			/* the same id in binary, for lists of ids */
 	char	   *url;			/* agent base URL */
 	char	   *body;			/* POST body, the same for every attempt */
 	unsigned char key[64];		/* signing key */
@@ -209,6 +211,7 @@ extern RwCall *rw_http_next_done(void);
 typedef struct RwClaimed
 {
 	char		id[37];
+	pg_uuid_t	uuid;			/* the same id in binary */
 	char	   *url;
 	bytea	   *key;
 	char	   *body;

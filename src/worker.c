@@ -236,7 +236,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 
 		rw_dispatch_start(row);
 		if (!row->maybe_sent)
-			announce = lappend(announce, row->id);
+			announce = lappend(announce, &row->uuid);
 	}
 
 	/*
