@@ -1,0 +1,93 @@
+# A claim the standby never received: the primary's worker claimed a request
+# asynchronously and its call reached the agent, then the primary died before the claim
+# was flushed, so it was never streamed. On the promoted standby the request is pending,
+# yet its step ran. The new primary's worker starts after the promotion: until it has
+# settled, cancelling the request is refused; then it sends the request again with the
+# same id, the agent answers with the job it ran, and the step has run once.
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use RestartWorkerTest;
+
+my $tmp = $PostgreSQL::Test::Utils::tmp_check;
+my $count = "$tmp/promotion.count";
+
+my $agent = start_agent(
+	name => 'agent_promotion',
+	services => <<"SVC");
+count_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count" ]; } );
+SVC
+
+# The primary stops at its crash (no restart): the standby takes over.
+my $primary = new_node('promotion_primary', init => { allows_streaming => 1 },
+	conf => $NO_FLUSH_CONF . "restart_after_crash = off\n");
+setup_registry($primary, 'host1', $agent->{url}, count_svc => '');
+$primary->safe_psql('postgres', q{CREATE ROLE rw_worker LOGIN;
+	SELECT restart_worker.grant_admin('rw_worker')});
+$primary->append_conf('postgresql.conf', "restart_worker.role = 'rw_worker'");
+$primary->restart;
+ok($primary->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'"),
+	'the primary\'s worker runs as its role');
+$primary->backup('bk');
+my $standby = PostgreSQL::Test::Cluster->new('promotion_standby');
+$standby->init_from_backup($primary, 'bk', has_streaming => 1);
+$standby->start;
+
+my $first = request_restart($primary, 'count_svc');
+ok(wait_status($primary, $first, 'completed'), 'a first request completes on the primary');
+
+# After the promotion the worker will not be able to log in, until the role may again.
+$primary->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
+$primary->wait_for_catchup($standby);
+
+# The request's own commit is flushed and streamed; the worker's claim and recorded answer
+# are not, with the WAL writer stopped: a WAL sender sends only what was flushed.
+my $walwriter = stop_walwriter($primary);
+ok(defined $walwriter, 'the primary\'s WAL writer is stopped while it sleeps');
+my $id = request_restart($primary, 'count_svc');
+ok(wait_status($primary, $id, 'completed'), 'the request completes on the primary');
+is(count_lines($count), 2, 'its step ran');
+ok($standby->poll_query_until('postgres',
+	"SELECT status FROM public.service_restart_requests WHERE id = '$id'", 'pending'),
+	'the standby has the request, pending');
+
+# The crash: every process of the primary ends without flushing; it does not restart.
+my $crash = -s $primary->logfile;
+kill 'KILL', $walwriter;
+ok($primary->wait_for_log(qr/database system is shut down/, $crash),
+	'the primary crashes and stays down');
+$primary->stop('immediate', fail_ok => 1);    # only forgets its pid
+
+my $offset = -s $standby->logfile;
+$standby->promote;
+ok($standby->wait_for_log(qr/role "rw_worker" is not permitted to log in/, $offset),
+	'the worker starts after the promotion and cannot log in');
+is($standby->safe_psql('postgres',
+	"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'"),
+	'pending 0', 'the claim never reached the standby: the request is pending, as if never sent');
+my ($rc, $out, $err) = $standby->psql('postgres', qq{DO \$\$
+BEGIN
+	PERFORM restart_worker.cancel_request('$id');
+EXCEPTION WHEN object_not_in_prerequisite_state THEN
+	RAISE NOTICE 'refused: %', SQLERRM;
+END;
+\$\$});
+like($err, qr/refused: request \S+ cannot be cancelled yet: it may have reached its agent before the server restarted/,
+	'cancelling it on the new primary is refused (55000)');
+
+$standby->safe_psql('postgres', 'ALTER ROLE rw_worker LOGIN');
+ok(wait_status($standby, $id, 'completed'), 'the new primary\'s worker completes the request');
+ok($standby->log_contains(qr/1 pending requests due before the server started may have reached their agents/, $offset),
+	'it settled the request first');
+is(count_lines($count), 2, 'the step ran once for it');
+my $row = row_of($standby, $id);
+ok(defined $row->{uncertain_at}, 'the request holds the cooldown as one that may have been sent');
+is($row->{exit_code}, 0, 'with the exit code of the job that ran');
+
+$standby->stop;
+done_testing();
