@@ -21,7 +21,8 @@ our @EXPORT = qw(
 	$SECRET agent_binary start_agent stop_agent restart_agent wait_for
 	new_node setup_registry request_restart wait_status row_of slurp spew count_lines
 	unresponsive_listener free_port fake_agent fake_calls job_json gated_steps
-	$NO_FLUSH_CONF stop_walwriter crash_walwriter
+	$NO_FLUSH_CONF stop_walwriter crash_walwriter worker_as_role cancel_refusal
+	status_attempts
 );
 
 # The signing secret shared by the tests' agents and the registry.
@@ -400,6 +401,44 @@ sub crash_walwriter
 	kill 'KILL', $pid;
 	return $node->wait_for_log(qr/all server processes terminated; reinitializing/, $offset)
 	  ? $offset : undef;
+}
+
+# Create the role rw_worker (LOGIN, an admin of the extension) and make it the worker's,
+# with the extra settings conf; restarts the node.  True once the worker runs as it.  A
+# test can then keep a new worker from connecting with ALTER ROLE rw_worker NOLOGIN.
+sub worker_as_role
+{
+	my ($node, $conf) = @_;
+	$node->safe_psql($DB, q{CREATE ROLE rw_worker LOGIN;
+		SELECT restart_worker.grant_admin('rw_worker')});
+	$node->append_conf('postgresql.conf',
+		"restart_worker.role = 'rw_worker'\n" . ($conf // ''));
+	$node->restart;
+	return $node->poll_query_until($DB,
+		"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'");
+}
+
+# Ask an admin's cancel_request() for request id; returns the message of its refusal
+# (SQLSTATE 55000), or '' if it was not refused (it then cancelled the request).
+sub cancel_refusal
+{
+	my ($node, $id) = @_;
+	my ($rc, $out, $err) = $node->psql($DB, qq{DO \$\$
+BEGIN
+	PERFORM restart_worker.cancel_request('$id');
+EXCEPTION WHEN object_not_in_prerequisite_state THEN
+	RAISE NOTICE 'refused: %', SQLERRM;
+END;
+\$\$});
+	return $err =~ /refused: (.*)/ ? $1 : '';
+}
+
+# A request's status and attempts, as "status attempts".
+sub status_attempts
+{
+	my ($node, $id) = @_;
+	return $node->safe_psql($DB,
+		"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'");
 }
 
 1;

@@ -25,13 +25,7 @@ SVC
 
 my $node = new_node('lost_claim', conf => $NO_FLUSH_CONF);
 setup_registry($node, 'host1', $agent->{url}, count_svc => '', other_svc => '');
-$node->safe_psql('postgres', q{CREATE ROLE rw_worker LOGIN;
-	SELECT restart_worker.grant_admin('rw_worker')});
-$node->append_conf('postgresql.conf',
-	"restart_worker.role = 'rw_worker'\nrestart_worker.settle_margin = '2s'");
-$node->restart;
-ok($node->poll_query_until('postgres',
-	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'"),
+ok(worker_as_role($node, "restart_worker.settle_margin = '2s'\n"),
 	'the worker runs as its role');
 
 my $first = request_restart($node, 'count_svc');
@@ -56,17 +50,10 @@ ok(defined $offset, 'the server restarts after the crash');
 ok($node->wait_for_log(qr/role "rw_worker" is not permitted to log in/, $offset),
 	'the new worker cannot log in');
 
-is($node->safe_psql('postgres',
-	"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'"),
+is(status_attempts($node, $id),
 	'pending 0', 'the claim was lost: the request is pending again, as if never sent');
-my ($rc, $out, $err) = $node->psql('postgres', qq{DO \$\$
-BEGIN
-	PERFORM restart_worker.cancel_request('$id');
-EXCEPTION WHEN object_not_in_prerequisite_state THEN
-	RAISE NOTICE 'refused: %', SQLERRM;
-END;
-\$\$});
-like($err, qr/refused: request \S+ cannot be cancelled yet: it may have reached its agent before the server restarted/,
+like(cancel_refusal($node, $id),
+	qr/^request \S+ cannot be cancelled yet: it may have reached its agent before the server restarted/,
 	'cancelling it is refused (55000), with the reason');
 is($node->safe_psql('postgres',
 	"SELECT status FROM public.service_restart_requests WHERE id = '$id'"),

@@ -24,13 +24,7 @@ SVC
 my $node = new_node('older_extension', no_extension => 1, conf => $NO_FLUSH_CONF);
 $node->safe_psql('postgres', "CREATE EXTENSION restart_worker VERSION '1.5'");
 setup_registry($node, 'host1', $agent->{url}, count_svc => '');
-$node->safe_psql('postgres', q{CREATE ROLE rw_worker LOGIN;
-	SELECT restart_worker.grant_admin('rw_worker')});
-$node->append_conf('postgresql.conf',
-	"restart_worker.role = 'rw_worker'\nrestart_worker.settle_margin = '0'");
-$node->restart;
-ok($node->poll_query_until('postgres',
-	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'"),
+ok(worker_as_role($node, "restart_worker.settle_margin = '0'\n"),
 	'the worker runs as its role');
 
 # A request completes while the WAL writer is stopped, then the server crashes with the
@@ -67,8 +61,7 @@ my $first = request_restart($node, 'count_svc');
 ok(wait_status($node, $first, 'completed'), 'a first request completes on 1.5');
 
 my ($id, $offset, $runs) = request_then_crash('1.5');
-is($node->safe_psql('postgres',
-	"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'"),
+is(status_attempts($node, $id),
 	'dispatching 1', '1.5: the claim was kept (synchronous); only the recorded answer was lost');
 worker_back('1.5', $id, $runs);
 ok(!$node->log_contains(qr/pending requests due before the server started/, $offset),
@@ -82,8 +75,7 @@ my $after = request_restart($node, 'count_svc');
 ok(wait_status($node, $after, 'completed'), 'a request completes on 1.6');
 
 ($id, $offset, $runs) = request_then_crash('1.6');
-is($node->safe_psql('postgres',
-	"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'"),
+is(status_attempts($node, $id),
 	'pending 0', '1.6: the claim was lost (asynchronous): the request is pending again');
 worker_back('1.6', $id, $runs);
 ok($node->log_contains(qr/1 pending requests due before the server started may have reached their agents/, $offset),

@@ -26,12 +26,7 @@ SVC
 my $primary = new_node('promotion_primary', init => { allows_streaming => 1 },
 	conf => $NO_FLUSH_CONF . "restart_after_crash = off\n");
 setup_registry($primary, 'host1', $agent->{url}, count_svc => '');
-$primary->safe_psql('postgres', q{CREATE ROLE rw_worker LOGIN;
-	SELECT restart_worker.grant_admin('rw_worker')});
-$primary->append_conf('postgresql.conf', "restart_worker.role = 'rw_worker'");
-$primary->restart;
-ok($primary->poll_query_until('postgres',
-	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND usename = 'rw_worker'"),
+ok(worker_as_role($primary),
 	'the primary\'s worker runs as its role');
 $primary->backup('bk');
 my $standby = PostgreSQL::Test::Cluster->new('promotion_standby');
@@ -67,17 +62,10 @@ my $offset = -s $standby->logfile;
 $standby->promote;
 ok($standby->wait_for_log(qr/role "rw_worker" is not permitted to log in/, $offset),
 	'the worker starts after the promotion and cannot log in');
-is($standby->safe_psql('postgres',
-	"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'"),
+is(status_attempts($standby, $id),
 	'pending 0', 'the claim never reached the standby: the request is pending, as if never sent');
-my ($rc, $out, $err) = $standby->psql('postgres', qq{DO \$\$
-BEGIN
-	PERFORM restart_worker.cancel_request('$id');
-EXCEPTION WHEN object_not_in_prerequisite_state THEN
-	RAISE NOTICE 'refused: %', SQLERRM;
-END;
-\$\$});
-like($err, qr/refused: request \S+ cannot be cancelled yet: it may have reached its agent before the server restarted/,
+like(cancel_refusal($standby, $id),
+	qr/^request \S+ cannot be cancelled yet: it may have reached its agent before the server restarted/,
 	'cancelling it on the new primary is refused (55000)');
 
 $standby->safe_psql('postgres', 'ALTER ROLE rw_worker LOGIN');
