@@ -16,13 +16,14 @@ use Time::HiRes qw(time sleep);
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use Test::More;
 
 our @EXPORT = qw(
 	$SECRET agent_binary start_agent stop_agent restart_agent wait_for
 	new_node setup_registry request_restart wait_status row_of slurp spew count_lines
 	unresponsive_listener free_port fake_agent fake_calls job_json gated_steps
 	$NO_FLUSH_CONF stop_walwriter crash_walwriter worker_as_role cancel_refusal
-	status_attempts
+	status_attempts worker_back
 );
 
 # The signing secret shared by the tests' agents and the registry.
@@ -439,6 +440,36 @@ sub status_attempts
 	my ($node, $id) = @_;
 	return $node->safe_psql($DB,
 		"SELECT status || ' ' || attempts FROM public.service_restart_requests WHERE id = '$id'");
+}
+
+# Let the worker (role rw_worker) log in again after a crash, and check that it drives
+# request id to its end once: the call is sent again with the same id and the agent
+# answers with the job it ran, so the step (counting its runs in count_file) has still
+# run runs times.  With settled, the worker must first have settled the request as one
+# that may have been sent (log since offset; the row holds the cooldown); without, it
+# must have settled nothing.  what prefixes the test names.
+sub worker_back
+{
+	my ($node, $id, %o) = @_;
+	my $what = defined $o{what} ? "$o{what}: " : '';
+	$node->safe_psql($DB, 'ALTER ROLE rw_worker LOGIN');
+	ok(wait_status($node, $id, 'completed'), "${what}the request completes again");
+	is(count_lines($o{count_file}), $o{runs}, "${what}the step ran once for it");
+	my $row = row_of($node, $id);
+	is($row->{exit_code}, 0, "${what}with the exit code of the job that ran");
+	my $said = $node->log_contains(
+		qr/1 pending requests due before the server started may have reached their agents/,
+		$o{offset});
+	if ($o{settled})
+	{
+		ok($said, "${what}the worker settled it first");
+		ok(defined $row->{uncertain_at},
+			"${what}the request holds the cooldown as one that may have been sent");
+	}
+	else
+	{
+		ok(!$said, "${what}nothing was settled");
+	}
 }
 
 1;

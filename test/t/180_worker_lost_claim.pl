@@ -74,14 +74,7 @@ is($node->safe_psql('postgres',
 
 # Once the worker runs, it settles: the request is sent again and the agent answers with
 # the job it ran.
-$node->safe_psql('postgres', 'ALTER ROLE rw_worker LOGIN');
-ok(wait_status($node, $id, 'completed'), 'the request completes again');
-ok($node->log_contains(qr/1 pending requests due before the server started may have reached their agents/, $offset),
-	'the worker says it settled one request');
-is(count_lines($count), 2, 'the step ran once for it');
-my $row = row_of($node, $id);
-ok(defined $row->{uncertain_at}, 'the request holds the cooldown as one that may have been sent');
-is($row->{exit_code}, 0, 'with the exit code of the job that ran');
+worker_back($node, $id, count_file => $count, runs => 2, offset => $offset, settled => 1);
 is($node->safe_psql('postgres', 'SELECT restart_worker.worker_unsettled_before() IS NULL'),
 	't', 'nothing is held back any more');
 

@@ -68,14 +68,8 @@ like(cancel_refusal($standby, $id),
 	qr/^request \S+ cannot be cancelled yet: it may have reached its agent before the server restarted/,
 	'cancelling it on the new primary is refused (55000)');
 
-$standby->safe_psql('postgres', 'ALTER ROLE rw_worker LOGIN');
-ok(wait_status($standby, $id, 'completed'), 'the new primary\'s worker completes the request');
-ok($standby->log_contains(qr/1 pending requests due before the server started may have reached their agents/, $offset),
-	'it settled the request first');
-is(count_lines($count), 2, 'the step ran once for it');
-my $row = row_of($standby, $id);
-ok(defined $row->{uncertain_at}, 'the request holds the cooldown as one that may have been sent');
-is($row->{exit_code}, 0, 'with the exit code of the job that ran');
+worker_back($standby, $id, what => 'on the new primary', count_file => $count, runs => 2,
+	offset => $offset, settled => 1);
 
 $standby->stop;
 done_testing();
