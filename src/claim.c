@@ -256,8 +256,8 @@ static bool claim_after_found = false;	/* claim_after_next_due is new */
 static TimestampTz claim_after_next_due = 0;
 
 /*
- * Remember the after-claim work of a claim: announce (a list of id
- * strings, copied) and, if want_due, the look-up of the next due.  A claim
+ * Remember the after-claim work of a claim: announce (a list of
+ * pg_uuid_t, copied) and, if want_due, the look-up of the next due.  A claim
  * cut short by the number of free slots wants none: the worker claims
  * again as soon as a slot is free, and that claim looks.
  */

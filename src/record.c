@@ -399,13 +399,15 @@ typedef struct RecordColumns
  * Add a job to the columns, for records[k].
  */
 static void
-record_batch_add(RecordColumns *cols, int k, const char *id, const RwJob *job,
+record_batch_add(RecordColumns *cols, int k, const pg_uuid_t *id, const RwJob *job,
 				 TimestampTz accepted_at, bool running_first)
 {
 	int			i = cols->n++;
+	pg_uuid_t  *uuid = palloc(sizeof(pg_uuid_t));
 
+	*uuid = *id;
 	cols->record[i] = k;
-	cols->values[0][i] = DirectFunctionCall1(uuid_in, CStringGetDatum(id));
+	cols->values[0][i] = UUIDPGetDatum(uuid);
 	cols->values[1][i] = CStringGetTextDatum(job->status);
 	cols->values[2][i] = TimestampTzGetDatum(job->started_at);
 	cols->nulls[2][i] = !job->has_started_at;
@@ -445,7 +447,7 @@ record_batch_columns(RwRecord *records, int n, RecordColumns *cols)
 		bool		running_first;
 
 		if (record_answers_job(records[k].first, records[k].second, &job, &running_first))
-			record_batch_add(cols, k, records[k].first->id, &job,
+			record_batch_add(cols, k, &records[k].first->uuid, &job,
 							 records[k].accepted_at, running_first);
 	}
 }

@@ -326,9 +326,10 @@ $$;
 
 -- The time before which a pending request of this database may have reached its agent
 -- through a claim lost in a crash, while the worker has not yet settled those requests
--- (worker_settle()) in the life of the server: when the first worker started, or infinity
--- if none has yet. NULL once it has settled, in a database other than the worker's, and
--- without the library in shared_preload_libraries (there is no worker).
+-- (worker_settle()) in the life of the server: when the first worker started plus
+-- restart_worker.settle_margin, or infinity if none has yet. NULL once it has settled, in
+-- a database other than the worker's, and without the library in shared_preload_libraries
+-- (there is no worker).
 CREATE FUNCTION restart_worker.worker_unsettled_before()
 RETURNS timestamptz
 LANGUAGE c VOLATILE

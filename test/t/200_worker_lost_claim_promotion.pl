@@ -22,9 +22,11 @@ my $agent = start_agent(
 count_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count" ]; } );
 SVC
 
-# The primary stops at its crash (no restart): the standby takes over.
+# The primary stops at its crash (no restart): the standby takes over.  Its shared buffers
+# are large enough that no backend has to write a page (which would flush the WAL first);
+# allows_streaming sets 1MB.
 my $primary = new_node('promotion_primary', init => { allows_streaming => 1 },
-	conf => $NO_FLUSH_CONF . "restart_after_crash = off\n");
+	conf => $NO_FLUSH_CONF . "restart_after_crash = off\nshared_buffers = '32MB'\n");
 setup_registry($primary, 'host1', $agent->{url}, count_svc => '');
 ok(worker_as_role($primary),
 	'the primary\'s worker runs as its role');
