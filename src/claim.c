@@ -97,6 +97,10 @@ claim_copy_rows(MemoryContext cxt)
 		bool		isnull;
 		Datum		d;
 
+		d = SPI_getbinval(tup, desc, 1, &isnull);
+		if (isnull)
+			elog(ERROR, "restart_worker: worker_claim() returned a NULL id");
+		row->uuid = *DatumGetUUIDP(d);
 		strlcpy(row->id, SPI_getvalue(tup, desc, 1), sizeof(row->id));
 		row->url = SPI_getvalue(tup, desc, 2);
 		d = SPI_getbinval(tup, desc, 3, &isnull);
@@ -105,10 +109,6 @@ claim_copy_rows(MemoryContext cxt)
 		row->deadline = DatumGetTimestampTz(SPI_getbinval(tup, desc, 5, &isnull));
 		d = SPI_getbinval(tup, desc, 6, &isnull);
 		row->maybe_sent = isnull || DatumGetBool(d);
-		d = SPI_getbinval(tup, desc, 7, &isnull);
-		if (isnull)
-			elog(ERROR, "restart_worker: worker_claim() returned a NULL id");
-		row->uuid = *DatumGetUUIDP(d);
 		rows = lappend(rows, row);
 	}
 	MemoryContextSwitchTo(old);
@@ -174,7 +174,7 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 	values[2] = Int32GetDatum(rw_lease_ms());
 	values[3] = BoolGetDatum(recover);
 	plan = rw_plan(&claim_plan_claim,
-					  "SELECT id::text, url, key, body, deadline_at, maybe_sent, id"
+					  "SELECT id, url, key, body, deadline_at, maybe_sent"
 					  " FROM restart_worker.worker_claim($1, $2, $3, $4)",
 					  4, types);
 	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)

@@ -392,18 +392,18 @@ sub stop_walwriter
 	return undef;
 }
 
-# Kill the stopped WAL writer: the postmaster restarts every process and recovers from
-# what is on disk, losing the commits that were not flushed.  Returns the offset of the
-# server log before the crash, or undef if the server did not say it restarts in time.
+# Kill the stopped WAL writer: the postmaster ends every process, losing the commits that
+# were not flushed, and restarts them to recover from what is on disk (or, with
+# restart_after_crash off, stops).  Returns the offset of the server log before the crash,
+# or undef if the server did not say so in time (it says $said, by default that it
+# restarts).
 sub crash_walwriter
 {
-	my ($node, $pid) = @_;
+	my ($node, $pid, $said) = @_;
 	my $offset = -s $node->logfile;
+	$said //= qr/all server processes terminated; reinitializing/;
 	kill 'KILL', $pid;
-	my $said = eval {
-		$node->wait_for_log(qr/all server processes terminated; reinitializing/, $offset);
-	};
-	return $said ? $offset : undef;
+	return eval { $node->wait_for_log($said, $offset) } ? $offset : undef;
 }
 
 # Create the role rw_worker (LOGIN, an admin of the extension) and make it the worker's,
@@ -459,20 +459,16 @@ sub worker_back
 	is(count_lines($o{count_file}), $o{runs}, "${what}the step ran once for it");
 	my $row = row_of($node, $id);
 	is($row->{exit_code}, 0, "${what}with the exit code of the job that ran");
-	my $said = $node->log_contains(
-		qr/\d+ pending requests due before the server started may have reached their agents/,
-		$o{offset});
+	my $settled = qr/pending requests due before the server started may have reached their agents/;
 	if ($o{settled})
 	{
-		ok($node->log_contains(
-			qr/1 pending requests due before the server started may have reached their agents/,
-			$o{offset}), "${what}the worker settled it first");
+		ok($node->log_contains(qr/\b1 $settled/, $o{offset}), "${what}the worker settled it first");
 		ok(defined $row->{uncertain_at},
 			"${what}the request holds the cooldown as one that may have been sent");
 	}
 	else
 	{
-		ok(!$said, "${what}nothing was settled");
+		ok(!$node->log_contains(qr/\d+ $settled/, $o{offset}), "${what}nothing was settled");
 	}
 }
 

@@ -54,9 +54,7 @@ ok($standby->poll_query_until('postgres',
 	'the standby has the request, pending');
 
 # The crash: every process of the primary ends without flushing; it does not restart.
-my $crash = -s $primary->logfile;
-kill 'KILL', $walwriter;
-ok($primary->wait_for_log(qr/database system is shut down/, $crash),
+ok(defined crash_walwriter($primary, $walwriter, qr/database system is shut down/),
 	'the primary crashes and stays down');
 $primary->stop('immediate', fail_ok => 1);    # only forgets its pid
 
