@@ -237,6 +237,9 @@ typedef struct job
 								 * written; nobody may report it yet */
 	int			waiters;		/* long polls waiting for it: while there
 								 * are, it is not pruned */
+	struct spawn_state *step;	/* the step started and not yet over, while
+								 * the job passes from one thread to another */
+	int			next_step;		/* index of the step to run after it */
 } job;
 
 typedef enum jobs_submit_result
@@ -283,9 +286,15 @@ typedef void (*spawn_output_cb) (void *arg, const char *data, size_t len);
 
 extern bool spawn_init(void);
 extern void spawn_request_stop(void);
-extern void spawn_run(const config_step *step, const char *request_id,
-					  const char *service, int kill_grace,
-					  spawn_output_cb out, void *arg, spawn_result *res);
+typedef struct spawn_state spawn_state;	/* a step started, not yet over */
+
+#define SPAWN_FOREVER INT64_MAX
+
+extern spawn_state *spawn_begin(const config_step *step, const char *request_id,
+								const char *service, int kill_grace,
+								spawn_result *res);
+extern bool spawn_continue(spawn_state *st, spawn_output_cb out, void *arg,
+						   int64_t until, spawn_result *res);
 
 /* ---------- report.c ---------- */
 extern json_t *report_job(const job *j, job_status status);

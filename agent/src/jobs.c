@@ -43,10 +43,15 @@
  * Waits for a journaling job, and for the end of the runners at shutdown,
  * use jobs_cond.
  *
- * Runner threads are kept for the next job: a runner whose job ended waits
- * up to JOBS_RUNNER_IDLE_SEC for another one (handed over through
- * jobs_handoff) before it exits, so that a busy agent does not create, and
- * tear down with its stack, a thread per job.
+ * A job runs in a runner thread, or, when its POST waits for its end
+ * (?wait), first in that request's own thread: until the job is over or
+ * the wait has passed, after which a step still running is handed to a
+ * runner (jobs_run_here()).  Quick jobs thus never change threads, which
+ * spares a busy agent two thread switches a job.  Runner threads are kept
+ * for the next job: a runner whose job ended waits up to
+ * JOBS_RUNNER_IDLE_SEC for another one (handed over through jobs_handoff)
+ * before it exits, so that a busy agent does not create, and tear down
+ * with its stack, a thread per job.
  *
  * Journal writes (each waits for an fdatasync) are done without jobs_lock,
  * so that concurrent requests share the journal's flushes (group commit,
@@ -511,7 +516,7 @@ jobs_init(const agent_config *cfg, char *errbuf, size_t errsize)
 }
 
 /*
- * Output callback of spawn_run(): append to the job's bounded tail.
+ * Output callback of spawn_continue(): append to the job's bounded tail.
  */
 static void
 jobs_output(void *arg, const char *data, size_t len)
@@ -651,31 +656,43 @@ jobs_may_start_step(job *j, int idx)
 }
 
 /*
- * Run the service's steps of job j in order, stopping at the first
- * failure, and finish the job.
+ * Run the steps of job j from where it stands, stopping at the first
+ * failure, and finish the job (true).  If a step is still running when the
+ * monotonic time until (ms) has passed, return false instead: the job
+ * keeps the step in j->step, and any thread may go on with it.
  */
-static void
-jobs_run(job *j)
+static bool
+jobs_advance(job *j, int64_t until)
 {
 	const config_service *svc = j->svc;
 	bool		ok = true;
 
-	log_msg("job %s: running service %s (%d steps)", j->id, svc->name, svc->nsteps);
-	for (int i = 0; i < svc->nsteps && ok; i++)
+	if (j->step == NULL && j->next_step == 0)
+		log_msg("job %s: running service %s (%d steps)", j->id, svc->name, svc->nsteps);
+	while (ok && (j->step != NULL || j->next_step < svc->nsteps))
 	{
+		int			idx = j->step != NULL ? j->next_step - 1 : j->next_step;
 		spawn_result res;
 
-		if (!jobs_may_start_step(j, i))
+		if (j->step == NULL)
 		{
-			ok = false;
-			break;
+			if (!jobs_may_start_step(j, idx))
+			{
+				ok = false;
+				break;
+			}
+			jobs_step_begin(j, &svc->steps[idx], idx);
+			j->next_step = idx + 1;
+			j->step = spawn_begin(&svc->steps[idx], j->id, svc->name,
+								  jobs_cfg->kill_grace, &res);
 		}
-		jobs_step_begin(j, &svc->steps[i], i);
-		spawn_run(&svc->steps[i], j->id, svc->name, jobs_cfg->kill_grace,
-				  jobs_output, j, &res);
-		ok = jobs_step_end(j, &svc->steps[i], i, &res);
+		if (j->step != NULL && !spawn_continue(j->step, jobs_output, j, until, &res))
+			return false;
+		j->step = NULL;
+		ok = jobs_step_end(j, &svc->steps[idx], idx, &res);
 	}
 	jobs_finish(j, ok ? JOB_COMPLETED : JOB_FAILED);
+	return true;
 }
 
 /*
@@ -716,7 +733,7 @@ static void *
 jobs_runner(void *arg)
 {
 	for (job *j = arg; j != NULL; j = jobs_next_for_runner())
-		jobs_run(j);
+		jobs_advance(j, SPAWN_FOREVER);
 	return NULL;
 }
 
@@ -812,15 +829,15 @@ jobs_unreserve(job *j)
 }
 
 /*
- * Start a job whose accept record is on disk: hand it to an idle runner if
- * one is free, else start a runner thread for it; caller holds the lock.
- * If no thread can be started the job fails at once.
+ * Hand job j to a runner thread, an idle one if one is free, else a new
+ * one; caller holds the lock.  Returns false if no thread could be started.
  */
-static void
-jobs_start(job *j)
+static bool
+jobs_hand_over(job *j)
 {
 	pthread_attr_t attr;
 	pthread_t	tid;
+	bool		ok;
 
 	if (jobs_idle_runners > jobs_handoff_n)
 	{
@@ -832,30 +849,81 @@ jobs_start(job *j)
 		jobs_handoff_tail = j;
 		jobs_handoff_n++;
 		pthread_cond_signal(&jobs_runner_cond);
-		return;
+		return true;
 	}
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	if (pthread_create(&tid, &attr, jobs_runner, j) != 0)
-	{
-		j->error = strdup("agent could not start a runner thread");
-		j->finished_at = util_now_usec();
-		jobs_journal(j, JOB_FAILED);
-		j->status = JOB_FAILED;
-		jobs_running--;
-		jobs_retire(j);
-	}
+	ok = pthread_create(&tid, &attr, jobs_runner, j) == 0;
 	pthread_attr_destroy(&attr);
+	return ok;
 }
 
 /*
- * Create, journal and start a job for a new request; called with the lock
- * held, which it releases while the accept record is written (the job is
+ * Start a job whose accept record is on disk in a runner thread; caller
+ * holds the lock.  If no thread can be started the job fails at once.
+ */
+static void
+jobs_start(job *j)
+{
+	if (jobs_hand_over(j))
+		return;
+	j->error = strdup("agent could not start a runner thread");
+	j->finished_at = util_now_usec();
+	jobs_journal(j, JOB_FAILED);
+	j->status = JOB_FAILED;
+	jobs_running--;
+	jobs_retire(j);
+}
+
+/*
+ * Run job j, whose accept record is on disk, in this thread (that of a
+ * POST waiting for the job's end) until it is over or the monotonic time
+ * until has passed; then hand a step still running to a runner thread, or
+ * if none can be started, go on with it here to the end.  A busy agent
+ * thus spares, for every quick job, its hand-over to a runner and the
+ * wake-up of the waiting request at its end: thread switches, which took
+ * most of its time.  The job is pinned meanwhile (see jobs_prune()) so
+ * that it is still there to be reported; jobs_unpin() lets it go.  Called
+ * with the lock held, which is released meanwhile.
+ */
+static void
+jobs_run_here(job *j, int64_t until)
+{
+	bool		over;
+
+	j->waiters++;
+	pthread_mutex_unlock(&jobs_lock);
+	over = jobs_advance(j, until);
+	pthread_mutex_lock(&jobs_lock);
+	if (over || jobs_hand_over(j))
+		return;
+	pthread_mutex_unlock(&jobs_lock);
+	jobs_advance(j, SPAWN_FOREVER);
+	pthread_mutex_lock(&jobs_lock);
+}
+
+/*
+ * Let go of a job pinned by jobs_run_here() or a long poll; the last one
+ * to let go of a job that ended prunes what its pin held back.  Caller
+ * holds the lock.
+ */
+static void
+jobs_unpin(job *j)
+{
+	if (--j->waiters == 0 && j->status != JOB_RUNNING)
+		jobs_prune();
+}
+
+/*
+ * Create, journal and start a job for a new request: in a runner thread,
+ * or with wait_ms > 0 in this one for that long once the job is on disk
+ * (jobs_run_here(); the job is then pinned).  Called with the lock held,
+ * which it releases while the accept record is written (the job is
  * reserved meanwhile, see jobs_reserve) and holds again on return.
  * Returns NULL if the journal write failed (nothing runs then).
  */
 static job *
-jobs_create(const restart_request *req, const config_service *svc)
+jobs_create(const restart_request *req, const config_service *svc, int wait_ms)
 {
 	job		   *j = jobs_reserve(req, svc);
 	char	   *text;
@@ -876,7 +944,11 @@ jobs_create(const restart_request *req, const config_service *svc)
 		jobs_unreserve(j);
 		return NULL;
 	}
-	jobs_start(j);
+	log_msg("job %s: accepted for service %s", j->id, j->service);
+	if (wait_ms > 0)
+		jobs_run_here(j, util_monotonic_msec() + wait_ms);
+	else
+		jobs_start(j);
 	return j;
 }
 
@@ -905,8 +977,7 @@ jobs_report_after_wait(job *j, int wait_ms)
 		   pthread_cond_timedwait(jobs_poll_cond(j->id), &jobs_lock, &deadline) != ETIMEDOUT)
 		;
 	report = report_job(j, j->status);
-	if (--j->waiters == 0 && j->status != JOB_RUNNING)
-		jobs_prune();
+	jobs_unpin(j);
 	return report;
 }
 
@@ -916,9 +987,10 @@ jobs_report_after_wait(job *j, int wait_ms)
  * a new job.  A request that depends on a job still being journaled (same
  * id or same service) waits for that first.  *report receives the job
  * object when there is one: with wait_ms > 0 (POST ?wait), its state once
- * it has ended or wait_ms have passed.  The wait follows without letting
- * go of the job (the lock is released only while waiting, the job pinned),
- * so that it cannot be pruned unseen in between.
+ * it has ended or wait_ms have passed (for a new job, from when it is on
+ * disk; it runs in this thread meanwhile).  The wait follows without letting go of
+ * the job (the lock is released only while waiting, the job pinned), so
+ * that it cannot be pruned unseen in between.
  */
 jobs_submit_result
 jobs_submit(const restart_request *req, int wait_ms, json_t **report)
@@ -941,15 +1013,15 @@ jobs_submit(const restart_request *req, int wait_ms, json_t **report)
 		res = JOBS_SERVICE_BUSY;
 	else if (jobs_running >= jobs_cfg->max_jobs)
 		res = JOBS_TOO_MANY;
-	else if ((j = jobs_create(req, svc)) == NULL)
+	else if ((j = jobs_create(req, svc, wait_ms)) == NULL)
 		res = JOBS_INTERNAL_ERROR;
 	else
-	{
 		res = JOBS_ACCEPTED;
-		log_msg("job %s: accepted for service %s", j->id, j->service);
-	}
+	/* a new job has had its wait in jobs_create() */
 	if (j != NULL && res != JOBS_CONFLICT)
-		*report = jobs_report_after_wait(j, wait_ms);
+		*report = jobs_report_after_wait(j, res == JOBS_ACCEPTED ? 0 : wait_ms);
+	if (res == JOBS_ACCEPTED && wait_ms > 0)
+		jobs_unpin(j);
 	pthread_mutex_unlock(&jobs_lock);
 	return res;
 }

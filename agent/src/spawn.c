@@ -35,6 +35,15 @@
  * children, and the processes a scan killed, are reaped at the next step
  * end.
  *
+ * A step may be followed by more than one thread: the connection thread of
+ * a POST with ?wait starts and follows it until its wait is over, then
+ * hands it to a runner thread (jobs.c).  The step's process is the child
+ * of the thread that started it, and if that thread ends first (its
+ * connection closed), the process is handed to the main thread, whose
+ * children are read above.  The steps being followed are therefore listed
+ * (spawn_tracked): such a process is neither something a step left behind
+ * nor a zombie to reap there; only the thread following its step reaps it.
+ *
  *-------------------------------------------------------------------------
  */
 #include <ctype.h>
@@ -73,6 +82,11 @@ static char spawn_children_path[64];	/* the main thread's children */
  */
 static pthread_mutex_t spawn_children_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* Processes of the steps being followed, under spawn_children_lock. */
+static pid_t *spawn_tracked;
+static int	spawn_tracked_n;
+static int	spawn_tracked_cap;
+
 /*
  * Sessions of steps whose program exited, waiting to be emptied by the
  * next sweep; a runner thread that finds no sweep running leads one for
@@ -87,8 +101,9 @@ static bool spawn_sweeping;
 static uint64_t spawn_sweep_next = 1;	/* the batch new sessions join */
 static uint64_t spawn_sweep_done;	/* the last batch swept */
 
-typedef struct spawn_state
+struct spawn_state
 {
+	spawn_result res;			/* filled in as the step goes on */
 	pid_t		pid;
 	int			outfd;
 	int			pidfd;
@@ -100,7 +115,7 @@ typedef struct spawn_state
 	int64_t		sweep_at;		/* empty the session then, or 0 */
 	int64_t		drain_until;	/* stop reading after exit */
 	int			kill_grace_ms;
-} spawn_state;
+};
 
 /*
  * Create the event descriptor through which a shutdown interrupts running
@@ -114,6 +129,81 @@ spawn_init(void)
 	snprintf(spawn_children_path, sizeof(spawn_children_path),
 			 "/proc/self/task/%d/children", (int) getpid());
 	return spawn_stop_fd >= 0;
+}
+
+/*
+ * Whether pid is the process of a step being followed; caller holds
+ * spawn_children_lock.  The list is as long as the steps running at once.
+ */
+static bool
+spawn_is_tracked(pid_t pid)
+{
+	for (int i = 0; i < spawn_tracked_n; i++)
+		if (spawn_tracked[i] == pid)
+			return true;
+	return false;
+}
+
+/*
+ * Make room in the list for a step about to start, as an entry 0 that
+ * spawn_track() fills in once its process exists; false if memory ran out
+ * (the step is then not started).
+ */
+static bool
+spawn_track_reserve(void)
+{
+	bool		ok = true;
+
+	pthread_mutex_lock(&spawn_children_lock);
+	if (spawn_tracked_n == spawn_tracked_cap)
+	{
+		int			cap = spawn_tracked_cap ? spawn_tracked_cap * 2 : 64;
+		pid_t	   *p = realloc(spawn_tracked, (size_t) cap * sizeof(pid_t));
+
+		if (p != NULL)
+		{
+			spawn_tracked = p;
+			spawn_tracked_cap = cap;
+		}
+		ok = p != NULL;
+	}
+	if (ok)
+		spawn_tracked[spawn_tracked_n++] = 0;
+	pthread_mutex_unlock(&spawn_children_lock);
+	return ok;
+}
+
+/*
+ * List the process of a step just started, in an entry reserved for it.
+ */
+static void
+spawn_track(pid_t pid)
+{
+	pthread_mutex_lock(&spawn_children_lock);
+	for (int i = 0; i < spawn_tracked_n; i++)
+		if (spawn_tracked[i] == 0)
+		{
+			spawn_tracked[i] = pid;
+			break;
+		}
+	pthread_mutex_unlock(&spawn_children_lock);
+}
+
+/*
+ * Remove a step's process from the list, just before it is reaped (or the
+ * entry reserved for a step that could not start, pid 0).
+ */
+static void
+spawn_untrack(pid_t pid)
+{
+	pthread_mutex_lock(&spawn_children_lock);
+	for (int i = 0; i < spawn_tracked_n; i++)
+		if (spawn_tracked[i] == pid)
+		{
+			spawn_tracked[i] = spawn_tracked[--spawn_tracked_n];
+			break;
+		}
+	pthread_mutex_unlock(&spawn_children_lock);
 }
 
 /*
@@ -142,7 +232,9 @@ spawn_children_gone(void)
 
 		if (end == p)
 			break;
-		if (pid > 0 && waitpid((pid_t) pid, NULL, WNOHANG) == 0)
+		if (pid <= 0 || spawn_is_tracked((pid_t) pid))
+			continue;
+		if (waitpid((pid_t) pid, NULL, WNOHANG) == 0)
 			none = false;		/* alive: the scan decides whose it is */
 	}
 	return none;
@@ -585,10 +677,11 @@ spawn_enforce_deadline(spawn_state *st, spawn_result *res, bool stop)
 }
 
 /*
- * Compute how long the next poll may sleep, in milliseconds.
+ * Compute how long the next poll may sleep, in milliseconds: until the
+ * step's next deadline, or until, whichever comes first.
  */
 static int
-spawn_poll_timeout(const spawn_state *st)
+spawn_poll_timeout(const spawn_state *st, int64_t until_caller)
 {
 	int64_t		now = util_monotonic_msec();
 	int64_t		until;
@@ -605,16 +698,21 @@ spawn_poll_timeout(const spawn_state *st)
 		until = now + SPAWN_TICK_MSEC;
 	if (st->pidfd < 0 && !st->exited && until > now + SPAWN_TICK_MSEC)
 		until = now + SPAWN_TICK_MSEC;
+	if (until > until_caller)
+		until = until_caller;
 	return until <= now ? 0 : (int) (until - now);
 }
 
 /*
  * Wait for output, the step's exit, the deadlines or a shutdown, until the
- * step has exited and the pipe is closed or the drain time is over.
+ * step has exited and the pipe is closed or the drain time is over (true),
+ * or until the monotonic time until (in ms) has passed (false).
  */
-static void
-spawn_wait(spawn_state *st, spawn_output_cb out, void *arg, spawn_result *res)
+static bool
+spawn_wait(spawn_state *st, spawn_output_cb out, void *arg, int64_t until)
 {
+	spawn_result *res = &st->res;
+
 	for (;;)
 	{
 		struct pollfd fds[3];
@@ -625,7 +723,9 @@ spawn_wait(spawn_state *st, spawn_output_cb out, void *arg, spawn_result *res)
 		spawn_check_exit(st, res);
 		if (st->exited && spawn_grace_over(st) &&
 			(st->outfd < 0 || util_monotonic_msec() >= st->drain_until))
-			break;
+			return true;
+		if (util_monotonic_msec() >= until)
+			return false;
 		if (st->outfd >= 0)
 			fds[nfds++] = (struct pollfd) {st->outfd, POLLIN, 0};
 		if (!st->exited && st->pidfd >= 0)
@@ -635,11 +735,11 @@ spawn_wait(spawn_state *st, spawn_output_cb out, void *arg, spawn_result *res)
 			stop_idx = nfds;
 			fds[nfds++] = (struct pollfd) {spawn_stop_fd, POLLIN, 0};
 		}
-		if (poll(fds, nfds, spawn_poll_timeout(st)) < 0 && errno != EINTR)
+		if (poll(fds, nfds, spawn_poll_timeout(st, until)) < 0 && errno != EINTR)
 		{
 			log_msg("poll failed while running a step: %s", strerror(errno));
 			spawn_signal_session(st->pid, SIGKILL);
-			break;
+			return true;
 		}
 		if (st->outfd >= 0 && fds[0].revents != 0)
 			spawn_read_output(st, out, arg);
@@ -650,44 +750,76 @@ spawn_wait(spawn_state *st, spawn_output_cb out, void *arg, spawn_result *res)
 }
 
 /*
- * Run one step to completion and fill in res.  The output callback gets
- * every chunk the step writes; it is called from this thread only.
+ * Start one step.  Returns its state, to be followed with
+ * spawn_continue(); or NULL if its program could not be started, with the
+ * reason in res.
  */
-void
-spawn_run(const config_step *step, const char *request_id, const char *service,
-		  int kill_grace, spawn_output_cb out, void *arg, spawn_result *res)
+spawn_state *
+spawn_begin(const config_step *step, const char *request_id, const char *service,
+			int kill_grace, spawn_result *res)
 {
-	spawn_state st = {0};
+	spawn_state *st = calloc(1, sizeof(spawn_state));
 	char	  **envp = spawn_build_env(step, request_id, service);
-	int			pipefd[2];
-	int			status;
+	int			pipefd[2] = {-1, -1};
 
 	memset(res, 0, sizeof(*res));
 	res->exit_code = -1;
-	if (envp == NULL || pipe2(pipefd, O_CLOEXEC) != 0)
+	if (st == NULL || envp == NULL || !spawn_track_reserve())
+		res->spawn_errno = ENOMEM;
+	else if (pipe2(pipefd, O_CLOEXEC) != 0)
 	{
-		res->spawn_errno = errno ? errno : ENOMEM;
-		spawn_free_env(envp);
-		return;
+		res->spawn_errno = errno;
+		spawn_untrack(0);
 	}
-	res->spawn_errno = spawn_start(step, envp, pipefd[1], &st.pid);
+	else
+	{
+		res->spawn_errno = spawn_start(step, envp, pipefd[1], &st->pid);
+		close(pipefd[1]);
+		if (res->spawn_errno != 0)
+		{
+			spawn_untrack(0);
+			close(pipefd[0]);
+		}
+	}
 	spawn_free_env(envp);
-	close(pipefd[1]);
 	if (res->spawn_errno != 0)
 	{
-		close(pipefd[0]);
-		return;
+		free(st);
+		return NULL;
 	}
+	st->res = *res;
+	spawn_track(st->pid);
 	fcntl(pipefd[0], F_SETFL, O_NONBLOCK);
-	st.outfd = pipefd[0];
-	st.pidfd = (int) syscall(SYS_pidfd_open, st.pid, 0);
-	st.deadline = util_monotonic_msec() + (int64_t) step->timeout * 1000;
-	st.kill_grace_ms = kill_grace * 1000;
-	spawn_wait(&st, out, arg, res);
-	if (st.outfd >= 0)
-		close(st.outfd);
-	if (st.pidfd >= 0)
-		close(st.pidfd);
-	while (waitpid(st.pid, &status, 0) < 0 && errno == EINTR)
+	st->outfd = pipefd[0];
+	st->pidfd = (int) syscall(SYS_pidfd_open, st->pid, 0);
+	st->deadline = util_monotonic_msec() + (int64_t) step->timeout * 1000;
+	st->kill_grace_ms = kill_grace * 1000;
+	return st;
+}
+
+/*
+ * Follow a step started by spawn_begin() until it is over, or until the
+ * monotonic time until (ms; SPAWN_FOREVER for no limit) has passed.  Once
+ * it is over, its process is reaped, the state freed, res filled in, and
+ * true returned; otherwise any thread may go on with it.  The output
+ * callback gets every chunk the step writes, in the calling thread.
+ */
+bool
+spawn_continue(spawn_state *st, spawn_output_cb out, void *arg, int64_t until,
+			   spawn_result *res)
+{
+	int			status;
+
+	if (!spawn_wait(st, out, arg, until))
+		return false;
+	if (st->outfd >= 0)
+		close(st->outfd);
+	if (st->pidfd >= 0)
+		close(st->pidfd);
+	spawn_untrack(st->pid);
+	while (waitpid(st->pid, &status, 0) < 0 && errno == EINTR)
 		;
+	*res = st->res;
+	free(st);
+	return true;
 }

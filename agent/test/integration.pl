@@ -551,6 +551,47 @@ my $okid = uuid();
 	ok($s == 400 && $j->{error} eq 'bad_request', 'GET with a bare ?wait: 400 bad_request');
 }
 
+# --- POST ?wait: the job runs in the request's thread, then passes to a runner ----------
+# The connection thread of a POST ?wait runs the job's steps until its wait is over, then
+# hands the step still running to a runner thread.  Here the connection closes after the
+# answer, so that thread ends and the step's process passes to the agent's main thread,
+# whose children every step's end reads (for what steps leave behind).  The step must be
+# neither counted as left behind nor reaped there, and its runner follows it to its end.
+# (Another step's end reaping it before its runner saw it exit is a race this cannot
+# force; what it checks is that the hand-over and the passing to the main thread happen,
+# and that the job still ends right, its first step run once.)
+{
+	unlink $gate;
+	unlink "$pids.gate";
+	my $id = uuid();
+	my $runs = () = slurp("$count.gate") =~ /^run /mg;
+	my $once = { %$a, http => HTTP::Tiny->new(timeout => 30, keep_alive => 0) };
+	my ($s, $j) = req($once, 'POST', '/v1/restarts?wait=0.3', id => $id, body => restart_body($id, 'gate1'));
+	ok($s == 202 && $j->{status} eq 'running' && @{ $j->{steps} // [] } == 2 &&
+		$j->{steps}[0]{exit_code} == 0 && !defined $j->{steps}[1]{exit_code},
+		'POST ?wait=0.3 of a two-step job: its first step ended, the second runs', $json->encode($j // {}));
+	my $gpid;
+	wait_until(sub { ($gpid) = slurp("$pids.gate") =~ /^(\d+)/; defined $gpid }, 10);
+	my $main_children = "/proc/$a->{pid}/task/$a->{pid}/children";
+	ok(defined $gpid && wait_until(sub { grep { $_ == $gpid } split ' ', slurp($main_children) }, 10),
+		'the connection closed: the running step passed to the agent\'s main thread');
+	my $quick_ok = 0;
+	for (1 .. 5)
+	{
+		my $q = uuid();
+		my ($qs, $qj) = req($a, 'POST', '/v1/restarts?wait=5', id => $q, body => restart_body($q, 'quick'));
+		$quick_ok++ if $qs == 202 && $qj->{status} eq 'completed';
+	}
+	ok($quick_ok == 5 && !pid_gone($gpid), 'jobs ending meanwhile complete and leave that step running');
+	spew($gate, "open\n");
+	$j = wait_job($a, $id);
+	my $after = () = slurp("$count.gate") =~ /^run /mg;
+	ok($j && $j->{status} eq 'completed' && $j->{steps}[1]{exit_code} == 0 &&
+		$j->{output} =~ /gate open/ && $after == $runs + 1 && pid_gone($gpid),
+		'the runner followed the step to its end: completed, first step run once', $json->encode($j // {}));
+	unlink $gate;
+}
+
 # --- concurrent long polls each return when their own job ends ---------------------------
 {
 	unlink $gate;
