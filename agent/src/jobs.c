@@ -84,6 +84,14 @@
 #define JOBS_POLL_CONDS 1024
 #define JOBS_RUNNER_IDLE_SEC 60
 
+/* How far jobs_write_final() got. */
+typedef enum jobs_final
+{
+	JOBS_FINAL_DURABLE,			/* the final record is on disk */
+	JOBS_FINAL_ABANDONED,		/* given up: the agent is shutting down */
+	JOBS_FINAL_LATER			/* not yet: the caller's time ran out */
+} jobs_final;
+
 static pthread_mutex_t jobs_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t jobs_cond;
 static pthread_cond_t jobs_poll_conds[JOBS_POLL_CONDS];
@@ -326,13 +334,15 @@ jobs_is_stopping(void)
  * Write the final record of a job (its state as status, ended at
  * finished_at) until it is on disk, rendering it anew at each try (memory
  * may have run short) and retrying with a growing pause (a full disk may
- * be freed); called without the lock, by the job's runner, the only writer
- * of a running job's record.  Gives up, returning false, only when the
- * agent is shutting down: the record on disk then still says "running",
- * which the next start reports as failed.
+ * be freed); called without the lock, by the thread running the job, the
+ * only writer of a running job's record.  Gives up only when the agent is
+ * shutting down (JOBS_FINAL_ABANDONED): the record on disk then still says
+ * "running", which the next start reports as failed.  A retry that would
+ * come after the monotonic time until is left to the caller
+ * (JOBS_FINAL_LATER): a request's thread hands the job to a runner then.
  */
-static bool
-jobs_write_final(job *j, job_status status, int64_t finished_at)
+static jobs_final
+jobs_write_final(job *j, job_status status, int64_t finished_at, int64_t until)
 {
 	int			pause = JOBS_RETRY_FIRST_MSEC;
 	int			after_stop = 0;
@@ -350,13 +360,15 @@ jobs_write_final(job *j, job_status status, int64_t finished_at)
 		ok = text != NULL && journal_write(j->id, text);
 		free(text);
 		if (ok)
-			return true;
+			return JOBS_FINAL_DURABLE;
 		if (jobs_is_stopping() && ++after_stop > JOBS_RETRY_WHEN_STOPPING)
 		{
 			log_msg("ERROR: job %s: giving up journaling its final state (shutting down)", j->id);
-			return false;
+			return JOBS_FINAL_ABANDONED;
 		}
 		log_msg("ERROR: job %s: cannot journal its final state, retrying in %d ms", j->id, pause);
+		if (util_monotonic_msec() + pause >= until)
+			return JOBS_FINAL_LATER;
 		usleep((useconds_t) pause * 1000);
 		pause = pause * 2 > JOBS_RETRY_MAX_MSEC ? JOBS_RETRY_MAX_MSEC : pause * 2;
 	}
@@ -606,14 +618,19 @@ jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
  * visible, wake long-poll waiters and prune old jobs.  Until then clients
  * see the job running; if the agent gave the write up while shutting
  * down, they go on seeing it running (the next start reports it failed):
- * a final state is shown only once it is on disk.
+ * a final state is shown only once it is on disk.  Returns false, having
+ * changed nothing, if a retry would come after the monotonic time until
+ * (see jobs_write_final()).
  */
-static void
-jobs_finish(job *j, job_status final)
+static bool
+jobs_finish(job *j, job_status final, int64_t until)
 {
 	int64_t		finished_at = util_now_usec();
-	bool		durable = jobs_write_final(j, final, finished_at);
+	jobs_final	written = jobs_write_final(j, final, finished_at, until);
+	bool		durable = written == JOBS_FINAL_DURABLE;
 
+	if (written == JOBS_FINAL_LATER)
+		return false;
 	pthread_mutex_lock(&jobs_lock);
 	jobs_running--;
 	if (durable)
@@ -628,6 +645,7 @@ jobs_finish(job *j, job_status final)
 	}
 	pthread_cond_broadcast(&jobs_cond);
 	pthread_mutex_unlock(&jobs_lock);
+	return true;
 }
 
 /*
@@ -657,30 +675,30 @@ jobs_may_start_step(job *j, int idx)
 
 /*
  * Run the steps of job j from where it stands, stopping at the first
- * failure, and finish the job (true).  If a step is still running when the
- * monotonic time until (ms) has passed, return false instead: the job
- * keeps the step in j->step, and any thread may go on with it.
+ * failure (which sets j->error), and finish the job (true).  If the
+ * monotonic time until passes first, return false instead, the job left
+ * where it stands for any thread to go on with: with a step running (kept
+ * in j->step), before its next step, or before its final state is on
+ * disk.
  */
 static bool
 jobs_advance(job *j, int64_t until)
 {
 	const config_service *svc = j->svc;
-	bool		ok = true;
 
-	if (j->step == NULL && j->next_step == 0)
-		log_msg("job %s: running service %s (%d steps)", j->id, svc->name, svc->nsteps);
-	while (ok && (j->step != NULL || j->next_step < svc->nsteps))
+	while (j->error == NULL && (j->step != NULL || j->next_step < svc->nsteps))
 	{
 		int			idx = j->step != NULL ? j->next_step - 1 : j->next_step;
 		spawn_result res;
 
 		if (j->step == NULL)
 		{
+			if (util_monotonic_msec() >= until)
+				return false;
+			if (idx == 0)
+				log_msg("job %s: running service %s (%d steps)", j->id, svc->name, svc->nsteps);
 			if (!jobs_may_start_step(j, idx))
-			{
-				ok = false;
 				break;
-			}
 			jobs_step_begin(j, &svc->steps[idx], idx);
 			j->next_step = idx + 1;
 			j->step = spawn_begin(&svc->steps[idx], j->id, svc->name,
@@ -689,14 +707,15 @@ jobs_advance(job *j, int64_t until)
 		if (j->step != NULL && !spawn_continue(j->step, jobs_output, j, until, &res))
 			return false;
 		j->step = NULL;
-		ok = jobs_step_end(j, &svc->steps[idx], idx, &res);
+		jobs_step_end(j, &svc->steps[idx], idx, &res);
 	}
-	jobs_finish(j, ok ? JOB_COMPLETED : JOB_FAILED);
-	return true;
+	if (util_monotonic_msec() >= until)
+		return false;
+	return jobs_finish(j, j->error != NULL ? JOB_FAILED : JOB_COMPLETED, until);
 }
 
 /*
- * Wait, as an idle runner, for the next job handed over by jobs_start():
+ * Wait, as an idle runner, for the next job handed over by jobs_hand_over():
  * up to JOBS_RUNNER_IDLE_SEC, or until the agent stops.  Returns NULL if
  * none came: the runner then exits.
  */

@@ -190,8 +190,9 @@ spawn_track(pid_t pid)
 }
 
 /*
- * Remove a step's process from the list, just before it is reaped (or the
- * entry reserved for a step that could not start, pid 0).
+ * Remove a step's process from the list once it is reaped (or the entry
+ * reserved for a step that could not start, pid 0).  Until then its pid
+ * cannot be reused, so the list never names another process.
  */
 static void
 spawn_untrack(pid_t pid)
@@ -816,9 +817,9 @@ spawn_continue(spawn_state *st, spawn_output_cb out, void *arg, int64_t until,
 		close(st->outfd);
 	if (st->pidfd >= 0)
 		close(st->pidfd);
-	spawn_untrack(st->pid);
 	while (waitpid(st->pid, &status, 0) < 0 && errno == EINTR)
 		;
+	spawn_untrack(st->pid);		/* only now: its pid cannot be reused before */
 	*res = st->res;
 	free(st);
 	return true;

@@ -566,10 +566,10 @@ my $okid = uuid();
 	my $id = uuid();
 	my $runs = () = slurp("$count.gate") =~ /^run /mg;
 	my $once = { %$a, http => HTTP::Tiny->new(timeout => 30, keep_alive => 0) };
-	my ($s, $j) = req($once, 'POST', '/v1/restarts?wait=0.3', id => $id, body => restart_body($id, 'gate1'));
+	my ($s, $j) = req($once, 'POST', '/v1/restarts?wait=2', id => $id, body => restart_body($id, 'gate1'));
 	ok($s == 202 && $j->{status} eq 'running' && @{ $j->{steps} // [] } == 2 &&
 		$j->{steps}[0]{exit_code} == 0 && !defined $j->{steps}[1]{exit_code},
-		'POST ?wait=0.3 of a two-step job: its first step ended, the second runs', $json->encode($j // {}));
+		'POST ?wait=2 of a two-step job: its first step ended, the second runs', $json->encode($j // {}));
 	my $gpid;
 	wait_until(sub { ($gpid) = slurp("$pids.gate") =~ /^(\d+)/; defined $gpid }, 10);
 	my $main_children = "/proc/$a->{pid}/task/$a->{pid}/children";
@@ -918,6 +918,21 @@ SKIP: {
 	$rec = journal_last($state, $id) // {};
 	ok($j->{status} eq 'completed' && $rec->{status} eq 'completed',
 		'once the journal write succeeds the job is completed, on disk and for clients', $json->encode($rec));
+	# a POST ?wait runs its job in the request's thread: when the final state cannot be
+	# journaled, a runner goes on retrying and the POST is still answered after its wait
+	$id = uuid();
+	$fsize->(journal_end($state) + 4096);
+	($s, $j) = req($b, 'POST', '/v1/restarts?wait=2', id => $id, body => restart_body($id, 'noisy'));
+	$rec = journal_last($state, $id) // {};
+	ok($s == 202 && $j->{status} eq 'running' && $rec->{status} eq 'running'
+		&& slurp($b->{log}) =~ /ERROR: job $id: cannot journal its final state/,
+		'POST ?wait=2 while the final state cannot be journaled: answered running after its wait',
+		"$s " . $json->encode($j // {}));
+	$fsize->('unlimited');
+	$j = wait_job($b, $id, 20);
+	$rec = journal_last($state, $id) // {};
+	ok($j->{status} eq 'completed' && $rec->{status} eq 'completed',
+		'a runner took over the retries: completed, on disk and for clients', $json->encode($rec));
 	# the same with a step that fails: why it failed is not told before the end is on disk
 	$id = uuid();
 	$fsize->(journal_end($state) + 4096);
