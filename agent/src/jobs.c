@@ -45,8 +45,9 @@
  *
  * A job runs in a runner thread, or, when its POST waits for its end
  * (?wait), first in that request's own thread: until the job is over or
- * the wait has passed, after which a step still running is handed to a
- * runner (jobs_run_here()).  Quick jobs thus never change threads, which
+ * the wait has passed, after which what remains of it (a step still
+ * running, the next steps, writing its end) is handed to a runner
+ * (jobs_run_here()).  Quick jobs thus never change threads, which
  * spares a busy agent two thread switches a job.  Runner threads are kept
  * for the next job: a runner whose job ended waits up to
  * JOBS_RUNNER_IDLE_SEC for another one (handed over through jobs_handoff)
@@ -588,11 +589,11 @@ jobs_step_begin(job *j, const config_step *step, int idx)
 }
 
 /*
- * Record the end of step idx in memory; returns false if the step failed
- * (the job's error is then set).  Nothing is journaled here: the final
+ * Record the end of step idx in memory; if the step failed, the job's
+ * error is set, which stops the job.  Nothing is journaled here: the final
  * state is, by jobs_finish(), and a crash before it fails the job anyway.
  */
-static bool
+static void
 jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
 {
 	char	   *err = jobs_step_error(idx + 1, step, res);
@@ -610,7 +611,6 @@ jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
 		log_msg("job %s: step %d/%d failed: %s", j->id, idx + 1, j->svc->nsteps, err);
 	else
 		log_msg("job %s: step %d/%d finished with exit code 0", j->id, idx + 1, j->svc->nsteps);
-	return err == NULL;
 }
 
 /*
@@ -897,8 +897,8 @@ jobs_start(job *j)
 /*
  * Run job j, whose accept record is on disk, in this thread (that of a
  * POST waiting for the job's end) until it is over or the monotonic time
- * until has passed; then hand a step still running to a runner thread, or
- * if none can be started, go on with it here to the end.  A busy agent
+ * until has passed; then hand what remains to a runner thread, or if none
+ * can be started, go on with it here to the end.  A busy agent
  * thus spares, for every quick job, its hand-over to a runner and the
  * wake-up of the waiting request at its end: thread switches, which took
  * most of its time.  The job is pinned meanwhile (see jobs_prune()) so
@@ -1007,9 +1007,9 @@ jobs_report_after_wait(job *j, int wait_ms)
  * id or same service) waits for that first.  *report receives the job
  * object when there is one: with wait_ms > 0 (POST ?wait), its state once
  * it has ended or wait_ms have passed (for a new job, from when it is on
- * disk; it runs in this thread meanwhile).  The wait follows without letting go of
- * the job (the lock is released only while waiting, the job pinned), so
- * that it cannot be pruned unseen in between.
+ * disk; it runs in this thread meanwhile).  The wait follows without
+ * letting go of the job (the lock is released only while waiting, the job
+ * pinned), so that it cannot be pruned unseen in between.
  */
 jobs_submit_result
 jobs_submit(const restart_request *req, int wait_ms, json_t **report)
