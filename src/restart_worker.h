@@ -326,6 +326,7 @@ extern void rw_status_set_in_flight(int n);
 extern void rw_status_set_sockets(int n);
 
 /* src/settle.c */
+extern bool rw_settle_needed(void);
 extern void rw_settle_note_start(void);
 extern bool rw_settle(TimestampTz *retry_at);
 extern bool rw_settle_claims_async(void);

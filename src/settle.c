@@ -26,6 +26,14 @@
  * for a clock that is behind the earlier server's; a lost claim of a
  * server whose clock was further ahead is not held back.
  *
+ * A server that starts after a clean stop, as a primary, has lost no claim:
+ * the stop's checkpoint flushed every commit.  Its worker has nothing to
+ * settle, unless the server before it had not settled either (its worker
+ * could not, say, before an operator restarted it): a marker file in the
+ * data directory, made when a server starts after a crash and removed once
+ * its worker has settled, carries that over a clean stop
+ * (rw_settle_shmem_init()).
+ *
  * While settling fails (a missing privilege, say: after restoring a dump,
  * see the README) the worker claims nothing: a claim of such a request
  * taken for one never sent could make it pending again, cancellable.
@@ -40,22 +48,109 @@
  */
 #include "postgres.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "access/xlog.h"
+#include "catalog/pg_control.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
+#include "common/controldata_utils.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "replication/syncrep.h"
+#include "storage/fd.h"
 #include "utils/timestamp.h"
 
 #include "restart_worker.h"
 
 PG_FUNCTION_INFO_V1(restart_worker_worker_unsettled_before);
 
+/*
+ * In the data directory while a server that may hold claims an earlier one
+ * lost has not settled them.
+ */
+#define SETTLE_MARKER "restart_worker.unsettled"
+
 static TimestampTz settle_retry_at = 0; /* no attempt before then */
 static int	settle_failures = 0;	/* attempts in a row that failed */
 static SPIPlanPtr settle_plan = NULL;
+
+/*
+ * Whether a file exists (or cannot be looked at: then it may).  Paths are
+ * relative to the data directory, every server process's working
+ * directory.
+ */
+static bool
+settle_file_exists(const char *path)
+{
+	struct stat st;
+
+	return stat(path, &st) == 0 || errno != ENOENT;
+}
+
+/*
+ * Whether the server stopped cleanly before this start and starts as a
+ * primary: pg_control says it was shut down (not while in recovery), and
+ * there is no signal file that makes it recover.  Read from the disk,
+ * before the startup process changes it.
+ */
+static bool
+settle_clean_start(void)
+{
+	ControlFileData *control;
+	bool		crc_ok;
+	bool		clean;
+
+	control = get_controlfile(DataDir, &crc_ok);
+	clean = crc_ok && control->state == DB_SHUTDOWNED;
+	pfree(control);
+	return clean && !settle_file_exists(STANDBY_SIGNAL_FILE) &&
+		!settle_file_exists(RECOVERY_SIGNAL_FILE);
+}
+
+/*
+ * Make the marker file, durably, so that a clean stop before the worker
+ * settles does not make the next server forget that it must.  A failure is
+ * only logged: the server must start, and this one settles all the same.
+ */
+static void
+settle_marker_create(void)
+{
+	int			fd;
+
+	if (settle_file_exists(SETTLE_MARKER))
+		return;
+	fd = open(SETTLE_MARKER, O_WRONLY | O_CREAT | O_CLOEXEC, S_IRUSR | S_IWUSR);
+	if (fd < 0 || pg_fsync(fd) != 0 ||
+		fsync_fname_ext(".", true, false, WARNING) != 0)
+		ereport(WARNING,
+				(errcode_for_file_access(),
+				 errmsg("restart_worker: could not create file \"%s\": %m", SETTLE_MARKER),
+				 errdetail("After a clean stop before the worker has settled, the next start will not settle.")));
+	if (fd >= 0)
+		close(fd);
+}
+
+/*
+ * Called in the postmaster as it makes the shared memory, at the server's
+ * start and again after a crash, before the startup process runs: whether
+ * the worker will have to settle in this life of the server.  It need not
+ * after a clean stop, as a primary, if the server before had settled (no
+ * marker file); otherwise the marker is made, and removed once the worker
+ * has settled.
+ */
+bool
+rw_settle_needed(void)
+{
+	if (settle_clean_start() && !settle_file_exists(SETTLE_MARKER))
+		return false;
+	settle_marker_create();
+	return true;
+}
 
 /*
  * A worker process started: the first in the life of the server notes
@@ -139,6 +234,8 @@ settle_run(TimestampTz before)
 	SpinLockAcquire(&restart_worker_shared->mutex);
 	restart_worker_shared->settled = true;
 	SpinLockRelease(&restart_worker_shared->mutex);
+	if (settle_file_exists(SETTLE_MARKER))
+		(void) durable_unlink(SETTLE_MARKER, WARNING);
 	if (count > 0)
 		ereport(LOG,
 				(errmsg("restart_worker: %d pending requests due before the server started may have reached their agents; "

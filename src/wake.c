@@ -76,6 +76,7 @@ wake_shmem_startup(void)
 		restart_worker_shared->worker_procno = -1;
 		restart_worker_shared->worker_pid = 0;
 		restart_worker_shared->commit_wakeups = 0;
+		restart_worker_shared->settled = !rw_settle_needed();
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
