@@ -94,7 +94,8 @@ typedef struct RestartWorkerShared
 	/* claims lost in a crash (src/settle.c) */
 	TimestampTz settle_before;	/* the first worker's start plus
 								 * restart_worker.settle_margin, or 0 */
-	bool		settled;		/* the worker took care of them */
+	bool		settled;		/* the worker took care of them, or there
+								 * are none: the server stopped cleanly */
 } RestartWorkerShared;
 
 /* src/wake.c */

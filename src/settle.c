@@ -30,9 +30,9 @@
  * the stop's checkpoint flushed every commit.  Its worker has nothing to
  * settle, unless the server before it had not settled either (its worker
  * could not, say, before an operator restarted it): a marker file in the
- * data directory, made when a server starts after a crash and removed once
- * its worker has settled, carries that over a clean stop
- * (rw_settle_shmem_init()).
+ * data directory, made at every other start (after a crash, as a standby,
+ * for a recovery) and removed once the worker has settled, carries that
+ * over a clean stop (rw_settle_needed()).
  *
  * While settling fails (a missing privilege, say: after restoring a dump,
  * see the README) the worker claims nothing: a claim of such a request
@@ -48,9 +48,7 @@
  */
 #include "postgres.h"
 
-#include <fcntl.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "access/xlog.h"
 #include "catalog/pg_control.h"
@@ -58,6 +56,7 @@
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "common/controldata_utils.h"
+#include "common/file_perm.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -115,24 +114,27 @@ settle_clean_start(void)
 /*
  * Make the marker file, durably, so that a clean stop before the worker
  * settles does not make the next server forget that it must.  A failure is
- * only logged: the server must start, and this one settles all the same.
+ * only logged (by fsync_fname_ext() for the directory): the server must
+ * start, and this one settles all the same.
  */
 static void
 settle_marker_create(void)
 {
 	int			fd;
+	bool		ok;
 
-	if (settle_file_exists(SETTLE_MARKER))
-		return;
-	fd = open(SETTLE_MARKER, O_WRONLY | O_CREAT | O_CLOEXEC, S_IRUSR | S_IWUSR);
-	if (fd < 0 || pg_fsync(fd) != 0 ||
-		fsync_fname_ext(".", true, false, WARNING) != 0)
+	fd = BasicOpenFilePerm(SETTLE_MARKER, O_WRONLY | O_CREAT | PG_BINARY,
+						   pg_file_create_mode);
+	ok = fd >= 0 && pg_fsync(fd) == 0;
+	if (!ok)
 		ereport(WARNING,
 				(errcode_for_file_access(),
 				 errmsg("restart_worker: could not create file \"%s\": %m", SETTLE_MARKER),
-				 errdetail("After a clean stop before the worker has settled, the next start will not settle.")));
+				 errdetail("A clean stop before the worker has settled would make the next start skip settling.")));
 	if (fd >= 0)
 		close(fd);
+	if (ok)
+		(void) fsync_fname_ext(".", true, false, WARNING);
 }
 
 /*
@@ -146,7 +148,17 @@ settle_marker_create(void)
 bool
 rw_settle_needed(void)
 {
-	if (settle_clean_start() && !settle_file_exists(SETTLE_MARKER))
+	bool		clean = settle_clean_start();
+
+	if (settle_file_exists(SETTLE_MARKER))
+	{
+		if (clean)
+			ereport(LOG,
+					(errmsg("restart_worker: the worker has yet to settle what a crash before the last clean stop may have lost of its claims"),
+					 errdetail("The file \"%s\" in the data directory says so.", SETTLE_MARKER)));
+		return true;
+	}
+	if (clean)
 		return false;
 	settle_marker_create();
 	return true;

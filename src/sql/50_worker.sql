@@ -292,8 +292,9 @@ BEGIN
 END;
 $$;
 
--- Before its first claim in the life of the server the worker (src/settle.c) takes every
--- request still pending that was due before its first start (p_before) for one that may
+-- Before its first claim in the life of the server (unless the server before it stopped
+-- cleanly, having settled) the worker (src/settle.c) takes every request still pending
+-- that was due before its first start (p_before) for one that may
 -- have reached its agent: a claim commits asynchronously, and one lost in a crash (or not
 -- yet received by a standby that was then promoted) left its request pending. Such a
 -- request becomes dispatching: it is sent again with the same id (the agent answers with

@@ -13,10 +13,12 @@ use Test::More;
 use RestartWorkerTest;
 
 # No agent listens there: every call fails to connect, and its request waits, pending,
-# for its next attempt.
+# for its next attempt ten minutes later (within the margin): no claim of it is under
+# way when the server stops below.
 my $node = new_node('clean_stop');
 setup_registry($node, 'gone', 'http://127.0.0.1:' . free_port(), svc_a => '', svc_b => '');
-ok(worker_as_role($node, "restart_worker.settle_margin = '1h'\n"),
+ok(worker_as_role($node, "restart_worker.settle_margin = '1h'\n"
+		  . "restart_worker.retry_base = '10min'\nrestart_worker.retry_max = '10min'\n"),
 	'the worker runs as its role');
 my $marker = $node->data_dir . '/restart_worker.unsettled';
 my $settled_log = qr/pending requests due before the server started may have reached their agents/;
@@ -27,34 +29,32 @@ sub unsettled
 		'SELECT restart_worker.worker_unsettled_before() IS NOT NULL') eq 't';
 }
 
-sub tried
-{
-	my ($id, $attempts) = @_;
-	return $node->poll_query_until('postgres',
-		"SELECT status = 'pending' AND attempts >= $attempts AND error LIKE '%connect%'
-		 FROM public.service_restart_requests WHERE id = '$id'");
-}
-
-ok(!unsettled(), 'after initdb and clean restarts there is nothing to settle');
-ok(!-e $marker, 'no marker file');
+ok(!-e $marker, 'after initdb and clean restarts: no marker file');
 
 my $a_id = request_restart($node, 'svc_a');
 my $b_id = request_restart($node, 'svc_b');
-ok(tried($a_id, 1) && tried($b_id, 1), 'both requests wait for their next attempt');
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 2 FROM public.service_restart_requests
+	 WHERE status = 'pending' AND attempts = 1 AND error LIKE '%connect%'
+	   AND next_attempt_at > now() + interval '5 minutes'"),
+	'both requests wait for their next attempt');
 
 # A clean stop, and a worker that cannot log in: it could not settle, yet nothing is
 # left to settle.
 $node->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
 my $offset = -s $node->logfile;
 $node->restart;
-ok(!unsettled(), 'clean stop: nothing to settle, the worker not even started');
+ok(!unsettled(), 'clean stop: nothing to settle, with the worker unable to log in');
 ok(!-e $marker, 'clean stop: no marker file');
 is(cancel_refusal($node, $a_id), '', 'clean stop: a pending request can be cancelled at once');
-like(status_attempts($node, $a_id), qr/^cancelled /, 'clean stop: it is cancelled');
+is(status_attempts($node, $a_id), 'cancelled 1', 'clean stop: it is cancelled');
 
-my $b_attempts = (split / /, status_attempts($node, $b_id))[1];
+# Once the worker runs and has claimed (after settling, had it had to), the other
+# request is still waiting for its attempt.
 $node->safe_psql('postgres', 'ALTER ROLE rw_worker LOGIN');
-ok(tried($b_id, $b_attempts + 1), 'clean stop: the worker tries the other one again, as pending');
+ok($node->poll_query_until('postgres', 'SELECT polls >= 1 FROM restart_worker.status()'),
+	'clean stop: the worker runs and has claimed');
+is(status_attempts($node, $b_id), 'pending 1', 'clean stop: the other request still waits, pending');
 ok(!$node->log_contains($settled_log, $offset), 'clean stop: the worker settled nothing');
 is(row_of($node, $b_id)->{uncertain_at}, undef,
 	'clean stop: the request does not hold the cooldown');
@@ -69,23 +69,25 @@ ok(unsettled(), 'crash: the worker has to settle');
 ok(-e $marker, 'crash: the marker file is made');
 like(cancel_refusal($node, $b_id), qr/cannot be cancelled yet/,
 	'crash: cancelling a request due before the start is refused');
+$offset = -s $node->logfile;
 $node->restart;
 ok(unsettled(), 'a clean stop before the worker settled: it still has to');
 like(cancel_refusal($node, $b_id), qr/cannot be cancelled yet/,
 	'a clean stop before the worker settled: cancelling is still refused');
 
 $node->safe_psql('postgres', 'ALTER ROLE rw_worker LOGIN');
-ok($node->poll_query_until('postgres',
-	'SELECT restart_worker.worker_unsettled_before() IS NULL'), 'the worker settles');
-ok($node->log_contains(qr/\b1 $settled_log/, $offset), 'it settled the one pending request');
+ok($node->log_contains(qr/yet to settle what a crash before the last clean stop/, $offset),
+	'the log says why the worker has to settle after that clean stop');
+ok($node->wait_for_log(qr/\b1 $settled_log/, $offset), 'the worker settles the one pending request');
+ok(!unsettled(), 'it has settled');
 ok(!-e $marker, 'the marker file is removed');
 my $row = row_of($node, $b_id);
-ok($row->{status} =~ /^(?:dispatching|failed)$/ && defined $row->{uncertain_at},
-	"settled as a request that may have been sent ($row->{status})");
+is($row->{status}, 'dispatching', 'settled as a request that may have been sent');
+ok(defined $row->{uncertain_at}, 'it holds the cooldown');
 
 $node->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
 $node->restart;
-ok(!unsettled(), 'a clean stop after settling: nothing to settle, the worker not even started');
+ok(!unsettled(), 'a clean stop after settling: nothing to settle, with the worker unable to log in');
 
 $node->stop;
 done_testing();
