@@ -63,7 +63,6 @@ is(row_of($node, $b_id)->{uncertain_at}, undef,
 # settled keeps that so.
 $node->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
 $node->stop('immediate');
-$offset = -s $node->logfile;
 $node->start;
 ok(unsettled(), 'crash: the worker has to settle');
 ok(-e $marker, 'crash: the marker file is made');
