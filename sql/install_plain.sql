@@ -54,6 +54,9 @@ UPDATE service_restart_requests SET status = 'completed';
 CREATE ROLE later_user IN ROLE restart_requesters;
 SET ROLE later_user;
 SELECT service_name, status, requested_by, requested_by_role FROM request_service_restart('svc');
+-- Such a role has no user id, so it cannot cancel, not even its own request.
+SELECT status FROM cancel_service_restart((SELECT id FROM service_restart_requests WHERE status = 'pending'));
+\echo :LAST_ERROR_SQLSTATE :LAST_ERROR_MESSAGE
 RESET ROLE;
 
 -- An admin role sees and changes every row through the grants grant_admin() gives,

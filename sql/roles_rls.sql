@@ -117,6 +117,24 @@ SELECT outcome(format('SELECT cancel_service_restart(%L)',
 ROLLBACK;
 SELECT finish_active();
 
+-- Cancelling needs a user id: refused for anon (even with a grant) and for an
+-- authenticated caller without a usable sub, before the request is looked up.
+SELECT id AS pending_id FROM request_service_restart('roles-svc') \gset
+GRANT EXECUTE ON FUNCTION cancel_service_restart(uuid) TO anon;
+BEGIN;
+SELECT set_config('role', 'anon', true), set_config('request.jwt.claims', '{"role":"anon"}', true);
+SELECT outcome(format('SELECT cancel_service_restart(%L)', :'pending_id'));
+ROLLBACK;
+REVOKE EXECUTE ON FUNCTION cancel_service_restart(uuid) FROM anon;
+BEGIN;
+SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', '{"role":"authenticated"}', true);
+SELECT outcome(format('SELECT cancel_service_restart(%L)', :'pending_id'));
+SELECT set_config('request.jwt.claims', '{"role":"authenticated","sub":"not-a-uuid"}', true);
+SELECT outcome(format('SELECT cancel_service_restart(%L)', :'pending_id'));
+ROLLBACK;
+SELECT status FROM service_restart_requests WHERE id = :'pending_id';
+SELECT finish_active();
+
 -- service_role (PostgREST with the service key): requests without a user, reads the
 -- registry, administers.
 BEGIN;
