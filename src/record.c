@@ -44,17 +44,14 @@ typedef struct RecordCounts
 static RecordCounts record_counts;
 
 /*
- * Translate a recorded outcome for the caller, and note what to count.
- * agent_status is the status of the job object the agent answered with, or
- * NULL: an end that is not the agent's own (the worker gave up, the agent
- * refused, the deadline passed) makes the transaction commit durably (see
- * src/xact.c).
+ * Translate a recorded outcome for the caller, and note what to count.  An
+ * end (completed or failed) makes the transaction commit durably (see
+ * src/xact.c), whether the agent reported it or the worker decided it.
  */
 static RwOutcome
-record_outcome(const char *action, const char *agent_status)
+record_outcome(const char *action)
 {
-	if ((strcmp(action, "completed") == 0 || strcmp(action, "failed") == 0) &&
-		(agent_status == NULL || strcmp(action, agent_status) != 0))
+	if (strcmp(action, "completed") == 0 || strcmp(action, "failed") == 0)
 		rw_xact_make_durable();
 	if (strcmp(action, "follow") == 0)
 		return RW_OUTCOME_FOLLOW;
@@ -178,7 +175,7 @@ record_job(RwCall *call, const RwJob *job, TimestampTz accepted_at,
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	if (isnull)
 		return false;
-	*outcome = record_outcome(TextDatumGetCString(d), job->status);
+	*outcome = record_outcome(TextDatumGetCString(d));
 	return true;
 }
 
@@ -236,7 +233,7 @@ record_one(RwCall *call, TimestampTz accepted_at, bool fast,
 				   11, types, values, nulls, false);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	*next_at = isnull ? 0 : DatumGetTimestampTz(d);
-	return record_outcome(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1), NULL);
+	return record_outcome(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1));
 }
 
 /*
@@ -496,8 +493,7 @@ record_batch_jobs(RwRecord *records, RecordColumns *cols)
 		if (isnull || n < 1 || n > cols->n)
 			elog(ERROR, "restart_worker: worker_record_jobs() returned job %d of %d", n, cols->n);
 		rec = &records[cols->record[n - 1]];
-		rec->outcome = record_outcome(SPI_getvalue(tup, SPI_tuptable->tupdesc, 2),
-									  TextDatumGetCString(cols->values[1][n - 1]));
+		rec->outcome = record_outcome(SPI_getvalue(tup, SPI_tuptable->tupdesc, 2));
 		rec->next_at = 0;
 		rec->recorded = true;
 	}

@@ -7,7 +7,7 @@
  * A claim makes its requests dispatching and commits before their calls
  * are sent (src/claim.c).  Waiting for that commit to reach the disk was
  * most of a request's way from its COMMIT to its agent, so claims commit
- * asynchronously; the outcomes always did (src/xact.c).
+ * asynchronously, as the outcomes short of an end always did (src/xact.c).
  *
  * A claim lost in a crash (its commit not yet flushed), or one a standby
  * had not received when it was promoted, leaves its requests pending, yet

@@ -7,15 +7,19 @@
  * transaction of its own that commits before any network I/O; no snapshot
  * is held across a call to an agent.
  *
- * Claims and outcomes are committed asynchronously (synchronous_commit =
- * off, set in src/worker.c): an outcome lost in a crash is redone with the
- * same request id, and the agent answers a repeated id with the existing
- * job, so nothing runs twice; what a lost claim leaves is settled by
- * src/settle.c.  That holds only for what the agent's journal holds too: an
- * end the worker decided itself (it gave up, the agent refused, the
- * deadline passed) commits synchronously (rw_xact_make_durable()), or a
- * crash could bring the request back and the restart run after all, once
- * the request had been announced failed.
+ * Claims and outcomes short of an end are committed asynchronously
+ * (synchronous_commit = off, set in src/worker.c): such an outcome lost in
+ * a crash is redone with the same request id, and the agent answers a
+ * repeated id with the existing job, so nothing runs twice; what a lost
+ * claim leaves is settled by src/settle.c.  An end (completed or failed)
+ * commits synchronously (rw_xact_make_durable()), so that it is never
+ * visible or announced before it is on disk.  Lost in a crash, an end the
+ * worker decided itself (it gave up, the agent refused, the deadline
+ * passed) could bring the request back, and the restart run after all once
+ * the request had been announced failed; an end the agent reported could
+ * be replaced by one the worker decides after the restart (the deadline
+ * passed meanwhile, or the agent is unreachable then), and be announced
+ * twice, differently.
  *
  * An error in these transactions (a bad answer the SQL did not expect, a
  * missing privilege, a lock timeout) is logged and the transaction rolled

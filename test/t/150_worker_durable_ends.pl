@@ -1,7 +1,9 @@
 # An end the worker decides itself (it gave up on an agent it could not reach, the
 # deadline passed while the job ran) is committed durably: the agent's journal does not
 # hold it, so a crash that lost it would bring the request back, and the restart would
-# run after all once the request had been announced failed. The worker's other outcomes
+# run after all once the request had been announced failed. An end the agent reported is
+# committed durably too: lost, it would be replaced after the restart by the worker's
+# own "timed out" once the deadline had passed meanwhile. The worker's other outcomes
 # are committed asynchronously; here they stay in memory for up to 10 s (a slow WAL
 # writer, no autovacuum), so that an immediate stop right after loses what was not
 # committed durably.
@@ -23,12 +25,14 @@ my $agent = start_agent(
 	services => <<"SVC");
 gone_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $gone_runs" ]; } );
 late_svc = ( { argv = [ "/bin/sh", "-c", "sleep 3; echo run >> $late_runs" ]; } );
+quick_svc = ( { argv = [ "/bin/echo", "quick and done" ]; } );
 SVC
 
 my $node = new_node('durable', conf => "wal_writer_delay = '10s'\nautovacuum = off");
 setup_registry($node, 'host1', $agent->{url},
 	gone_svc => 'p_max_attempts => 1',
-	late_svc => "p_deadline => '2s'");
+	late_svc => "p_deadline => '2s'",
+	quick_svc => "p_deadline => '3s'");
 
 # Crash the cluster (immediate stop), run what is given to happen meanwhile, start it
 # again and wait until the worker has made its first claim, the one that takes over what
@@ -67,5 +71,19 @@ crash_and_restart(sub {
 $row = row_of($node, $id);
 is($row->{status}, 'failed', 'a crash right after it leaves the request failed, not completed');
 is($row->{error}, 'timed out (the job was still running on the agent)', 'with its error');
+
+# The agent reported the end: completed, with its output. The cluster crashes right after
+# and starts again only once the deadline has passed.
+$id = request_restart($node, 'quick_svc');
+ok(wait_status($node, $id, 'completed'), 'a quick job completes');
+my $deadline = $node->safe_psql('postgres',
+	"SELECT extract(epoch FROM deadline_at) FROM public.service_restart_requests WHERE id = '$id'");
+crash_and_restart(sub {
+	ok(wait_for(sub { time() > $deadline + 1 }, 30), 'its deadline passes while the cluster is down');
+});
+$row = row_of($node, $id);
+is($row->{status}, 'completed', 'a crash right after it leaves the request completed, not timed out');
+is($row->{exit_code}, 0, 'with its exit code');
+like($row->{output}, qr/quick and done/, 'and its output');
 
 done_testing();
