@@ -148,6 +148,7 @@ typedef struct agent_config
 	int			connection_memory_limit;
 	int			retention_days;
 	int			retention_max_jobs;
+	int			retention_min_age;
 	config_service *services;
 	int			nservices;
 	const config_service **services_by_name;	/* sorted, for lookups */

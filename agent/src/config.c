@@ -60,6 +60,7 @@ static const config_limit limit_defs[] = {
 	LIMIT(connection_memory_limit, 32768, 8192, 1048576),
 	LIMIT(retention_days, 7, 1, 3650),
 	LIMIT(retention_max_jobs, 1000, 1, 1000000),
+	LIMIT(retention_min_age, 3600, 0, 86400),
 	{NULL, 0, 0, 0, 0}
 };
 

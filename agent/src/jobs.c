@@ -24,7 +24,8 @@
  * - the finished jobs in a FIFO (jobs_done_head .. jobs_done_tail, linked
  *	 by next) in the order they finished, and their count jobs_done.
  *	 Retention pruning removes jobs from the oldest end only: those past
- *	 retention_days, then the oldest beyond retention_max_jobs.  Running
+ *	 retention_days, then the oldest beyond retention_max_jobs that
+ *	 finished more than retention_min_age seconds ago.  Running
  *	 jobs are never in it, so never pruned.  (The FIFO is in the order
  *	 jobs became finished, and a job's finished_at is taken just before
  *	 its final state is journaled, so the two orders may differ by the
@@ -377,20 +378,28 @@ jobs_write_final(job *j, job_status status, int64_t finished_at, int64_t until)
 
 /*
  * Drop the oldest finished jobs, from memory and disk, while they are
- * older than the retention period or more than the retained count.  Only
- * the oldest end of the finished FIFO is looked at, so a call costs
- * nothing more than the jobs it drops.  A job that long polls still wait
- * for stops the pruning until they are done (the last of them prunes
- * again): they must be able to read it.  Caller holds the lock.
+ * older than the retention period, or more than the retained count and
+ * finished longer than retention_min_age ago: a job younger than that is
+ * kept whatever the count, so that a replayed request (its signature is
+ * valid for up to ten minutes after the job was accepted) or a client's
+ * retry of a request id it is still following finds the job instead of
+ * starting it again.  Only the oldest end of the finished FIFO is looked
+ * at, so a call costs nothing more than the jobs it drops.  A job that
+ * long polls still wait for stops the pruning until they are done (the
+ * last of them prunes again): they must be able to read it.  Caller holds
+ * the lock.
  */
 static void
 jobs_prune(void)
 {
-	int64_t		cutoff = util_now_usec() - (int64_t) jobs_cfg->retention_days * 86400 * 1000000;
+	int64_t		now = util_now_usec();
+	int64_t		cutoff = now - (int64_t) jobs_cfg->retention_days * 86400 * 1000000;
+	int64_t		young = now - (int64_t) jobs_cfg->retention_min_age * 1000000;
 
 	while (jobs_done_head != NULL && jobs_done_head->waiters == 0 &&
 		   (jobs_done_head->finished_at < cutoff ||
-			jobs_done > jobs_cfg->retention_max_jobs))
+			(jobs_done > jobs_cfg->retention_max_jobs &&
+			 jobs_done_head->finished_at < young)))
 	{
 		job		   *j = jobs_done_pop();
 

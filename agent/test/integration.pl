@@ -121,7 +121,9 @@ sub start_agent
 	my $listen = $o{listen} // '127.0.0.1:0';
 	my $tls = $o{tls} ? "tls_cert = \"$o{tls}{cert}\";\ntls_key = \"$o{tls}{key}\";\n" : '';
 	my %limits = (max_body => 1024, max_jobs => 2, max_wait => 20, output_tail => 4096, kill_grace => 1,
-		connection_timeout => 30, retention_max_jobs => $o{retention} // 1000, %{ $o{limits} // {} });
+		connection_timeout => 30, retention_max_jobs => $o{retention} // 1000,
+		defined $o{retention} ? (retention_min_age => $o{retention_min_age} // 0) : (),
+		%{ $o{limits} // {} });
 	my $limits = join ' ', map { "$_ = $limits{$_};" } sort keys %limits;
 	spew("$dir/agent.conf", <<"CONF");
 listen = "$listen";
@@ -728,6 +730,20 @@ my $okid = uuid();
 	@st = map { (get_job($c, $_))[0] } @ids;
 	ok("@st" eq '404 404 200 200', 'after a restart the pruned jobs are still pruned', "@st");
 	stop_agent($c);
+}
+
+# --- retention by count keeps the jobs that finished within retention_min_age -----------
+{
+	my $b = start_agent(services => $services, retention => 2, limits => { retention_min_age => 3600 });
+	my @ids = map { uuid() } 1 .. 4;
+	for my $id (@ids) { post_restart($b, $id, 'ok'); wait_job($b, $id); }
+	my @st = map { (get_job($b, $_))[0] } @ids;
+	ok("@st" eq '200 200 200 200', 'retention_max_jobs keeps jobs that finished within retention_min_age', "@st");
+	my ($s, $j) = post_restart($b, $ids[0], 'ok');
+	my $accepted = () = slurp($b->{log}) =~ /job $ids[0]: accepted/g;
+	ok($s == 200 && $j->{status} eq 'completed' && $accepted == 1,
+		'so a repeated request id over the count gets its job, and nothing runs again', "$s $accepted");
+	stop_agent($b);
 }
 
 # --- retention keeps running jobs and drops the jobs that finished first -----------------
