@@ -573,7 +573,10 @@ http_begin(struct MHD_Connection *c, const char *url, const char *method, http_r
 						 "method_not_allowed");
 	}
 	cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
-	if (r->route == ROUTE_JOB && cl != NULL && strcmp(cl, "0") != 0)
+	/* a GET's body is refused before it is read: a length, or any chunked one */
+	if (r->route == ROUTE_JOB &&
+		((cl != NULL && strcmp(cl, "0") != 0) ||
+		 MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Transfer-Encoding") != NULL))
 		return http_get_with_body(c, r);
 	if (cl != NULL && (strlen(cl) > 9 || atol(cl) > http_cfg->max_body))
 		return http_error(c, r, 413, "payload_too_large", "the body is larger than the agent accepts");

@@ -424,6 +424,17 @@ my $okid = uuid();
 		. "webhook-timestamp: $ts\r\nwebhook-signature: $sig\r\n\r\n" . sprintf("%x\r\n%s\r\n", 800, 'y' x 800) x 3 . "0\r\n\r\n";
 	$resp = join '', <$sock>;
 	ok($resp =~ m{^HTTP/1\.1 400} && $resp =~ /empty body/, 'a GET with a chunked body over max_body: 400 too, not 413', $resp);
+	for my $case (['an empty chunked body', "0\r\n\r\n"], ['a chunked body far over max_body', sprintf("%x\r\n%s\r\n", 32768, 'y' x 32768) x 3 . "0\r\n\r\n"])
+	{
+		$sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+		my $gts = time;
+		my $gsig = sign($SECRET, $okid, $gts, '');
+		print $sock "GET /v1/restarts/$okid HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nwebhook-id: $okid\r\n"
+			. "webhook-timestamp: $gts\r\nwebhook-signature: $gsig\r\n\r\n";
+		print $sock $case->[1];
+		$resp = join '', <$sock>;
+		ok($resp =~ m{^HTTP/1\.1 400} && $resp =~ /empty body/, "a GET with $case->[0], validly signed: 400", substr($resp, 0, 200));
+	}
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => uuid());
 	ok($s == 400, 'GET with webhook-id different from the path id: 400');
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => $okid, unsigned => 1);
