@@ -318,6 +318,16 @@ http_set_transport(CURL *easy, RwCall *call, const char *url, long timeout_ms)
 	/* Never through a proxy named in the postmaster's environment. */
 	curl_easy_setopt(easy, CURLOPT_PROXY, "");
 	curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+#if LIBCURL_VERSION_NUM >= 0x075700
+	/*
+	 * A call that times out while its host name is being resolved leaves the
+	 * resolver's thread behind instead of waiting for it: waiting blocked the
+	 * whole loop, every other call and the signals with it, until the lookup
+	 * gave up (9 s in curl_multi_perform() with a DNS server that never
+	 * answers and the resolver's default 5 s timeout, 2 attempts).
+	 */
+	curl_easy_setopt(easy, CURLOPT_QUICK_EXIT, 1L);
+#endif
 	curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) rw_connect_timeout);
 	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, timeout_ms);
