@@ -52,6 +52,21 @@ SELECT id AS s1_request FROM request_service_restart('s1') \gset
 SELECT outcome($$SELECT restart_worker.remove_service('s1')$$);
 SELECT outcome($$SELECT restart_worker.remove_service('nobody')$$);
 
+-- Moving a service to another agent: allowed while its request is pending (it never
+-- reached an agent), refused once it may have (dispatching, running): the new agent would
+-- not know its id and run the steps again. Changing anything else stays allowed.
+SELECT restart_worker.register_agent('h2', 'http://10.0.0.6:8787', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+SELECT restart_worker.register_service('s1', 'h2', '1 minute');
+SELECT restart_worker.register_service('s1', 'h', '1 minute');
+UPDATE service_restart_requests SET status = 'dispatching' WHERE id = :'s1_request';
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'h2', '1 minute')$$);
+UPDATE service_restart_requests SET status = 'running' WHERE id = :'s1_request';
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'h2', '1 minute')$$);
+SELECT restart_worker.register_service('s1', 'h', '1 minute', 'still on h');
+SELECT agent, description FROM restart_worker.services WHERE name = 's1';
+UPDATE service_restart_requests SET status = 'pending' WHERE id = :'s1_request';
+SELECT restart_worker.remove_agent('h2');
+
 -- Cancelling: only pending requests, and only existing ones.
 SELECT outcome($$SELECT restart_worker.cancel_request(NULL)$$);
 SELECT outcome($$SELECT restart_worker.cancel_request('00000000-0000-0000-0000-000000000000')$$);

@@ -61,6 +61,17 @@ SELECT r.index_name, r.entries - b.entries BETWEEN 1 AND 20 AS read_a_few,
 SELECT service_name, status FROM service_restart_requests
 	WHERE service_name IN ('lk1', 'lk2', 'lk3', 'lk4', 'lk5') ORDER BY 1;
 
+-- A running request counts an attempt at every call that follows its job, without limit:
+-- the backoff's exponent is capped, so a failed call after thousands of them is retried
+-- (2 to the 1024th would overflow), within retry_max.
+UPDATE service_restart_requests SET status = 'running', dispatched_at = now(), attempts = 5000
+	WHERE id = '00000000-0000-4000-9000-000000000006';
+SELECT action, next_at - now() BETWEEN interval '0' AND interval '200 ms' AS within_retry_max
+	FROM restart_worker.worker_record('00000000-0000-4000-9000-000000000006',
+		'connect', NULL, NULL, false, true, 5, 20, 200, 60000, NULL);
+SELECT status, attempts FROM service_restart_requests
+	WHERE id = '00000000-0000-4000-9000-000000000006';
+
 DELETE FROM service_restart_requests WHERE service_name LIKE 'lk%';
 DELETE FROM restart_worker.services WHERE name LIKE 'lk%';
 DELETE FROM restart_worker.agents WHERE name = 'lkhost';

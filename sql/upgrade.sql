@@ -1,5 +1,5 @@
--- Upgrading from 1.0 (the install script as it shipped) through 1.1, 1.2, 1.3, 1.4 and 1.5 to
--- 1.6 keeps the rows and gives the same functions, privileges and objects as installing 1.6 afresh, also for
+-- Upgrading from 1.0 (the install script as it shipped) through 1.1, 1.2, 1.3, 1.4, 1.5 and 1.6
+-- to 1.7 keeps the rows and gives the same functions, privileges and objects as installing 1.7 afresh, also for
 -- a role made an admin (restart_worker.grant_admin()) before the upgrade.
 \set VERBOSITY terse
 DROP EXTENSION IF EXISTS restart_worker CASCADE;
@@ -19,6 +19,8 @@ SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 ALTER EXTENSION restart_worker UPDATE TO '1.5';
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 ALTER EXTENSION restart_worker UPDATE TO '1.6';
+SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
+ALTER EXTENSION restart_worker UPDATE TO '1.7';
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 SELECT name, agent FROM restart_worker.services;
 

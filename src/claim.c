@@ -109,6 +109,12 @@ claim_copy_rows(MemoryContext cxt)
 		row->deadline = DatumGetTimestampTz(SPI_getbinval(tup, desc, 5, &isnull));
 		d = SPI_getbinval(tup, desc, 6, &isnull);
 		row->maybe_sent = isnull || DatumGetBool(d);
+		/* accepted is new in 1.7; before, every claimed request was sent */
+		if (desc->natts >= 7)
+		{
+			d = SPI_getbinval(tup, desc, 7, &isnull);
+			row->accepted = !isnull && DatumGetBool(d);
+		}
 		rows = lappend(rows, row);
 	}
 	MemoryContextSwitchTo(old);
@@ -173,10 +179,13 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 	values[1] = rw_uuid_array(exclude);
 	values[2] = Int32GetDatum(rw_lease_ms());
 	values[3] = BoolGetDatum(recover);
+	/*
+	 * Every column, however many the extension's version returns: the kept
+	 * plan is made again when ALTER EXTENSION UPDATE replaces the function.
+	 */
 	plan = rw_plan(&claim_plan_claim,
-					  "SELECT id, url, key, body, deadline_at, maybe_sent"
-					  " FROM restart_worker.worker_claim($1, $2, $3, $4)",
-					  4, types);
+				   "SELECT * FROM restart_worker.worker_claim($1, $2, $3, $4)",
+				   4, types);
 	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "restart_worker: claim failed");
 	*rows = claim_copy_rows(cxt);

@@ -44,6 +44,9 @@ static int	dispatch_in_flight = 0;
 static uint64 dispatch_follow_seq = 0;	/* the last long-poll queued */
 static MemoryContext dispatch_cxt = NULL;
 
+static void dispatch_follow(RwCall *call);
+static void dispatch_start_queued_follows(void);
+
 /*
  * Allocate the call slots, once, for the largest max_in_flight allowed, so
  * that a reload can raise it.
@@ -148,7 +151,11 @@ dispatch_post_may_wait(const char *url)
 }
 
 /*
- * Take a slot for a claimed request and start the POST to its agent.
+ * Take a slot for a claimed request and start the POST to its agent, or,
+ * for a request the agent accepted already, queue the long-poll of its job
+ * (rw_dispatch_start_follows() starts it): sent again, a request whose id
+ * the agent no longer knows (its journal lost, the job pruned) would run
+ * its steps again, where asking for the job gets a 404.
  */
 void
 rw_dispatch_start(RwClaimed *row)
@@ -190,7 +197,10 @@ rw_dispatch_start(RwClaimed *row)
 	call->post_wait = dispatch_post_may_wait(call->url);
 	call->keylen = VARSIZE_ANY_EXHDR(row->key);
 	memcpy(call->key, VARDATA_ANY(row->key), call->keylen);
-	rw_http_start(call);
+	if (row->accepted)
+		dispatch_follow(call);
+	else
+		rw_http_start(call);
 }
 
 /*
@@ -291,6 +301,16 @@ dispatch_start_queued_follows(void)
 			call->record_at = Min(call->record_at,
 								  GetCurrentTimestamp() + DISPATCH_HOLD_MS * 1000);
 	}
+}
+
+/*
+ * Start the long-polls queued for requests just claimed that the agent had
+ * accepted (rw_dispatch_start()), as far as each agent's connections allow.
+ */
+void
+rw_dispatch_start_follows(void)
+{
+	dispatch_start_queued_follows();
 }
 
 /*

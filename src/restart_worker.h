@@ -218,6 +218,7 @@ typedef struct RwClaimed
 	char	   *body;
 	TimestampTz deadline;
 	bool		maybe_sent;		/* an earlier call may have reached the agent */
+	bool		accepted;		/* the agent accepted it: follow its job */
 } RwClaimed;
 
 typedef enum RwOutcome
@@ -304,6 +305,7 @@ extern int	rw_dispatch_free_slots(void);
 extern int	rw_dispatch_in_flight(void);
 extern List *rw_dispatch_ids(void);
 extern void rw_dispatch_start(RwClaimed *row);
+extern void rw_dispatch_start_follows(void);
 extern bool rw_dispatch_finish(TimestampTz *next_at, bool *more_done);
 extern TimestampTz rw_dispatch_next_record(void);
 extern void rw_dispatch_abort_all(void);

@@ -238,6 +238,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 		if (!row->maybe_sent)
 			announce = lappend(announce, &row->uuid);
 	}
+	rw_dispatch_start_follows();
 
 	/*
 	 * Send the calls before anything else; announcing the requests that were

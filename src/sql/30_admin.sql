@@ -154,6 +154,19 @@ BEGIN
 			USING ERRCODE = 'invalid_parameter_value',
 				  HINT = 'Register it first with restart_worker.register_agent().';
 	END IF;
+	-- A request that may have reached the service's agent is sent again, with the same id,
+	-- to whatever agent the service has then: another agent would not know the id and run
+	-- the steps again. The service's row lock orders this against new requests.
+	PERFORM 1 FROM restart_worker.services s
+		WHERE s.name = p_name AND s.agent <> p_agent
+		FOR UPDATE;
+	IF FOUND AND EXISTS (SELECT FROM public.service_restart_requests q
+						 WHERE q.service_name = p_name
+						   AND q.status IN ('dispatching', 'running')) THEN
+		RAISE EXCEPTION 'service "%" has a request its agent may be running', p_name
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  HINT = 'Change its agent once the request has ended.';
+	END IF;
 	INSERT INTO restart_worker.services AS s
 		(name, agent, cooldown, description, deadline, max_attempts)
 	VALUES (p_name, p_agent, p_cooldown, coalesce(p_description, ''),

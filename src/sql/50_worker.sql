@@ -211,8 +211,11 @@ END;
 -- driven on with the same id, and the agent answers with the existing job. Requests past
 -- their deadline fail. Rows locked by someone else are skipped, never waited for.
 -- maybe_sent says whether an earlier call may have reached the agent (the row was not
--- pending). The worker keeps what it has in flight in memory; the lease only matters if
--- it forgets a request.
+-- pending); accepted (since 1.7) whether the agent accepted it (dispatched_at): the worker
+-- then asks for its job (GET) instead of sending the request again, so that an agent that
+-- no longer knows the id (its journal lost, the job pruned) answers 404 instead of running
+-- the steps again. The worker keeps what it has in flight in memory; the lease only
+-- matters if it forgets a request.
 --
 -- Its plans are made once (plan_cache_mode), as a plan for any arguments: planning at
 -- every call costs more than a claim of a few requests, and a plan kept by default after
@@ -226,7 +229,7 @@ END;
 CREATE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
-			   maybe_sent boolean)
+			   maybe_sent boolean, accepted boolean)
 LANGUAGE plpgsql VOLATILE
 SET search_path = ''
 SET plan_cache_mode = force_generic_plan
@@ -284,7 +287,7 @@ BEGIN
 			RETURNING q.*)
 	SELECT c.id, a.url, pg_catalog.decode(pg_catalog.substr(a.secret, 7), 'base64'),
 		   restart_worker.call_body(c::public.service_restart_requests), c.deadline_at,
-		   d.old_status <> 'pending'
+		   d.old_status <> 'pending', c.dispatched_at IS NOT NULL
 	FROM claimed c
 	JOIN due d ON d.id = c.id
 	LEFT JOIN restart_worker.services s ON s.name = c.service_name
@@ -696,7 +699,10 @@ BEGIN
 	END IF;
 
 	-- Exponential backoff with jitter: half the delay fixed, half random.
-	v_delay := least(p_retry_max_ms, p_retry_base_ms * power(2, greatest(v_row.attempts, 1) - 1));
+	-- (The exponent is capped: a running request counts an attempt at every call that
+	-- follows it, without limit, and 2 to the 1024th overflows.)
+	v_delay := least(p_retry_max_ms,
+					 p_retry_base_ms * power(2, least(greatest(v_row.attempts, 1) - 1, 30)));
 	v_delay := v_delay / 2 + pg_catalog.random() * v_delay / 2;
 	next_at := least(pg_catalog.now() + pg_catalog.make_interval(secs => v_delay / 1000.0),
 					 v_row.deadline_at);

@@ -15,11 +15,13 @@ use RestartWorkerTest;
 
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $count = "$tmp/lost_claim.count";
+my $gate = "$tmp/lost_claim.gate";
 
 my $agent = start_agent(
 	name => 'agent_lost_claim',
 	services => <<"SVC");
-count_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count" ]; } );
+count_svc = ( { argv = [ "/bin/sh", "-c",
+  "echo run >> $count; i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done" ]; } );
 other_svc = ( { argv = [ "/bin/true" ]; } );
 SVC
 
@@ -28,8 +30,10 @@ setup_registry($node, 'host1', $agent->{url}, count_svc => '', other_svc => '');
 ok(worker_as_role($node, "restart_worker.settle_margin = '2s'\n"),
 	'the worker runs as its role');
 
+spew($gate, '');
 my $first = request_restart($node, 'count_svc');
 ok(wait_status($node, $first, 'completed'), 'a first request completes');
+unlink $gate;
 is($node->safe_psql('postgres', 'SELECT restart_worker.worker_unsettled_before() IS NULL'),
 	't', 'the worker has settled: its claims commit asynchronously');
 
@@ -37,12 +41,13 @@ is($node->safe_psql('postgres', 'SELECT restart_worker.worker_unsettled_before()
 $node->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
 
 # With the WAL writer stopped, the worker's asynchronous commits stay in memory: the
-# request's own commit is flushed, the claim and the recorded answer are not.
+# request's own commit is flushed, the claim and the recorded "running" are not. (Its end
+# would be flushed, and everything before it: the job runs until after the crash.)
 my $walwriter = stop_walwriter($node);
 ok(defined $walwriter, 'the WAL writer is stopped while it sleeps');
 my $id = request_restart($node, 'count_svc');
-ok(wait_status($node, $id, 'completed'), 'the request completes before the crash');
-is(count_lines($count), 2, 'its step ran');
+ok(wait_status($node, $id, 'running'), 'the request runs before the crash');
+is(count_lines($count), 2, 'its step started');
 
 # The crash: the postmaster restarts everything and recovers from what is on disk.
 my $crash_at = $node->safe_psql('postgres', 'SELECT now()');
@@ -76,6 +81,7 @@ is($node->safe_psql('postgres',
 
 # Once the worker runs, it settles: the request is sent again and the agent answers with
 # the job it ran.
+spew($gate, '');
 worker_back($node, $id, count_file => $count, runs => 2, offset => $offset, settled => 1);
 is($node->safe_psql('postgres', 'SELECT restart_worker.worker_unsettled_before() IS NULL'),
 	't', 'nothing is held back any more');

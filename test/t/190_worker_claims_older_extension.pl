@@ -1,7 +1,8 @@
 # This build on an extension still at 1.5 (no worker_settle(), no check in cancel())
 # commits its claims synchronously: a crash that loses every asynchronous commit keeps
-# the claim, and the request is driven on as dispatching. After ALTER EXTENSION UPDATE,
-# with the worker running, its claims commit asynchronously: the same crash loses one,
+# the claim, and the request is driven on as dispatching. After ALTER EXTENSION UPDATE
+# (to 1.7, whose worker_claim() is made again with a column more, under the worker's kept
+# plan), with the worker running, its claims commit asynchronously: the same crash loses one,
 # and the worker settles that request at its next start. Either way the step runs once.
 use strict;
 use warnings;
@@ -14,11 +15,13 @@ use RestartWorkerTest;
 
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $count = "$tmp/older_extension.count";
+my $gate = "$tmp/older_extension.gate";
 
 my $agent = start_agent(
 	name => 'agent_older_extension',
 	services => <<"SVC");
-count_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count" ]; } );
+count_svc = ( { argv = [ "/bin/sh", "-c",
+  "echo run >> $count; i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done" ]; } );
 SVC
 
 my $node = new_node('older_extension', no_extension => 1, conf => $NO_FLUSH_CONF);
@@ -27,25 +30,30 @@ setup_registry($node, 'host1', $agent->{url}, count_svc => '');
 ok(worker_as_role($node, "restart_worker.settle_margin = '0'\n"),
 	'the worker runs as its role');
 
-# A request completes while the WAL writer is stopped, then the server crashes with the
-# new worker unable to log in; returns the request id and the log offset of the crash.
+# A request runs while the WAL writer is stopped, then the server crashes with the new
+# worker unable to log in, and the job ends; returns the request id and the log offset of
+# the crash. (An end would be flushed, and everything before it: the job runs until after
+# the crash.)
 sub request_then_crash
 {
 	my ($what) = @_;
 	my $before = count_lines($count);
+	unlink $gate;
 	$node->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
 	my $walwriter = stop_walwriter($node);
 	ok(defined $walwriter, "$what: the WAL writer is stopped while it sleeps");
 	my $id = request_restart($node, 'count_svc');
-	ok(wait_status($node, $id, 'completed'), "$what: the request completes before the crash");
-	is(count_lines($count), $before + 1, "$what: its step ran");
+	ok(wait_status($node, $id, 'running'), "$what: the request runs before the crash");
+	is(count_lines($count), $before + 1, "$what: its step started");
 	my $offset = crash_walwriter($node, $walwriter);
 	ok(defined $offset, "$what: the server restarts after the crash");
 	ok($node->wait_for_log(qr/role "rw_worker" is not permitted to log in/, $offset),
 		"$what: the new worker cannot log in");
+	spew($gate, '');
 	return ($id, $offset, $before + 1);
 }
 
+spew($gate, '');
 my $first = request_restart($node, 'count_svc');
 ok(wait_status($node, $first, 'completed'), 'a first request completes on 1.5');
 
@@ -57,14 +65,15 @@ worker_back($node, $id, what => '1.5', count_file => $count, runs => $runs, offs
 $node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
 is($node->safe_psql('postgres',
 	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
-	'1.6', 'the extension is updated while the worker runs');
+	'1.7', 'the extension is updated while the worker runs');
+spew($gate, '');
 my $after = request_restart($node, 'count_svc');
-ok(wait_status($node, $after, 'completed'), 'a request completes on 1.6');
+ok(wait_status($node, $after, 'completed'), 'a request completes on 1.7');
 
-($id, $offset, $runs) = request_then_crash('1.6');
+($id, $offset, $runs) = request_then_crash('1.7');
 is(status_attempts($node, $id),
-	'pending 0', '1.6: the claim was lost (asynchronous): the request is pending again');
-worker_back($node, $id, what => '1.6', count_file => $count, runs => $runs, offset => $offset,
+	'pending 0', '1.7: the claim was lost (asynchronous): the request is pending again');
+worker_back($node, $id, what => '1.7', count_file => $count, runs => $runs, offset => $offset,
 	settled => 1);
 
 $node->stop;

@@ -15,11 +15,13 @@ use RestartWorkerTest;
 
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $count = "$tmp/promotion.count";
+my $gate = "$tmp/promotion.gate";
 
 my $agent = start_agent(
 	name => 'agent_promotion',
 	services => <<"SVC");
-count_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $count" ]; } );
+count_svc = ( { argv = [ "/bin/sh", "-c",
+  "echo run >> $count; i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done" ]; } );
 SVC
 
 # The primary stops at its crash (no restart): the standby takes over.  Its shared buffers
@@ -35,20 +37,23 @@ my $standby = PostgreSQL::Test::Cluster->new('promotion_standby');
 $standby->init_from_backup($primary, 'bk', has_streaming => 1);
 $standby->start;
 
+spew($gate, '');
 my $first = request_restart($primary, 'count_svc');
 ok(wait_status($primary, $first, 'completed'), 'a first request completes on the primary');
+unlink $gate;
 
 # After the promotion the worker will not be able to log in, until the role may again.
 $primary->safe_psql('postgres', 'ALTER ROLE rw_worker NOLOGIN');
 $primary->wait_for_catchup($standby);
 
-# The request's own commit is flushed and streamed; the worker's claim and recorded answer
-# are not, with the WAL writer stopped: a WAL sender sends only what was flushed.
+# The request's own commit is flushed and streamed; the worker's claim and recorded
+# "running" are not, with the WAL writer stopped: a WAL sender sends only what was flushed.
+# (An end would be flushed, and everything before it: the job runs until after the crash.)
 my $walwriter = stop_walwriter($primary);
 ok(defined $walwriter, 'the primary\'s WAL writer is stopped while it sleeps');
 my $id = request_restart($primary, 'count_svc');
-ok(wait_status($primary, $id, 'completed'), 'the request completes on the primary');
-is(count_lines($count), 2, 'its step ran');
+ok(wait_status($primary, $id, 'running'), 'the request runs on the primary');
+is(count_lines($count), 2, 'its step started');
 ok($standby->poll_query_until('postgres',
 	"SELECT status FROM public.service_restart_requests WHERE id = '$id'", 'pending'),
 	'the standby has the request, pending');
@@ -68,6 +73,7 @@ like(cancel_refusal($standby, $id),
 	qr/^request \S+ cannot be cancelled yet: it may have reached its agent before the server restarted/,
 	'cancelling it on the new primary is refused (55000)');
 
+spew($gate, '');
 worker_back($standby, $id, what => 'on the new primary', count_file => $count, runs => 2,
 	offset => $offset, settled => 1);
 
