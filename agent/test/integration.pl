@@ -439,6 +439,19 @@ my $okid = uuid();
 	ok($s == 400, 'GET with webhook-id different from the path id: 400');
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid", id => $okid, unsigned => 1);
 	ok($s == 401, 'unsigned GET: 401');
+	# a webhook-* header given twice, each copy valid: refused, whichever copy would match
+	for my $dup ('webhook-id', 'webhook-timestamp', 'webhook-signature')
+	{
+		my $dts = time;
+		my $dsig = sign($SECRET, $okid, $dts, '');
+		my %h = ('webhook-id' => $okid, 'webhook-timestamp' => $dts, 'webhook-signature' => $dsig);
+		my $head = join '', map { "$_: $h{$_}\r\n" } sort keys %h;
+		my $sock2 = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+		print $sock2 "GET /v1/restarts/$okid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n$head$dup: $h{$dup}\r\n\r\n";
+		my $resp2 = join '', <$sock2>;
+		ok($resp2 =~ m{^HTTP/1\.1 401} && $resp2 =~ /duplicated webhook-\* header/,
+			"$dup given twice: 401", substr($resp2, 0, 200));
+	}
 	($s, $j) = req($a, 'GET', "/v1/restarts/not-a-uuid", id => 'not-a-uuid');
 	ok($s == 400, 'GET of a non-UUID id: 400');
 	($s, $j) = req($a, 'GET', "/v1/restarts/$okid?wait=soon", id => $okid);

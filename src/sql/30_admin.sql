@@ -135,6 +135,9 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = ''
 AS $$
+DECLARE
+	v_status	text;
+	v_due		timestamptz;
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'service name');
 	PERFORM restart_worker.check_name(p_agent, 'agent name');
@@ -154,18 +157,29 @@ BEGIN
 			USING ERRCODE = 'invalid_parameter_value',
 				  HINT = 'Register it first with restart_worker.register_agent().';
 	END IF;
-	-- A request that may have reached the service's agent is sent again, with the same id,
-	-- to whatever agent the service has then: another agent would not know the id and run
-	-- the steps again. The service's row lock orders this against new requests.
+	-- A request that may have reached the service's agent goes on with the same id at
+	-- whatever agent the service has then, which would not know it: sent again, it would run
+	-- again; asked for, it would fail. So the agent does not change while a request is
+	-- dispatching or running, or pending but due before the worker settled what a crash
+	-- may have lost of its claims (see cancel()). The service's row lock orders this
+	-- against new requests, the locks on the active requests against claims: a claim
+	-- skips a row locked here, and one that holds a row makes this wait and see it
+	-- dispatching.
 	PERFORM 1 FROM restart_worker.services s
 		WHERE s.name = p_name AND s.agent <> p_agent
 		FOR UPDATE;
-	IF FOUND AND EXISTS (SELECT FROM public.service_restart_requests q
-						 WHERE q.service_name = p_name
-						   AND q.status IN ('dispatching', 'running')) THEN
-		RAISE EXCEPTION 'service "%" has a request its agent may be running', p_name
-			USING ERRCODE = 'object_not_in_prerequisite_state',
-				  HINT = 'Change its agent once the request has ended.';
+	IF FOUND THEN
+		FOR v_status, v_due IN
+			SELECT q.status, q.next_attempt_at FROM public.service_restart_requests q
+			WHERE q.service_name = p_name AND q.status IN ('pending', 'dispatching', 'running')
+			FOR UPDATE
+		LOOP
+			IF v_status <> 'pending' OR v_due <= restart_worker.worker_unsettled_before() THEN
+				RAISE EXCEPTION 'service "%" has a request its agent may be running', p_name
+					USING ERRCODE = 'object_not_in_prerequisite_state',
+						  HINT = 'Change its agent once the request has ended.';
+			END IF;
+		END LOOP;
 	END IF;
 	INSERT INTO restart_worker.services AS s
 		(name, agent, cooldown, description, deadline, max_attempts)

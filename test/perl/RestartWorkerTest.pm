@@ -235,6 +235,7 @@ sub fake_agent
 			close $fh;
 			my $r = $o{answer}->($method, $path, $id, $n);
 			if (!defined $r) { push @held, $c; next; }
+			if (!ref $r && $r eq 'close') { close $c; next; }
 			my ($code, $text) = @$r;
 			$text //= '';
 			print $c "HTTP/1.1 $code Whatever\r\nContent-Type: application/json\r\n"

@@ -52,7 +52,7 @@ ok(wait_status($node, $id, 'failed'), 'a failing step fails the request');
 $row = row_of($node, $id);
 is($row->{exit_code}, 3, 'exit code of the failing step');
 like($row->{output}, qr/broken/, 'output of the failing step');
-ok(defined $row->{error} && length $row->{error}, "error recorded: $row->{error}");
+is($row->{error}, 'step 2 exited with code 3', 'error recorded: the step and its exit code');
 ok(defined $row->{dispatched_at}, 'a failed job was dispatched');
 
 # A service the registry knows but the agent does not: 404, failed at once, no retry.

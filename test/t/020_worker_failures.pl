@@ -37,6 +37,8 @@ ok($node->poll_query_until('postgres',
 	'with the agent down the request is retried');
 my $row = row_of($node, $id);
 ok(!defined $row->{dispatched_at}, "not dispatched while the agent is down ($row->{error})");
+ok(!defined $row->{uncertain_at}, 'nothing was sent (the connection was refused): no cooldown held');
+is($row->{error}, 'could not connect to the agent', 'the error says so');
 restart_agent($agent);
 ok(wait_status($node, $id, 'completed'), 'once the agent is back the request completes');
 $row = row_of($node, $id);

@@ -46,6 +46,7 @@ my $done = wait_for(sub {
 my ($max_in_flight, $max_sockets) = split /\|/, $node->safe_psql('postgres',
 	'SELECT max_in_flight, max_sockets FROM restart_worker.status()');
 ok($done, "all $n requests ended");
+ok($reloaded, 'the configuration was reloaded (SIGHUP) while calls were in flight');
 is($node->safe_psql('postgres',
 	"SELECT count(*) FROM public.service_restart_requests WHERE status = 'completed'"),
 	$n, 'all completed');

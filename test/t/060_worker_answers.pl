@@ -211,6 +211,13 @@ ok($node->poll_query_until('postgres',
 	'busy: a pending request is cancelled during the backoff');
 $row = row_of($node, $id);
 is($row->{status}, 'cancelled', 'busy: cancelled');
+$id = request_restart($node, 'busy_svc');
+ok($node->poll_query_until('postgres',
+	"SELECT uncertain_at IS NULL
+	    AND error = 'the agent could not take the request: HTTP 429 too_many_jobs: too many jobs are running'
+	    AND try_cancel(id)
+	 FROM public.service_restart_requests WHERE id = '$id' AND attempts >= 1"),
+	'busy: pending again, with the agent\'s reason, and cancelled');
 
 # 5xx is retried until the maximum attempts, quoting the agent's own error object.
 my $broken = fake_service('broken', 'p_max_attempts => 2', sub {
@@ -251,6 +258,43 @@ is($row->{error},
 	'timed out (the job was still running on the agent) (last error: the agent could not take the request: HTTP 503)',
 	'lost: timed out with the last error');
 ok(defined $row->{dispatched_at}, 'lost: it had been dispatched');
+
+# The connection is closed without an answer: it may have reached the agent, so the
+# request is retried as dispatching, with the same id, and gives up saying so.
+my $hangup = fake_service('hangup', 'p_max_attempts => 2', sub { return 'close'; });
+$row = run_to($hangup, 'failed');
+is($row->{error},
+	'gave up after 2 attempts: the connection to the agent was lost; the agent may have received the request',
+	"hangup: $row->{error}");
+ok(defined $row->{uncertain_at}, 'hangup: it holds the cooldown, as one that may have been sent');
+is(scalar(grep { /^POST \S+ $row->{id}$/ } fake_calls($hangup)), 2, 'hangup: two POSTs, same id');
+
+# An answer larger than restart_worker.max_response_size (1 MB): failed at once; as the
+# call was sent, the agent may have taken the request.
+my $huge = fake_service('huge', '', sub {
+	my ($m, $p, $id) = @_;
+	return [202, job_json($id, output => 'x' x (2 * 1024 * 1024))];
+});
+$row = run_to($huge, 'failed');
+is($row->{error},
+	'invalid answer from the agent (larger than restart_worker.max_response_size); the agent may have received the request',
+	"huge: $row->{error}");
+is($row->{attempts}, 1, 'huge: not retried');
+
+# The service is taken out of the registry (an admin deleting its row) while its request
+# waits for an agent that is down: it fails at its next attempt, and nothing is sent.
+my $gone = fake_service('gone', 'p_max_attempts => 100', sub { return 'close'; });
+kill 'KILL', $gone->{pid};
+waitpid($gone->{pid}, 0);
+$gone->{pid} = undef;
+$id = request_restart($node, 'gone_svc');
+ok($node->poll_query_until('postgres',
+	"SELECT status = 'pending' AND attempts >= 1 FROM public.service_restart_requests WHERE id = '$id'"),
+	'gone: the request waits for its agent');
+$node->safe_psql('postgres', "DELETE FROM restart_worker.services WHERE name = 'gone_svc'");
+ok(wait_status($node, $id, 'failed'), 'gone: the request fails');
+$row = row_of($node, $id);
+is($row->{error}, 'the service or its agent is no longer registered', "gone: $row->{error}");
 
 $node->stop;
 done_testing();

@@ -10,6 +10,7 @@ use strict;
 use warnings;
 use POSIX ();
 use Time::HiRes ();
+use Time::Local ();
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -104,12 +105,13 @@ $node->safe_psql('postgres', q{
 	RETURNS timestamptz LANGUAGE plpgsql
 	AS $$ BEGIN RAISE EXCEPTION 'look broken on purpose'; END $$});
 my $log_from = -s $node->logfile;
-# The times (seconds in the day) of the failed looks logged so far.
+# The times of the failed looks logged so far, in seconds from the log's time stamps (their
+# date included, so that a run across midnight is measured right).
 my $tries = sub {
 	my $log = substr(slurp($node->logfile), $log_from);
 	my @at;
-	push @at, $1 * 3600 + $2 * 60 + $3
-	  while $log =~ /^\S+ (\d+):(\d+):([\d.]+) .*look broken on purpose/mg;
+	push @at, Time::Local::timegm(0, $5, $4, $3, $2 - 1, $1) + $6
+	  while $log =~ /^(\d+)-(\d+)-(\d+) (\d+):(\d+):([\d.]+) \S+ .*look broken on purpose/mg;
 	return @at;
 };
 my $late3 = request_restart($node, 'late3');
