@@ -64,6 +64,15 @@ like(cancel_refusal($node, $id),
 is($node->safe_psql('postgres',
 	"SELECT status FROM public.service_restart_requests WHERE id = '$id'"),
 	'pending', 'the request is left as it was');
+# Nor may its service move to another agent meanwhile: the request may be the old agent's.
+$node->safe_psql('postgres',
+	"SELECT restart_worker.register_agent('host2', 'http://127.0.0.1:9', '$SECRET')");
+my (undef, undef, $move) = $node->psql('postgres',
+	"SELECT restart_worker.register_service('count_svc', 'host2', '0')");
+like($move, qr/service "count_svc" has a request its agent may be running/,
+	'moving its service to another agent is refused (55000)');
+is($node->safe_psql('postgres', "SELECT agent FROM restart_worker.services WHERE name = 'count_svc'"),
+	'host1', 'the service stays with its agent');
 
 # The worker's first start came after the crash; requests due after it (and the margin for
 # clocks that disagree, here 2 s instead of 10 s) are not held back.
