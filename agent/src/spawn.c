@@ -68,6 +68,7 @@
 #define SPAWN_DRAIN_MSEC 1000
 #define SPAWN_TICK_MSEC 100
 #define SPAWN_KILL_ROUNDS 50
+#define SPAWN_READS_PER_WAKE 8	/* 128 KiB of output between looks at deadlines */
 #define SPAWN_DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 static int	spawn_stop_fd = -1;
@@ -569,14 +570,17 @@ spawn_sweep(pid_t sid)
 }
 
 /*
- * Read whatever the pipe holds and pass it on; close it at end of file.
+ * Read what the pipe holds, up to SPAWN_READS_PER_WAKE reads, and pass it
+ * on; close it at end of file.  The bound returns to the caller's loop,
+ * which checks the step's deadlines, however fast the step's processes
+ * fill the pipe.
  */
 static void
 spawn_read_output(spawn_state *st, spawn_output_cb out, void *arg)
 {
 	char		buf[16384];
 
-	for (;;)
+	for (int reads = 0; reads < SPAWN_READS_PER_WAKE; reads++)
 	{
 		ssize_t		n = read(st->outfd, buf, sizeof(buf));
 

@@ -254,6 +254,7 @@ my $services = <<"SVC";
   gate2 = ( { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; } );
   gate3 = ( { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; } );
   hang = ( { argv = ["$steps/hang.sh"]; timeout = 1; env = { PID_FILE = "$pids.hang"; }; } );
+  flood = ( { argv = ["/bin/sh", "-c", "yes & yes & yes & yes & wait"]; timeout = 1; } );
   graceful = ( { argv = ["$steps/graceful.sh"]; timeout = 1; env = { MARKER = "$pids.graceful"; }; } );
   noisy = ( { argv = ["$steps/noisy.sh"]; } );
   bg = ( { argv = ["$steps/bg.sh"]; env = { PID_FILE = "$pids.bg"; }; } );
@@ -661,6 +662,16 @@ my $okid = uuid();
 		&& $j->{signal} == 9 && !defined $j->{exit_code},
 		"step timeout: failed, timed_out, killed by SIGKILL after the grace period ($dt s)", $json->encode($j // {}));
 	ok(@p == 3 && wait_until(sub { !grep { !pid_gone($_) } @p }, 5), 'every process of the timed-out step group is gone', "@p");
+}
+
+# --- a step that floods its output from four processes still times out ---------------
+{
+	my $id = uuid();
+	post_restart($a, $id, 'flood');
+	my $j = wait_job($a, $id, 30);
+	ok($j && $j->{status} eq 'failed' && $j->{steps}[0]{timed_out} && length($j->{output}) > 0,
+		'a step flooding its output from four processes times out all the same',
+		substr($json->encode($j // {}), 0, 300));
 }
 
 # --- the grace period also covers what a step leaves ------------------------------
