@@ -269,6 +269,7 @@ dispatch_start_queued_follows(void)
 {
 	RwCall	   *queued[RW_MAX_SLOTS];
 	DispatchAgentFollows agents[RW_MAX_SLOTS];
+	TimestampTz now = GetCurrentTimestamp();
 	int			nagents = 0;
 	int			n = 0;
 	int			i;
@@ -291,7 +292,12 @@ dispatch_start_queued_follows(void)
 		RwCall	   *call = queued[i];
 		DispatchAgentFollows *agent = dispatch_agent_follows(agents, &nagents, call->url);
 
-		if (agent->n >= dispatch_follow_limit())
+		/*
+		 * One past its request's deadline starts anyway, asking the agent not
+		 * to wait: its answer ends the request (as the job ended, or timed
+		 * out) now, not once a long-poll ahead of it came back.
+		 */
+		if (agent->n >= dispatch_follow_limit() && call->deadline > now)
 			continue;
 		call->follow_seq = 0;
 		rw_http_start(call);
@@ -499,6 +505,28 @@ rw_dispatch_finish(TimestampTz *next_at, bool *more_done)
 	freed = dispatch_record(due, n, next_at);
 	dispatch_start_queued_follows();
 	return freed;
+}
+
+/*
+ * The earliest deadline of a request whose long-poll waits in the queue,
+ * or 0 if there is none: the worker wakes then to start it (see
+ * dispatch_start_queued_follows()).
+ */
+TimestampTz
+rw_dispatch_next_queued_deadline(void)
+{
+	TimestampTz next = 0;
+	int			i;
+
+	for (i = 0; i < RW_MAX_SLOTS; i++)
+	{
+		RwCall	   *call = &dispatch_slots[i];
+
+		if (call->in_use && call->follow_seq != 0 &&
+			(next == 0 || call->deadline < next))
+			next = call->deadline;
+	}
+	return next;
 }
 
 /*

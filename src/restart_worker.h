@@ -308,6 +308,7 @@ extern void rw_dispatch_start(RwClaimed *row);
 extern void rw_dispatch_start_follows(void);
 extern bool rw_dispatch_finish(TimestampTz *next_at, bool *more_done);
 extern TimestampTz rw_dispatch_next_record(void);
+extern TimestampTz rw_dispatch_next_queued_deadline(void);
 extern void rw_dispatch_abort_all(void);
 
 /* src/status.c */

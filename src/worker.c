@@ -142,7 +142,8 @@ static bool worker_settling = false;
 
 /*
  * How long to wait: until libcurl's timer, an outcome or after-claim work
- * to record, the safety-net poll, and, if a slot is free, the next due
+ * to record, the deadline of a request whose long-poll is queued, the
+ * safety-net poll, and, if a slot is free, the next due
  * request (neither that nor the poll before a failed claim may be tried
  * again), or, if no slot is free, the next look at deadlines (see
  * src/deadline.c), whichever is first.
@@ -155,6 +156,7 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 	long		curl_ms = rw_http_timeout();
 
 	TimestampTz record_at = rw_dispatch_next_record();
+	TimestampTz queued_at = rw_dispatch_next_queued_deadline();
 	TimestampTz after_claim_at = rw_after_claim_due();
 
 	TimestampTz look_at = rw_deadline_look_at();
@@ -174,6 +176,8 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 	}
 	if (record_at != 0)
 		timeout = Min(timeout, worker_ms_until(record_at, now));
+	if (queued_at != 0)
+		timeout = Min(timeout, worker_ms_until(queued_at, now));
 	if (after_claim_at != 0)
 		timeout = Min(timeout, worker_ms_until(after_claim_at, now));
 	if (curl_ms >= 0)
