@@ -47,6 +47,8 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
 	v_until		timestamptz := CASE WHEN p_recover THEN 'infinity' ELSE pg_catalog.now() END;
+	v_ids		uuid[];
+	v_sent		boolean[];
 BEGIN
 	-- Requests past their deadline are rare: look for one before running the update.
 	IF EXISTS (SELECT FROM public.service_restart_requests q
@@ -74,7 +76,6 @@ BEGIN
 		END IF;
 	END IF;
 
-	RETURN QUERY
 	WITH due AS (
 		SELECT q.id, q.status AS old_status FROM public.service_restart_requests q
 		WHERE q.status IN ('pending', 'dispatching', 'running')
@@ -95,12 +96,22 @@ BEGIN
 				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 				updated_at = pg_catalog.now()
 			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due))
-			RETURNING q.*)
+			RETURNING q.id)
+	SELECT pg_catalog.array_agg(c.id), pg_catalog.array_agg(d.old_status <> 'pending')
+		INTO v_ids, v_sent
+	FROM claimed c
+	JOIN due d ON d.id = c.id;
+
+	-- Where to send them, read by a statement of its own: under READ COMMITTED it sees a
+	-- change of a service's agent that committed before the claim locked the request
+	-- (register_service() refuses one after that), which the claim's own snapshot, taken
+	-- when it began, may not.
+	RETURN QUERY
 	SELECT c.id, a.url, pg_catalog.decode(pg_catalog.substr(a.secret, 7), 'base64'),
 		   restart_worker.call_body(c::public.service_restart_requests), c.deadline_at,
-		   d.old_status <> 'pending', c.dispatched_at IS NOT NULL
-	FROM claimed c
-	JOIN due d ON d.id = c.id
+		   m.maybe_sent, c.dispatched_at IS NOT NULL
+	FROM ROWS FROM (pg_catalog.unnest(v_ids), pg_catalog.unnest(v_sent)) AS m(id, maybe_sent)
+	JOIN public.service_restart_requests c ON c.id = m.id
 	LEFT JOIN restart_worker.services s ON s.name = c.service_name
 	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
 END;
