@@ -44,18 +44,21 @@ SELECT pg_temp.scanned() AS scanned_before \gset
 
 -- Claims of up to 64, as the worker makes them: 64, then the 34 left, then none. Then a
 -- claim after a restart: cl1 and cl2 are taken over, with their lease an hour away, but
--- not the requests the worker has in flight (those claimed above).
-CREATE TEMP TABLE claims (call integer, id uuid, maybe_sent boolean);
-INSERT INTO claims SELECT 1, id, maybe_sent FROM restart_worker.worker_claim(64, '{}', 60000, false);
-INSERT INTO claims SELECT 2, id, maybe_sent FROM restart_worker.worker_claim(64, '{}', 60000, false);
-INSERT INTO claims SELECT 3, id, maybe_sent FROM restart_worker.worker_claim(64, '{}', 60000, false);
-INSERT INTO claims SELECT 4, id, maybe_sent
+-- not the requests the worker has in flight (those claimed above). Each with its agent's
+-- URL; none accepted by its agent yet (see the end for one that was).
+CREATE TEMP TABLE claims (call integer, id uuid, maybe_sent boolean, accepted boolean, url text);
+INSERT INTO claims SELECT 1, id, maybe_sent, accepted, url FROM restart_worker.worker_claim(64, '{}', 60000, false);
+INSERT INTO claims SELECT 2, id, maybe_sent, accepted, url FROM restart_worker.worker_claim(64, '{}', 60000, false);
+INSERT INTO claims SELECT 3, id, maybe_sent, accepted, url FROM restart_worker.worker_claim(64, '{}', 60000, false);
+INSERT INTO claims SELECT 4, id, maybe_sent, accepted, url
 	FROM restart_worker.worker_claim(64, (SELECT array_agg(id) FROM claims), 60000, true);
 SELECT pg_stat_force_next_flush();
 SELECT pg_temp.scanned() - :scanned_before AS rows_scanned;
 
 -- (Requests left pending by earlier tests may be claimed too: they are not counted.)
-SELECT c.call, count(*) AS claimed, count(*) FILTER (WHERE c.maybe_sent) AS maybe_sent
+SELECT c.call, count(*) AS claimed, count(*) FILTER (WHERE c.maybe_sent) AS maybe_sent,
+	   count(*) FILTER (WHERE c.accepted) AS accepted,
+	   count(*) FILTER (WHERE c.url = 'http://127.0.0.1:9') AS with_url
 	FROM claims c JOIN service_restart_requests q USING (id)
 	WHERE q.service_name LIKE 'cl%'
 	GROUP BY c.call ORDER BY c.call;
@@ -179,6 +182,21 @@ SELECT (restart_worker.cancel_request(id)).status FROM service_restart_requests
 	WHERE service_name = 'cl113' AND status = 'pending';
 UPDATE service_restart_requests SET status = 'cancelled'
 	WHERE service_name LIKE 'cl%' AND status IN ('pending', 'dispatching', 'running');
+
+-- A running request (accepted by its agent) due again, and a dispatching one: the claim
+-- says which the agent accepted, so that the worker asks for that job instead of sending
+-- the request again (1.7); both may have reached the agent.
+INSERT INTO service_restart_requests (service_name, status, requested_by_role, attempts,
+									  next_attempt_at, deadline_at, dispatched_at)
+	VALUES ('cl115', 'running', 'postgres', 1, now() - interval '1 second', now() + interval '1 hour', now()),
+		   ('cl116', 'dispatching', 'postgres', 1, now() - interval '1 second', now() + interval '1 hour', NULL);
+SELECT q.service_name, c.maybe_sent, c.accepted, c.url
+	FROM restart_worker.worker_claim(64, '{}', 60000, false) c
+	JOIN service_restart_requests q USING (id)
+	WHERE q.service_name IN ('cl115', 'cl116')
+	ORDER BY 1;
+UPDATE service_restart_requests SET status = 'cancelled'
+	WHERE service_name IN ('cl115', 'cl116');
 
 DELETE FROM service_restart_requests WHERE service_name LIKE 'cl%';
 DELETE FROM restart_worker.services WHERE name LIKE 'cl%';
