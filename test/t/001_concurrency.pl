@@ -121,5 +121,34 @@ is($won, $sessions, 'requests for different services made at once are all accept
 is($node->safe_psql('conc', "SELECT count(DISTINCT service_name) FROM service_restart_requests"),
 	$sessions, 'one row for each service');
 
+# A row written beside the API (an admin's INSERT, not committed yet) while a request is
+# made: the request waits at the index that allows one active request per service and,
+# once the row is committed, is refused with PT409, saying that another request was made
+# at the same time.
+$node->safe_psql('conc', "DELETE FROM service_restart_requests");
+my $admin = $node->background_psql('conc');
+$admin->query_safe('BEGIN');
+$admin->query_safe(q{INSERT INTO service_restart_requests (service_name, requested_by_role, deadline_at)
+	VALUES ('svc', 'postgres', now() + interval '1 hour')});
+my ($o, $e) = ('', '');
+my $h = IPC::Run::start(
+	[
+		'psql', '-X', '-A', '-t', '-v', 'VERBOSITY=verbose', '-d', $node->connstr('conc'),
+		'-c', "SELECT status FROM request_service_restart('svc')"
+	],
+	'>', \$o, '2>', \$e);
+ok( $node->poll_query_until('conc',
+		"SELECT count(*) = 1 FROM pg_stat_activity "
+		  . "WHERE wait_event_type = 'Lock' AND query LIKE '%request_service_restart%'"),
+	'the request waits for the row not yet committed');
+$admin->query_safe('COMMIT');
+$admin->quit;
+$h->finish;
+like($e, qr/ERROR:\s+PT409: A restart request is already pending/, 'then it is refused with PT409');
+like($e, qr/DETAIL:\s+Another request for service "svc" was made at the same time/,
+	'saying that another request was made at the same time');
+is($node->safe_psql('conc', "SELECT count(*) FROM service_restart_requests"), '1',
+	'and writes nothing');
+
 $node->stop;
 done_testing();
