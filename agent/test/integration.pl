@@ -26,6 +26,9 @@ my $json = JSON::PP->new->canonical;
 my $SECRET = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
 my $SECRET2 = 'whsec_' . MIME::Base64::encode_base64('0123456789abcdefghijklmnopqrstuv', '');
 my ($passed, $failed) = (0, 0);
+# A write to a connection the agent has closed fails with EPIPE instead of killing the test
+# (see req()).
+$SIG{PIPE} = 'IGNORE';
 my @agents;
 
 # The prototype puts the condition in scalar context: in list context a failed match
@@ -199,7 +202,16 @@ sub req
 	}
 	%h = (%h, %{ $o{headers} // {} });
 	my $url = "$a->{scheme}://127.0.0.1:$a->{port}$path";
-	my $r = $a->{http}->request($method, $url, { headers => \%h, length($body) ? (content => $body) : () });
+	my $args = { headers => \%h, length($body) ? (content => $body) : () };
+	my $r = $a->{http}->request($method, $url, $args);
+	# The agent closes a connection after some answers (one given before the body was
+	# read, say); HTTP::Tiny may reuse it before it has seen the close, and the request
+	# then never left: send it again on a new connection.
+	if ($r->{status} == 599 && $r->{content} =~ /Could not write to socket|Socket closed/)
+	{
+		delete $a->{http}{handle};
+		$r = $a->{http}->request($method, $url, $args);
+	}
 	my $j = eval { decode_json($r->{content}) };
 	return ($r->{status}, $j, $r);
 }
@@ -308,14 +320,25 @@ ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit
 # --- 413 and 400 ---------------------------------------------------------
 {
 	my $id = uuid();
-	my ($s, $j) = post_restart($a, $id, 'ok', extra => { pad => 'x' x 2000 });
-	ok($s == 413 && $j->{error} eq 'payload_too_large', 'body over max_body: 413 payload_too_large');
-	# chunked body without Content-Length, over the limit
+	# A declared length over max_body is refused before the body is read: the headers alone
+	# get the answer (sending the body too would race the agent's closing the connection).
+	my $big = restart_body($id, 'ok', extra => { pad => 'x' x 2000 });
+	my $bts = time;
 	my $sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+	print $sock "POST /v1/restarts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+	  . "Content-Length: " . length($big) . "\r\nwebhook-id: $id\r\nwebhook-timestamp: $bts\r\n"
+	  . "webhook-signature: " . sign($SECRET, $id, $bts, $big) . "\r\n\r\n";
+	my $resp = '';
+	while (my $l = <$sock>) { $resp .= $l; }
+	ok($resp =~ m{^HTTP/1\.1 413} && $resp =~ /payload_too_large/,
+		'body over max_body: 413 payload_too_large, before the body is sent', substr($resp, 0, 200));
+	my ($s, $j);
+	# chunked body without Content-Length, over the limit
+	$sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
 	print $sock "POST /v1/restarts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n";
 	print $sock sprintf("%x\r\n%s\r\n", 800, 'y' x 800) for 1 .. 3;
 	print $sock "0\r\n\r\n";
-	my $resp = '';
+	$resp = '';
 	while (my $l = <$sock>) { $resp .= $l; }
 	ok($resp =~ m{^HTTP/1\.1 413} && $resp =~ /payload_too_large/, 'chunked body over max_body: 413', $resp);
 	($s, $j) = post_restart($a, $id, 'ok', body => '{"request_id": ');
@@ -1322,6 +1345,33 @@ SKIP: {
 		. ' known after kill -9 and restart, none ran twice)',
 		"accepted $accepted done $done compacted " . ($compacted ? 1 : 0) . "\n" . slurp($b->{log}));
 	stop_agent($c);
+}
+
+# --- while the agent stops, new requests get 500 internal_error (nothing runs) --------------
+# The first check after a known id: before an unknown service (404) or anything else.
+{
+	my $svc = qq{stubborn = ( { argv = ["$steps/hang.sh"]; env = { PID_FILE = "$pids.stubborn"; }; } );\n}
+	  . qq{quick = ( { argv = ["/bin/true"]; } );\n};
+	unlink "$pids.stubborn";
+	my $b = start_agent(services => $svc, limits => { kill_grace => 5 });
+	my $sid = uuid();
+	post_restart($b, $sid, 'stubborn');
+	ok(wait_until(sub { lines("$pids.stubborn") == 3 }, 10), 'a step that ignores SIGTERM runs');
+	kill 'TERM', $b->{pid};
+	ok(wait_until(sub { slurp($b->{log}) =~ /stopping 1 running job/ }, 10),
+		'the agent is stopping, waiting out the step\'s grace period');
+	my @st;
+	for my $svcname ('quick', 'nosuch')
+	{
+		my ($s, $j) = post_restart($b, uuid(), $svcname);
+		push @st, "$s " . ($j->{error} // '-');
+	}
+	ok("@st" eq '500 internal_error 500 internal_error',
+		'a new request meanwhile gets 500 internal_error, also one for an unknown service', "@st");
+	ok(stop_agent($b), 'then the agent stops');
+	ok(slurp($b->{log}) !~ /service quick/, 'and nothing ran for the refused request');
+	my @left = grep { /^\d+$/ && !pid_gone($_) } split /\n/, slurp("$pids.stubborn");
+	ok(!@left, 'and the stubborn step\'s processes are gone', "@left");
 }
 
 # --- the records of pruned jobs are gone after the next compaction ----------------------------
