@@ -92,11 +92,13 @@ sub free_port
 
 # The steps (libconfig text) of a service whose one step waits until the file $gate
 # exists (at most 60 s), then prints "gated": a job that runs until the test lets it end.
+# With $count, the step first appends a line to that file, to count its runs.
 sub gated_steps
 {
-	my ($gate) = @_;
+	my ($gate, $count) = @_;
 	my $wait = "i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done";
-	return qq|( { argv = [ "/bin/sh", "-c", "$wait; echo gated" ]; } )|;
+	my $run = defined $count ? "echo run >> $count; " : '';
+	return qq|( { argv = [ "/bin/sh", "-c", "$run$wait; echo gated" ]; } )|;
 }
 
 

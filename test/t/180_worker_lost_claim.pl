@@ -16,12 +16,12 @@ use RestartWorkerTest;
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $count = "$tmp/lost_claim.count";
 my $gate = "$tmp/lost_claim.gate";
+my $gated = gated_steps($gate, $count);
 
 my $agent = start_agent(
 	name => 'agent_lost_claim',
 	services => <<"SVC");
-count_svc = ( { argv = [ "/bin/sh", "-c",
-  "echo run >> $count; i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done" ]; } );
+count_svc = $gated;
 other_svc = ( { argv = [ "/bin/true" ]; } );
 SVC
 

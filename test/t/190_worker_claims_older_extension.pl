@@ -16,12 +16,12 @@ use RestartWorkerTest;
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $count = "$tmp/older_extension.count";
 my $gate = "$tmp/older_extension.gate";
+my $gated = gated_steps($gate, $count);
 
 my $agent = start_agent(
 	name => 'agent_older_extension',
 	services => <<"SVC");
-count_svc = ( { argv = [ "/bin/sh", "-c",
-  "echo run >> $count; i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done" ]; } );
+count_svc = $gated;
 SVC
 
 my $node = new_node('older_extension', no_extension => 1, conf => $NO_FLUSH_CONF);

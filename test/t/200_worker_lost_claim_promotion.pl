@@ -16,12 +16,12 @@ use RestartWorkerTest;
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $count = "$tmp/promotion.count";
 my $gate = "$tmp/promotion.gate";
+my $gated = gated_steps($gate, $count);
 
 my $agent = start_agent(
 	name => 'agent_promotion',
 	services => <<"SVC");
-count_svc = ( { argv = [ "/bin/sh", "-c",
-  "echo run >> $count; i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done" ]; } );
+count_svc = $gated;
 SVC
 
 # The primary stops at its crash (no restart): the standby takes over.  Its shared buffers

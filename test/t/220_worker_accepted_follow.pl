@@ -14,13 +14,13 @@ use RestartWorkerTest;
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $count = "$tmp/accepted.count";
 my $gate = "$tmp/accepted.gate";
+my $gated = gated_steps($gate, $count);
 
 # gated_svc runs until the gate file exists (at most a minute).
 my $agent = start_agent(
 	name => 'agent_accepted',
 	services => <<"SVC");
-gated_svc = ( { argv = [ "/bin/sh", "-c",
-  "echo run >> $count; i=0; while [ ! -e $gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done" ]; } );
+gated_svc = $gated;
 SVC
 
 my $node = new_node('accepted');
