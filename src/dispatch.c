@@ -45,7 +45,6 @@ static uint64 dispatch_follow_seq = 0;	/* the last long-poll queued */
 static MemoryContext dispatch_cxt = NULL;
 
 static void dispatch_follow(RwCall *call);
-static void dispatch_start_queued_follows(void);
 
 /*
  * Allocate the call slots, once, for the largest max_in_flight allowed, so
@@ -194,13 +193,15 @@ rw_dispatch_start(RwClaimed *row)
 	}
 	call->url = MemoryContextStrdup(dispatch_cxt, row->url);
 	call->body = MemoryContextStrdup(dispatch_cxt, row->body);
-	call->post_wait = dispatch_post_may_wait(call->url);
 	call->keylen = VARSIZE_ANY_EXHDR(row->key);
 	memcpy(call->key, VARDATA_ANY(row->key), call->keylen);
 	if (row->accepted)
 		dispatch_follow(call);
 	else
+	{
+		call->post_wait = dispatch_post_may_wait(call->url);
 		rw_http_start(call);
+	}
 }
 
 /*
@@ -232,7 +233,7 @@ dispatch_agent_follows(DispatchAgentFollows *agents, int *nagents, const char *u
 
 /*
  * Queue the long-poll of a running job at the back of its agent's queue;
- * dispatch_start_queued_follows() starts it when its turn comes.  A job
+ * rw_dispatch_start_follows() starts it when its turn comes.  A job
  * whose long-poll has just answered "running" queues behind those already
  * waiting, so that every running job is polled in turn and none waits
  * behind another that runs long.
@@ -262,10 +263,12 @@ dispatch_queue_cmp(const void *a, const void *b)
  * Start queued long-polls whose agent has room for them, in the order they
  * were queued: the longest waiting of each agent goes first.  The
  * long-polls in flight are counted per agent once, so that a burst of
- * running jobs costs one pass over the slots, not one per job.
+ * running jobs costs one pass over the slots, not one per job.  Called
+ * after each claim (for requests the agent had accepted) and after the
+ * outcomes of each turn are recorded.
  */
-static void
-dispatch_start_queued_follows(void)
+void
+rw_dispatch_start_follows(void)
 {
 	RwCall	   *queued[RW_MAX_SLOTS];
 	DispatchAgentFollows agents[RW_MAX_SLOTS];
@@ -307,16 +310,6 @@ dispatch_start_queued_follows(void)
 			call->record_at = Min(call->record_at,
 								  GetCurrentTimestamp() + DISPATCH_HOLD_MS * 1000);
 	}
-}
-
-/*
- * Start the long-polls queued for requests just claimed that the agent had
- * accepted (rw_dispatch_start()), as far as each agent's connections allow.
- */
-void
-rw_dispatch_start_follows(void)
-{
-	dispatch_start_queued_follows();
 }
 
 /*
@@ -503,17 +496,19 @@ rw_dispatch_finish(TimestampTz *next_at, bool *more_done)
 			due[n++] = call;
 	}
 	freed = dispatch_record(due, n, next_at);
-	dispatch_start_queued_follows();
+	rw_dispatch_start_follows();
 	return freed;
 }
 
 /*
- * The earliest deadline of a request whose long-poll waits in the queue,
- * or 0 if there is none: the worker wakes then to start it (see
- * dispatch_start_queued_follows()).
+ * When the calls need a turn of the worker that no socket or timer of
+ * libcurl brings, or 0 if none does: the earliest outcome that found its
+ * row locked, or held 202, to be recorded, and the earliest deadline of a
+ * request whose long-poll waits in the queue (it then starts, see
+ * rw_dispatch_start_follows()).
  */
 TimestampTz
-rw_dispatch_next_queued_deadline(void)
+rw_dispatch_next_turn(void)
 {
 	TimestampTz next = 0;
 	int			i;
@@ -521,31 +516,15 @@ rw_dispatch_next_queued_deadline(void)
 	for (i = 0; i < RW_MAX_SLOTS; i++)
 	{
 		RwCall	   *call = &dispatch_slots[i];
+		TimestampTz at;
 
-		if (call->in_use && call->follow_seq != 0 &&
-			(next == 0 || call->deadline < next))
-			next = call->deadline;
-	}
-	return next;
-}
-
-/*
- * When the earliest outcome that found its row locked, or held 202, is to
- * be recorded, or 0 if there is none.
- */
-TimestampTz
-rw_dispatch_next_record(void)
-{
-	TimestampTz next = 0;
-	int			i;
-
-	for (i = 0; i < RW_MAX_SLOTS; i++)
-	{
-		RwCall	   *call = &dispatch_slots[i];
-
-		if (call->in_use && call->record_at != 0 &&
-			(next == 0 || call->record_at < next))
-			next = call->record_at;
+		if (!call->in_use)
+			continue;
+		at = call->record_at;
+		if (call->follow_seq != 0 && (at == 0 || call->deadline < at))
+			at = call->deadline;
+		if (at != 0 && (next == 0 || at < next))
+			next = at;
 	}
 	return next;
 }

@@ -307,8 +307,7 @@ extern List *rw_dispatch_ids(void);
 extern void rw_dispatch_start(RwClaimed *row);
 extern void rw_dispatch_start_follows(void);
 extern bool rw_dispatch_finish(TimestampTz *next_at, bool *more_done);
-extern TimestampTz rw_dispatch_next_record(void);
-extern TimestampTz rw_dispatch_next_queued_deadline(void);
+extern TimestampTz rw_dispatch_next_turn(void);
 extern void rw_dispatch_abort_all(void);
 
 /* src/status.c */

@@ -155,8 +155,7 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 	long		timeout;
 	long		curl_ms = rw_http_timeout();
 
-	TimestampTz record_at = rw_dispatch_next_record();
-	TimestampTz queued_at = rw_dispatch_next_queued_deadline();
+	TimestampTz calls_at = rw_dispatch_next_turn();
 	TimestampTz after_claim_at = rw_after_claim_due();
 
 	TimestampTz look_at = rw_deadline_look_at();
@@ -174,10 +173,8 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 		if (look_at != 0)
 			timeout = Min(timeout, worker_ms_until(look_at, now));
 	}
-	if (record_at != 0)
-		timeout = Min(timeout, worker_ms_until(record_at, now));
-	if (queued_at != 0)
-		timeout = Min(timeout, worker_ms_until(queued_at, now));
+	if (calls_at != 0)
+		timeout = Min(timeout, worker_ms_until(calls_at, now));
 	if (after_claim_at != 0)
 		timeout = Min(timeout, worker_ms_until(after_claim_at, now));
 	if (curl_ms >= 0)
