@@ -10,6 +10,7 @@
  *
  *-------------------------------------------------------------------------
  */
+#include <fcntl.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
@@ -60,6 +61,23 @@ main_block_signals(sigset_t *set)
 	pthread_sigmask(SIG_BLOCK, set, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGXFSZ, SIG_IGN);
+}
+
+/*
+ * Make sure descriptors 0 to 2 are open, on /dev/null if they were closed,
+ * before the agent opens anything: otherwise its journal or a socket could
+ * get one of their numbers, receive log lines written to stderr, and be
+ * mistaken for a step's stdin or stdout (spawn.c relies on this).
+ */
+static void
+main_open_std_fds(void)
+{
+	int			fd;
+
+	while ((fd = open("/dev/null", O_RDWR)) >= 0 && fd <= 2)
+		;
+	if (fd > 2)
+		close(fd);
 }
 
 /* Set once the journal has failed: the agent then stops with status 1. */
@@ -127,6 +145,7 @@ main(int argc, char **argv)
 	sigset_t	set;
 	int			c;
 
+	main_open_std_fds();
 	while ((c = getopt_long(argc, argv, "c:nVh", opts, NULL)) != -1)
 	{
 		switch (c)

@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * spawn.c
- *	  Running one step: posix_spawn with a fixed argv, never a shell.
+ *	  Running one step: vfork and execve with a fixed argv, never a shell.
  *
  * The step gets a minimal environment, stdin from /dev/null, stdout and
  * stderr on one pipe, its own session (so also its own process group) and
@@ -53,7 +53,6 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,6 +71,7 @@
 #define SPAWN_DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 static int	spawn_stop_fd = -1;
+static int	spawn_devnull_fd = -1;	/* the steps' stdin */
 static bool spawn_subreaper = false;	/* orphans of steps come to the agent */
 static char spawn_children_path[64];	/* the main thread's children */
 
@@ -119,12 +119,15 @@ struct spawn_state
 };
 
 /*
- * Create the event descriptor through which a shutdown interrupts running
- * steps.
+ * Open /dev/null for the steps' stdin and create the event descriptor
+ * through which a shutdown interrupts running steps.
  */
 bool
 spawn_init(void)
 {
+	spawn_devnull_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (spawn_devnull_fd < 0)
+		return false;
 	spawn_stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	spawn_subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0;
 	snprintf(spawn_children_path, sizeof(spawn_children_path),
@@ -332,37 +335,84 @@ spawn_free_env(char **envp)
 }
 
 /*
- * Start the step's program with posix_spawn: own session, default
- * signal dispositions, empty signal mask, stdin /dev/null, stdout+stderr
- * to outfd, working directory cwd, every other descriptor closed.
- * Returns 0 or an errno value.
+ * The child's side of spawn_start(), between vfork() and execve(): give
+ * the step its session, descriptors, working directory and signal state,
+ * and exec its program.  Until the exec the child shares the agent's
+ * memory and runs on the stack of the thread that called vfork(), which is
+ * suspended meanwhile: only system calls here, no allocation, no lock.  If
+ * a call fails, its errno is left in *err and the child exits with 127.
+ *
+ * The agent installs no signal handler; it ignores SIGPIPE and SIGXFSZ,
+ * which an exec would keep ignored, so those two are set back to the
+ * default (every caught signal is reset by the exec itself).  The mask
+ * inherited from the agent, every signal blocked (see spawn_start()), is
+ * emptied last.  Descriptors 0 to 2 of the agent are always open (see
+ * main.c), so outfd and spawn_devnull_fd are above them.
+ */
+static void
+spawn_child(const config_step *step, char **envp, int outfd, volatile int *err)
+{
+	struct sigaction dfl;
+	sigset_t	none;
+
+	memset(&dfl, 0, sizeof(dfl));
+	dfl.sa_handler = SIG_DFL;
+	sigemptyset(&none);
+	if (sigaction(SIGPIPE, &dfl, NULL) == 0 &&
+		sigaction(SIGXFSZ, &dfl, NULL) == 0 &&
+		setsid() >= 0 &&
+		dup2(spawn_devnull_fd, 0) == 0 &&
+		dup2(outfd, 1) == 1 &&
+		dup2(outfd, 2) == 2 &&
+		close_range(3, ~0U, 0) == 0 &&
+		chdir(step->cwd) == 0 &&
+		sigprocmask(SIG_SETMASK, &none, NULL) == 0)
+		execve(step->argv[0], step->argv, envp);
+	*err = errno;
+	_exit(127);
+}
+
+/*
+ * Start the step's program: own session, default signal dispositions,
+ * empty signal mask, stdin /dev/null, stdout+stderr to outfd, working
+ * directory cwd, every other descriptor closed.  Returns 0 or an errno
+ * value (of the exec, for a program that cannot be run).
+ *
+ * vfork() rather than posix_spawn(): glibc's posix_spawn maps and unmaps a
+ * stack for the child and, with the signals it must reset unknown to it,
+ * asks the kernel about every one of them, 64 sigaction calls a step; the
+ * agent knows which two it changed (docs/benchmarks.md, thirteenth round,
+ * has the difference).  Every signal is blocked around the vfork(), so that no
+ * signal can reach the child before its exec except through the default
+ * disposition, and no handler can run on the memory it shares.
  */
 static int
 spawn_start(const config_step *step, char **envp, int outfd, pid_t *pid)
 {
-	posix_spawn_file_actions_t fa;
-	posix_spawnattr_t attr;
+	volatile int err = 0;
 	sigset_t	all;
-	sigset_t	none;
-	int			rc;
+	sigset_t	old;
+	pid_t		child;
+	int			fork_errno;
 
 	sigfillset(&all);
-	sigemptyset(&none);
-	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-	posix_spawn_file_actions_adddup2(&fa, outfd, 1);
-	posix_spawn_file_actions_adddup2(&fa, outfd, 2);
-	posix_spawn_file_actions_addclosefrom_np(&fa, 3);
-	posix_spawn_file_actions_addchdir_np(&fa, step->cwd);
-	posix_spawnattr_init(&attr);
-	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
-							 POSIX_SPAWN_SETSIGDEF);
-	posix_spawnattr_setsigmask(&attr, &none);
-	posix_spawnattr_setsigdefault(&attr, &all);
-	rc = posix_spawn(pid, step->argv[0], &fa, &attr, step->argv, envp);
-	posix_spawnattr_destroy(&attr);
-	posix_spawn_file_actions_destroy(&fa);
-	return rc;
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	child = vfork();
+	if (child == 0)
+		spawn_child(step, envp, outfd, &err);
+	fork_errno = errno;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (child < 0)
+		return fork_errno;
+	if (err != 0)
+	{
+		/* the child has exited already: reap it */
+		while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+			;
+		return err;
+	}
+	*pid = child;
+	return 0;
 }
 
 /*

@@ -145,6 +145,7 @@ CONF
 	{
 		open(STDERR, '>>', $log) or die;
 		open(STDOUT, '>>', $log) or die;
+		close(STDIN) if $o{close_stdin};
 		exec $bin, '--config', "$dir/agent.conf" or die "exec: $!";
 	}
 	my $exited;
@@ -274,13 +275,18 @@ my $services = <<"SVC";
   slow = ( { argv = ["$steps/sleep.sh", "1.5"]; } );
   quick = ( { argv = ["/bin/true"]; } );
   missing = ( { argv = ["/nonexistent/program"]; } );
+  nocwd = ( { argv = ["/bin/true"]; cwd = "/nonexistent-dir"; } );
+  procstate = ( { argv = ["/bin/cat", "/proc/self/status", "/proc/self/stat"]; },
+                { argv = ["/bin/readlink", "/proc/self/fd/0"]; }, { argv = ["/bin/ls", "/proc/self/fd"]; } );
   escape = ( { argv = ["$steps/escape.sh"]; env = { PID_FILE = "$pids.escape"; }; } );
   escapehang = ( { argv = ["$steps/escape.sh", "hang"]; timeout = 1; env = { PID_FILE = "$pids.escapehang"; }; } );
   counted = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.journal"; }; } );
   ctl = ( { argv = ["$steps/ctl.sh", "1048576"]; } );
 SVC
 
-my $a = start_agent(services => $services);
+# Started with stdin closed: the agent opens /dev/null in its place before anything else
+# (a step's stdin and stdout are then never one of the agent's own descriptors).
+my $a = start_agent(services => $services, close_stdin => 1);
 ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit 1;
 
 # --- healthz, routing -------------------------------------------------------
@@ -519,6 +525,30 @@ my $okid = uuid();
 	post_restart($a, $id, 'missing');
 	$j = wait_job($a, $id);
 	ok($j->{status} eq 'failed' && $j->{error} =~ /could not start/, 'missing program: failed, "could not start"', $json->encode($j // {}));
+	$id = uuid();
+	post_restart($a, $id, 'nocwd');
+	$j = wait_job($a, $id);
+	ok($j->{status} eq 'failed' && $j->{error} =~ /step 1 could not start \/bin\/true: No such file or directory/,
+		'working directory missing: failed, "could not start" with the reason', $json->encode($j // {}));
+}
+
+# --- the state a step starts in ----------------------------------------------------
+# Its own session, no signal blocked or ignored (the agent ignores SIGPIPE and SIGXFSZ and
+# blocks others in its threads), stdin on /dev/null, no descriptor of the agent's: ls sees
+# 0 to 2 and the one it opened to list them.
+{
+	my $id = uuid();
+	post_restart($a, $id, 'procstate');
+	my $j = wait_job($a, $id);
+	my $out = $j->{output} // '';
+	my ($blk) = $out =~ /^SigBlk:\s*(\S+)/m;
+	my ($ign) = $out =~ /^SigIgn:\s*(\S+)/m;
+	my ($pid, $sid) = $out =~ /^(\d+) \(cat\) \S+ \d+ \d+ (\d+) /m;
+	ok($j->{status} eq 'completed' && defined $blk && $blk =~ /^0+$/ && defined $ign && $ign =~ /^0+$/,
+		'a step starts with no signal blocked or ignored', $out);
+	ok(defined $sid && $pid == $sid, 'a step leads its own session', $out);
+	ok($out =~ m{^/dev/null$}m, 'a step reads stdin from /dev/null (the agent started with stdin closed)', $out);
+	ok($out =~ /^0\n1\n2\n3\n?\z/m, 'a step inherits no descriptor of the agent but 0 to 2', $out);
 }
 
 # --- 409, 429, long poll ---------------------------------------------------
