@@ -19,6 +19,7 @@
 #include "postgres.h"
 
 #include <curl/curl.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "common/hashfn.h"
@@ -34,58 +35,130 @@
 typedef struct HttpSocket
 {
 	curl_socket_t fd;
-	int			what;			/* CURL_POLL_IN, _OUT or _INOUT */
+	int			what;			/* CURL_POLL_IN, _OUT or _INOUT; 0 once libcurl
+								 * let go of it (parked) */
 	int			pos;			/* its event in the worker's wait event set,
 								 * or -1 if not added yet */
 	bool		changed;		/* what changed since it was added */
+	ino_t		ino;			/* the socket's inode: tells it from a later
+								 * socket given the same number */
 } HttpSocket;
 
 static CURLM *http_multi = NULL;
 static HttpSocket http_sockets[HTTP_MAX_SOCKETS];
-static int	http_nsockets = 0;
-static bool http_sockets_removed = true;	/* the wait event set is stale */
+static int	http_nsockets = 0;	/* watched and parked */
+static int	http_set_used = 0;	/* events added since the set was built */
+static bool http_set_stale = true;	/* the wait event set is stale */
 static int64 http_timer_at = 0;	/* on http_monotonic_us(); 0 = no timer */
 static List *http_failed_starts = NIL;	/* calls that could not start */
 static CURL *http_idle_easy[HTTP_MAX_IDLE_EASY];	/* transfers to reuse */
 static int	http_n_idle_easy = 0;
 
 /*
+ * The inode of socket fd, or 0 if it cannot be read.
+ */
+static ino_t
+http_socket_ino(curl_socket_t fd)
+{
+	struct stat st;
+
+	return fstat(fd, &st) == 0 ? st.st_ino : 0;
+}
+
+/*
+ * The sockets libcurl watches now (parked ones left out), for status().
+ */
+static int
+http_count_watched(void)
+{
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < http_nsockets; i++)
+		n += (http_sockets[i].what != 0);
+	return n;
+}
+
+/*
+ * Forget every parked socket; the wait event set must then be built anew,
+ * as it may still watch them.
+ */
+static void
+http_drop_parked(void)
+{
+	int			i = 0;
+
+	while (i < http_nsockets)
+	{
+		if (http_sockets[i].what == 0)
+			http_sockets[i] = http_sockets[--http_nsockets];
+		else
+			i++;
+	}
+	http_set_stale = true;
+}
+
+/*
  * libcurl's socket callback: remember which sockets to watch and for what.
  * Before it next waits, the worker adds new sockets to its wait event set
- * and changes the events of the others (rw_http_update_sockets); only a
- * socket that went away makes it build the set anew, as a wait event set
- * cannot drop an event.  With connections kept alive, that is rare.
+ * and changes the events of the others (rw_http_update_sockets).
+ *
+ * A wait event set cannot drop an event, and libcurl lets go of a socket
+ * at the end of every call whose connection it keeps alive: building the
+ * set anew then cost the worker more than any other part of a call but
+ * the SQL.  Such a socket is parked instead: it stays in the set with the
+ * events it had (no epoll_ctl on it: libcurl may have closed it already),
+ * and when libcurl wants it again for the next call, its event is changed
+ * back.  Its inode tells whether it is still the same socket; if libcurl
+ * closed it and a new socket got its number, the new one is added (the
+ * kernel dropped the closed one from the set).  A parked socket that
+ * becomes ready (the agent closed an idle connection) makes the worker
+ * build the set anew without the parked ones; see rw_http_socket_event().
  */
 static int
 http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 {
+	HttpSocket *sock = NULL;
 	int			i;
 
 	for (i = 0; i < http_nsockets; i++)
 		if (http_sockets[i].fd == fd)
-			break;
+			sock = &http_sockets[i];
 	if (what == CURL_POLL_REMOVE)
 	{
-		if (i < http_nsockets)
+		if (sock)
+			sock->what = 0;
+	}
+	else if (sock && sock->what != 0)
+	{
+		sock->changed |= (sock->what != what);
+		sock->what = what;
+	}
+	else if (sock)
+	{
+		ino_t		ino = http_socket_ino(fd);
+
+		if (sock->pos >= 0 && (ino == 0 || ino != sock->ino))
+			sock->pos = -1;		/* another socket: its event is gone */
+		sock->ino = ino;
+		sock->what = what;
+		sock->changed = true;
+	}
+	else
+	{
+		if (http_nsockets == HTTP_MAX_SOCKETS)
+			http_drop_parked();
+		if (http_nsockets < HTTP_MAX_SOCKETS)
 		{
-			http_sockets[i] = http_sockets[--http_nsockets];
-			http_sockets_removed = true;
+			sock = &http_sockets[http_nsockets++];
+			sock->fd = fd;
+			sock->what = what;
+			sock->pos = -1;
+			sock->changed = false;
+			sock->ino = http_socket_ino(fd);
 		}
 	}
-	else if (i < http_nsockets)
-	{
-		http_sockets[i].changed |= (http_sockets[i].what != what);
-		http_sockets[i].what = what;
-	}
-	else if (http_nsockets < HTTP_MAX_SOCKETS)
-	{
-		http_sockets[http_nsockets].fd = fd;
-		http_sockets[http_nsockets].what = what;
-		http_sockets[http_nsockets].pos = -1;
-		http_sockets[http_nsockets].changed = false;
-		http_nsockets++;
-	}
-	rw_status_set_sockets(http_nsockets);
+	rw_status_set_sockets(http_count_watched());
 	return 0;
 }
 
@@ -493,13 +566,13 @@ rw_http_timeout(void)
 }
 
 /*
- * Whether the worker's wait event set must be built anew: a socket went
- * away since it was built.
+ * Whether the worker's wait event set must be built anew: a parked socket
+ * became ready, or parked sockets were forgotten to make room.
  */
 bool
 rw_http_wait_set_stale(void)
 {
-	return http_sockets_removed;
+	return http_set_stale;
 }
 
 /*
@@ -528,42 +601,59 @@ http_socket_events(const HttpSocket *sock)
 }
 
 /*
- * Add the sockets libcurl wants watched to a new wait event set.
+ * Add the sockets libcurl wants watched to a new wait event set; parked
+ * sockets are forgotten (libcurl says when it wants one again).
  */
 void
 rw_http_add_sockets(WaitEventSet *set)
 {
 	int			i;
 
+	http_drop_parked();
 	for (i = 0; i < http_nsockets; i++)
 	{
 		http_sockets[i].pos = AddWaitEventToSet(set, http_socket_events(&http_sockets[i]),
 												http_sockets[i].fd, NULL, NULL);
 		http_sockets[i].changed = false;
 	}
-	http_sockets_removed = false;
+	http_set_used = http_nsockets;
+	http_set_stale = false;
 }
 
 /*
  * Bring the wait event set up to date with libcurl's sockets: add the new
- * ones, change the events of those whose wish changed.
+ * ones, change the events of those whose wish changed.  Returns false,
+ * having changed nothing, if the set has no room for the new ones (the
+ * events of sockets closed since it was built still take theirs): the
+ * caller then builds it anew.
  */
-void
+bool
 rw_http_update_sockets(WaitEventSet *set)
 {
+	int			added = 0;
 	int			i;
 
+	for (i = 0; i < http_nsockets; i++)
+		added += (http_sockets[i].what != 0 && http_sockets[i].pos < 0);
+	if (http_set_used + added > HTTP_MAX_SOCKETS)
+		return false;
 	for (i = 0; i < http_nsockets; i++)
 	{
 		HttpSocket *sock = &http_sockets[i];
 
+		if (sock->what == 0)
+			continue;
 		if (sock->pos < 0)
+		{
 			sock->pos = AddWaitEventToSet(set, http_socket_events(sock), sock->fd,
 										  NULL, NULL);
+			http_set_used++;
+		}
 		else if (sock->changed)
 			ModifyWaitEvent(set, sock->pos, http_socket_events(sock), NULL);
 		sock->changed = false;
 	}
+	return true;
 }
 
 /*
@@ -574,7 +664,17 @@ rw_http_socket_event(pgsocket fd, uint32 events)
 {
 	int			mask = 0;
 	int			running;
+	int			i;
 
+	for (i = 0; i < http_nsockets; i++)
+		if (http_sockets[i].fd == fd)
+			break;
+	if (i == http_nsockets || http_sockets[i].what == 0)
+	{
+		/* parked, and ready: build the set without it before waiting again */
+		http_set_stale = true;
+		return;
+	}
 	if (events & WL_SOCKET_READABLE)
 		mask |= CURL_CSELECT_IN;
 	if (events & WL_SOCKET_WRITEABLE)

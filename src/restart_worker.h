@@ -201,7 +201,7 @@ extern const char *rw_http_kind_name(RwCallKind kind);
 extern void rw_http_abort(RwCall *call);
 extern long rw_http_timeout(void);
 extern void rw_http_add_sockets(WaitEventSet *set);
-extern void rw_http_update_sockets(WaitEventSet *set);
+extern bool rw_http_update_sockets(WaitEventSet *set);
 extern int	rw_http_max_sockets(void);
 extern bool rw_http_wait_set_stale(void);
 extern void rw_http_socket_event(pgsocket fd, uint32 events);

@@ -293,10 +293,8 @@ worker_wait(WaitEventSet **set, long timeout)
 	int			n;
 	int			i;
 
-	if (*set == NULL || rw_http_wait_set_stale())
+	if (*set == NULL || rw_http_wait_set_stale() || !rw_http_update_sockets(*set))
 		*set = worker_build_wait_set(*set);
-	else
-		rw_http_update_sockets(*set);
 	n = WaitEventSetWait(*set, timeout, events, lengthof(events), PG_WAIT_EXTENSION);
 	for (i = 0; i < n; i++)
 	{
