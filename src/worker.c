@@ -102,8 +102,9 @@ worker_connect(void)
 /*
  * Build the wait event set: the latch, postmaster death and the sockets of
  * the calls in flight, with room for as many sockets as libcurl may watch.
- * Sockets added or changed later are updated in place (src/http.c); the
- * set is built anew only when a socket went away.
+ * Sockets added or changed later are updated in place, and sockets libcurl
+ * let go of stay in it, parked (src/http.c); the set is built anew only
+ * when a parked socket became ready or the set is full.
  */
 static WaitEventSet *
 worker_build_wait_set(WaitEventSet *old)

@@ -10,6 +10,7 @@
  *
  *-------------------------------------------------------------------------
  */
+#include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <pthread.h>
@@ -64,13 +65,16 @@ main_block_signals(sigset_t *set)
 }
 
 /*
- * Make sure descriptors 0 to 2 are open, on /dev/null if they were closed,
- * before the agent opens anything: otherwise its journal or a socket could
- * get one of their numbers, receive log lines written to stderr, and be
- * mistaken for a step's stdin or stdout (spawn.c relies on this).
+ * Before the agent opens anything: make sure descriptors 0 to 2 are open,
+ * on /dev/null if they were closed, and close every other descriptor it
+ * inherited.  Otherwise its journal or a socket could get one of the first
+ * three numbers, receive log lines written to stderr and be mistaken for a
+ * step's stdin or stdout, and an inherited descriptor (not close-on-exec)
+ * would reach every step.  Every descriptor the agent opens itself is
+ * close-on-exec (spawn.c relies on both).
  */
 static void
-main_open_std_fds(void)
+main_tidy_fds(void)
 {
 	int			fd;
 
@@ -78,6 +82,13 @@ main_open_std_fds(void)
 		;
 	if (fd > 2)
 		close(fd);
+	if (close_range(3, ~0U, 0) != 0)
+	{
+		long		max = sysconf(_SC_OPEN_MAX);
+
+		for (fd = 3; fd < max; fd++)
+			close(fd);
+	}
 }
 
 /* Set once the journal has failed: the agent then stops with status 1. */
@@ -145,7 +156,7 @@ main(int argc, char **argv)
 	sigset_t	set;
 	int			c;
 
-	main_open_std_fds();
+	main_tidy_fds();
 	while ((c = getopt_long(argc, argv, "c:nVh", opts, NULL)) != -1)
 	{
 		switch (c)
@@ -187,7 +198,12 @@ main(int argc, char **argv)
 		return 0;
 	}
 	journal_on_failure(main_on_journal_failure);
-	if (!spawn_init() || !jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))
+	if (!spawn_init())
+	{
+		log_msg("cannot start: cannot open /dev/null or an event descriptor: %s", strerror(errno));
+		return 1;
+	}
+	if (!jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))
 	{
 		log_msg("cannot start: %s", err);
 		return 1;

@@ -72,6 +72,8 @@
 
 static int	spawn_stop_fd = -1;
 static int	spawn_devnull_fd = -1;	/* the steps' stdin */
+static int	spawn_nondefault[NSIG];	/* signals to set back in a step */
+static int	spawn_nondefault_n;
 static bool spawn_subreaper = false;	/* orphans of steps come to the agent */
 static char spawn_children_path[64];	/* the main thread's children */
 
@@ -119,8 +121,32 @@ struct spawn_state
 };
 
 /*
- * Open /dev/null for the steps' stdin and create the event descriptor
- * through which a shutdown interrupts running steps.
+ * Note the signals whose disposition is not the default: those the agent
+ * ignores (SIGPIPE, SIGXFSZ), and those ignored by whatever started it
+ * (nohup, a shell's trap), which it inherited.  An exec keeps a signal
+ * ignored, so the steps' child sets these back (see spawn_child()).  The
+ * agent changes no disposition after this.  glibc's own signals cannot be
+ * asked about (sigaction fails): an exec resets their handlers.
+ */
+static void
+spawn_note_signals(void)
+{
+	for (int sig = 1; sig < NSIG; sig++)
+	{
+		struct sigaction sa;
+
+		if (sig != SIGKILL && sig != SIGSTOP &&
+			sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL &&
+			spawn_nondefault_n < (int) (sizeof(spawn_nondefault) / sizeof(int)))
+			spawn_nondefault[spawn_nondefault_n++] = sig;
+	}
+}
+
+/*
+ * Open /dev/null for the steps' stdin, note the signals to set back in
+ * them, and create the event descriptor through which a shutdown
+ * interrupts running steps.  Returns false, with errno set, if a
+ * descriptor cannot be opened.
  */
 bool
 spawn_init(void)
@@ -128,6 +154,7 @@ spawn_init(void)
 	spawn_devnull_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	if (spawn_devnull_fd < 0)
 		return false;
+	spawn_note_signals();
 	spawn_stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	spawn_subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0;
 	snprintf(spawn_children_path, sizeof(spawn_children_path),
@@ -342,33 +369,42 @@ spawn_free_env(char **envp)
  * suspended meanwhile: only system calls here, no allocation, no lock.  If
  * a call fails, its errno is left in *err and the child exits with 127.
  *
- * The agent installs no signal handler; it ignores SIGPIPE and SIGXFSZ,
- * which an exec would keep ignored, so those two are set back to the
- * default (every caught signal is reset by the exec itself).  The mask
- * inherited from the agent, every signal blocked (see spawn_start()), is
- * emptied last.  Descriptors 0 to 2 of the agent are always open (see
- * main.c), so outfd and spawn_devnull_fd are above them.
+ * The agent installs no signal handler; the signals it or its starter
+ * ignored, which an exec would keep ignored, are set back to the default
+ * (see spawn_note_signals()).  The mask inherited from the agent's thread,
+ * every signal blocked (see spawn_start()), is emptied last.
+ *
+ * Descriptors 0 to 2 of the agent are always open and every other one is
+ * close-on-exec (see main.c), so outfd and spawn_devnull_fd are above 2,
+ * and the close_range() is a second guard: where the kernel lacks it (or
+ * a seccomp filter refuses it), the step starts all the same.
  */
 static void
+__attribute__((noinline, noreturn))
 spawn_child(const config_step *step, char **envp, int outfd, volatile int *err)
 {
 	struct sigaction dfl;
 	sigset_t	none;
+	int			i;
 
 	memset(&dfl, 0, sizeof(dfl));
 	dfl.sa_handler = SIG_DFL;
 	sigemptyset(&none);
-	if (sigaction(SIGPIPE, &dfl, NULL) == 0 &&
-		sigaction(SIGXFSZ, &dfl, NULL) == 0 &&
+	for (i = 0; i < spawn_nondefault_n; i++)
+		if (sigaction(spawn_nondefault[i], &dfl, NULL) != 0)
+			break;
+	if (i == spawn_nondefault_n &&
 		setsid() >= 0 &&
 		dup2(spawn_devnull_fd, 0) == 0 &&
 		dup2(outfd, 1) == 1 &&
-		dup2(outfd, 2) == 2 &&
-		close_range(3, ~0U, 0) == 0 &&
-		chdir(step->cwd) == 0 &&
-		sigprocmask(SIG_SETMASK, &none, NULL) == 0)
-		execve(step->argv[0], step->argv, envp);
-	*err = errno;
+		dup2(outfd, 2) == 2)
+	{
+		(void) close_range(3, ~0U, 0);	/* a second guard: see above */
+		if (chdir(step->cwd) == 0 &&
+			sigprocmask(SIG_SETMASK, &none, NULL) == 0)
+			execve(step->argv[0], step->argv, envp);
+	}
+	*err = errno != 0 ? errno : ECHILD;
 	_exit(127);
 }
 
@@ -381,9 +417,11 @@ spawn_child(const config_step *step, char **envp, int outfd, volatile int *err)
  * vfork() rather than posix_spawn(): glibc's posix_spawn maps and unmaps a
  * stack for the child and, with the signals it must reset unknown to it,
  * asks the kernel about every one of them, 64 sigaction calls a step; the
- * agent knows which two it changed (docs/benchmarks.md, thirteenth round,
- * has the difference).  Every signal is blocked around the vfork(), so that no
- * signal can reach the child before its exec except through the default
+ * agent knows which it changed (docs/benchmarks.md, thirteenth round, has
+ * the difference).  Every signal that can be blocked is blocked around the
+ * vfork() (glibc keeps its own two deliverable; the agent neither cancels
+ * threads nor changes its ids, which is what sends them), so that no
+ * signal reaches the child before its exec but through the default
  * disposition, and no handler can run on the memory it shares.
  */
 static int

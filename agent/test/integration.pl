@@ -146,6 +146,7 @@ CONF
 		open(STDERR, '>>', $log) or die;
 		open(STDOUT, '>>', $log) or die;
 		close(STDIN) if $o{close_stdin};
+		$SIG{$_} = 'IGNORE' for @{ $o{ignore_signals} // [] };
 		exec $bin, '--config', "$dir/agent.conf" or die "exec: $!";
 	}
 	my $exited;
@@ -284,9 +285,10 @@ my $services = <<"SVC";
   ctl = ( { argv = ["$steps/ctl.sh", "1048576"]; } );
 SVC
 
-# Started with stdin closed: the agent opens /dev/null in its place before anything else
-# (a step's stdin and stdout are then never one of the agent's own descriptors).
-my $a = start_agent(services => $services, close_stdin => 1);
+# Started with stdin closed (the agent opens /dev/null in its place before anything else,
+# so a step's stdin and stdout are never one of the agent's own descriptors) and, as nohup
+# or a shell's trap would, with signals ignored (which its steps must not inherit).
+my $a = start_agent(services => $services, close_stdin => 1, ignore_signals => [qw(HUP INT QUIT)]);
 ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit 1;
 
 # --- healthz, routing -------------------------------------------------------
@@ -533,9 +535,10 @@ my $okid = uuid();
 }
 
 # --- the state a step starts in ----------------------------------------------------
-# Its own session, no signal blocked or ignored (the agent ignores SIGPIPE and SIGXFSZ and
-# blocks others in its threads), stdin on /dev/null, no descriptor of the agent's: ls sees
-# 0 to 2 and the one it opened to list them.
+# Its own session, no signal blocked or ignored (the agent ignores SIGPIPE and SIGXFSZ,
+# blocks others in its threads, and was started with SIGHUP, SIGINT and SIGQUIT ignored),
+# stdin on /dev/null, no descriptor of the agent's or of what started it: ls sees 0 to 2
+# and the one it opened to list them.
 {
 	my $id = uuid();
 	post_restart($a, $id, 'procstate');
