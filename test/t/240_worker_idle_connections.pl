@@ -14,6 +14,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use POSIX ();
 
 use RestartWorkerTest;
 
@@ -52,7 +53,7 @@ sub worker_ticks
 # The agent goes away: its end closes the connections the worker keeps.  Over the next
 # two safety-net polls (about two seconds) the worker must mostly sleep.
 stop_agent($agent);
-my $hz = 100;    # USER_HZ, what /proc/<pid>/stat counts in on Linux
+my $hz = POSIX::sysconf(POSIX::_SC_CLK_TCK());    # what /proc/<pid>/stat counts in
 my $ticks0 = worker_ticks();
 my $t0 = time;
 my $polls0 = $node->safe_psql('postgres', 'SELECT polls FROM restart_worker.status()');
