@@ -201,6 +201,7 @@ main(int argc, char **argv)
 	if (!spawn_init())
 	{
 		log_msg("cannot start: cannot open /dev/null or an event descriptor: %s", strerror(errno));
+		config_free(cfg);
 		return 1;
 	}
 	if (!jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))

@@ -156,10 +156,19 @@ spawn_init(void)
 		return false;
 	spawn_note_signals();
 	spawn_stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (spawn_stop_fd < 0)
+	{
+		int			err = errno;
+
+		close(spawn_devnull_fd);
+		spawn_devnull_fd = -1;
+		errno = err;
+		return false;
+	}
 	spawn_subreaper = prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0;
 	snprintf(spawn_children_path, sizeof(spawn_children_path),
 			 "/proc/self/task/%d/children", (int) getpid());
-	return spawn_stop_fd >= 0;
+	return true;
 }
 
 /*

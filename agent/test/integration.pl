@@ -147,6 +147,9 @@ CONF
 		open(STDOUT, '>>', $log) or die;
 		close(STDIN) if $o{close_stdin};
 		$SIG{$_} = 'IGNORE' for @{ $o{ignore_signals} // [] };
+		# a limit on open descriptors, set by sh (Perl has no setrlimit of its own)
+		exec 'sh', '-c', "ulimit -n $o{nofile} && exec \"\$0\" \"\$@\"", $bin, '--config', "$dir/agent.conf"
+		  or die "exec: $!" if $o{nofile};
 		exec $bin, '--config', "$dir/agent.conf" or die "exec: $!";
 	}
 	my $exited;
@@ -552,6 +555,14 @@ my $okid = uuid();
 	ok(defined $sid && $pid == $sid, 'a step leads its own session', $out);
 	ok($out =~ m{^/dev/null$}m, 'a step reads stdin from /dev/null (the agent started with stdin closed)', $out);
 	ok($out =~ /^0\n1\n2\n3\n?\z/m, 'a step inherits no descriptor of the agent but 0 to 2', $out);
+
+	# With room for one descriptor beyond 0 to 2 the configuration is read (one file at a
+	# time) and /dev/null opened for the steps, but nothing more: the agent refuses to
+	# start, saying why.
+	my $c = start_agent(services => $services, nofile => 4);
+	ok(!$c->{port} && ($c->{status} // 0) >> 8 == 1
+		&& slurp($c->{log}) =~ /cannot start: cannot open \/dev\/null or an event descriptor: Too many open files/,
+		'out of descriptors at start: the agent exits 1, saying why', slurp($c->{log}));
 }
 
 # --- 409, 429, long poll ---------------------------------------------------
