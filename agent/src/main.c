@@ -10,6 +10,7 @@
  *
  *-------------------------------------------------------------------------
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -66,15 +67,12 @@ main_block_signals(sigset_t *set)
 
 /*
  * Before the agent opens anything: make sure descriptors 0 to 2 are open,
- * on /dev/null if they were closed, and close every other descriptor it
- * inherited.  Otherwise its journal or a socket could get one of the first
- * three numbers, receive log lines written to stderr and be mistaken for a
- * step's stdin or stdout, and an inherited descriptor (not close-on-exec)
- * would reach every step.  Every descriptor the agent opens itself is
- * close-on-exec (spawn.c relies on both).
+ * on /dev/null if they were closed.  Otherwise its journal or a socket
+ * could get one of their numbers, receive log lines written to stderr and
+ * be mistaken for a step's stdin or stdout (spawn.c relies on this).
  */
 static void
-main_tidy_fds(void)
+main_open_std_fds(void)
 {
 	int			fd;
 
@@ -82,13 +80,48 @@ main_tidy_fds(void)
 		;
 	if (fd > 2)
 		close(fd);
-	if (close_range(3, ~0U, 0) != 0)
-	{
-		long		max = sysconf(_SC_OPEN_MAX);
+}
 
-		for (fd = 3; fd < max; fd++)
+/*
+ * Once the configuration is read (it may name an inherited descriptor,
+ * /dev/fd/N), close every descriptor the agent inherited above 2: one not
+ * close-on-exec would reach every step.  Every descriptor the agent opens
+ * itself is close-on-exec.  Without close_range (a kernel before 5.9, a
+ * seccomp filter that refuses it) the open ones are listed in
+ * /proc/self/fd, so that a high descriptor limit costs nothing.
+ */
+static void
+main_close_inherited_fds(void)
+{
+	DIR		   *dir;
+	struct dirent *de;
+
+	if (close_range(3, ~0U, 0) == 0 || (dir = opendir("/proc/self/fd")) == NULL)
+		return;
+	while ((de = readdir(dir)) != NULL)
+	{
+		int			fd = atoi(de->d_name);
+
+		if (fd > 2 && fd != dirfd(dir))
 			close(fd);
 	}
+	closedir(dir);
+}
+
+/*
+ * Set SIGCHLD back to the default if whatever started the agent left it
+ * ignored: the kernel would then reap every step as it exits, before the
+ * agent could read its exit status (the job would never end).
+ */
+static void
+main_default_sigchld(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = SIG_DFL;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGCHLD, &sa, NULL);
 }
 
 /* Set once the journal has failed: the agent then stops with status 1. */
@@ -156,7 +189,7 @@ main(int argc, char **argv)
 	sigset_t	set;
 	int			c;
 
-	main_tidy_fds();
+	main_open_std_fds();
 	while ((c = getopt_long(argc, argv, "c:nVh", opts, NULL)) != -1)
 	{
 		switch (c)
@@ -198,6 +231,8 @@ main(int argc, char **argv)
 		return 0;
 	}
 	journal_on_failure(main_on_journal_failure);
+	main_close_inherited_fds();
+	main_default_sigchld();
 	if (!spawn_init())
 	{
 		log_msg("cannot start: cannot open /dev/null or an event descriptor: %s", strerror(errno));

@@ -383,10 +383,11 @@ spawn_free_env(char **envp)
  * (see spawn_note_signals()).  The mask inherited from the agent's thread,
  * every signal blocked (see spawn_start()), is emptied last.
  *
- * Descriptors 0 to 2 of the agent are always open and every other one is
- * close-on-exec (see main.c), so outfd and spawn_devnull_fd are above 2,
- * and the close_range() is a second guard: where the kernel lacks it (or
- * a seccomp filter refuses it), the step starts all the same.
+ * Descriptors 0 to 2 of the agent are always open, and every other one is
+ * close-on-exec or was closed at start (see main.c), so outfd and
+ * spawn_devnull_fd are above 2, and the close_range() is a second guard:
+ * where the kernel lacks it (or a seccomp filter refuses it with an
+ * error), the step starts all the same.
  */
 static void
 __attribute__((noinline, noreturn))

@@ -16,6 +16,7 @@ use JSON::PP;
 use POSIX qw(:sys_wait_h);
 use Time::HiRes qw(time sleep);
 use IO::Socket::INET;
+use Fcntl qw(F_SETFD);
 
 my $root = abs_path(File::Spec->catdir((File::Spec->splitpath(abs_path($0)))[1], '..'));
 my $bin = abs_path($ARGV[0] // "$root/restart-agent");
@@ -131,7 +132,7 @@ sub start_agent
 	spew("$dir/agent.conf", <<"CONF");
 listen = "$listen";
 $tls
-secrets_file = "secrets";
+secrets_file = "@{[ $o{config_fd} ? "$dir/secrets" : 'secrets' ]}";
 state_dir = "$dir/state";
 limits = { $limits };
 services = {
@@ -145,8 +146,16 @@ CONF
 	{
 		open(STDERR, '>>', $log) or die;
 		open(STDOUT, '>>', $log) or die;
+		# the configuration read through a descriptor the agent inherits (not close-on-exec)
+		my $cf;
+		if ($o{config_fd})
+		{
+			open($cf, '<', "$dir/agent.conf") or die "open: $!";
+			fcntl($cf, F_SETFD, 0) or die "fcntl: $!";
+		}
 		close(STDIN) if $o{close_stdin};
 		$SIG{$_} = 'IGNORE' for @{ $o{ignore_signals} // [] };
+		exec $bin, '--config', '/dev/fd/' . fileno($cf) or die "exec: $!" if $cf;
 		# a limit on open descriptors, set by sh (Perl has no setrlimit of its own)
 		exec 'sh', '-c', "ulimit -n $o{nofile} && exec \"\$0\" \"\$@\"", $bin, '--config', "$dir/agent.conf"
 		  or die "exec: $!" if $o{nofile};
@@ -289,9 +298,13 @@ my $services = <<"SVC";
 SVC
 
 # Started with stdin closed (the agent opens /dev/null in its place before anything else,
-# so a step's stdin and stdout are never one of the agent's own descriptors) and, as nohup
-# or a shell's trap would, with signals ignored (which its steps must not inherit).
-my $a = start_agent(services => $services, close_stdin => 1, ignore_signals => [qw(HUP INT QUIT)]);
+# so a step's stdin and stdout are never one of the agent's own descriptors), as nohup or
+# a shell's trap would, with signals ignored (which its steps must not inherit; with
+# SIGCHLD ignored the kernel would reap them before the agent could), and its
+# configuration read from an inherited descriptor (/dev/fd/N), which it must close once
+# read.
+my $a = start_agent(services => $services, close_stdin => 1, config_fd => 1,
+	ignore_signals => [qw(HUP INT QUIT CHLD)]);
 ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit 1;
 
 # --- healthz, routing -------------------------------------------------------
@@ -555,6 +568,9 @@ my $okid = uuid();
 	ok(defined $sid && $pid == $sid, 'a step leads its own session', $out);
 	ok($out =~ m{^/dev/null$}m, 'a step reads stdin from /dev/null (the agent started with stdin closed)', $out);
 	ok($out =~ /^0\n1\n2\n3\n?\z/m, 'a step inherits no descriptor of the agent but 0 to 2', $out);
+	my @conf_fds = grep { (readlink($_) // '') =~ m{/agent\.conf$} } glob("/proc/$a->{pid}/fd/*");
+	ok(@conf_fds == 0, 'the agent read its configuration from an inherited descriptor, then closed it',
+		join(' ', @conf_fds));
 
 	# With room for one descriptor beyond 0 to 2 the configuration is read (one file at a
 	# time) and /dev/null opened for the steps, but nothing more: the agent refuses to
