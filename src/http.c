@@ -99,14 +99,29 @@ http_drop_parked(void)
 }
 
 /*
+ * The entry of socket fd, watched or parked, or NULL.
+ */
+static HttpSocket *
+http_find_socket(curl_socket_t fd)
+{
+	int			i;
+
+	for (i = 0; i < http_nsockets; i++)
+		if (http_sockets[i].fd == fd)
+			return &http_sockets[i];
+	return NULL;
+}
+
+/*
  * libcurl's socket callback: remember which sockets to watch and for what.
  * Before it next waits, the worker adds new sockets to its wait event set
  * and changes the events of the others (rw_http_update_sockets).
  *
  * A wait event set cannot drop an event, and libcurl lets go of a socket
  * at the end of every call whose connection it keeps alive: building the
- * set anew then cost the worker more than any other part of a call but
- * the SQL.  Such a socket is parked instead: it stays in the set with the
+ * set anew each time added every socket again (about eight epoll_ctl a
+ * call in a burst, more with more connections).  Such a socket is parked
+ * instead: it stays in the set with the
  * events it had (no epoll_ctl on it: libcurl may have closed it already),
  * and when libcurl wants it again for the next call, its event is changed
  * back.  Its inode tells whether it is still the same socket; if libcurl
@@ -118,12 +133,8 @@ http_drop_parked(void)
 static int
 http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 {
-	HttpSocket *sock = NULL;
-	int			i;
+	HttpSocket *sock = http_find_socket(fd);
 
-	for (i = 0; i < http_nsockets; i++)
-		if (http_sockets[i].fd == fd)
-			sock = &http_sockets[i];
 	if (what == CURL_POLL_REMOVE)
 	{
 		if (sock)
@@ -662,14 +673,11 @@ rw_http_update_sockets(WaitEventSet *set)
 void
 rw_http_socket_event(pgsocket fd, uint32 events)
 {
+	HttpSocket *sock = http_find_socket(fd);
 	int			mask = 0;
 	int			running;
-	int			i;
 
-	for (i = 0; i < http_nsockets; i++)
-		if (http_sockets[i].fd == fd)
-			break;
-	if (i == http_nsockets || http_sockets[i].what == 0)
+	if (sock == NULL || sock->what == 0)
 	{
 		/* parked, and ready: build the set without it before waiting again */
 		http_set_stale = true;

@@ -51,7 +51,10 @@ main_usage(FILE *out)
  * Block the signals the main thread waits for, before any thread starts,
  * and ignore SIGPIPE (a client going away must not kill the agent) and
  * SIGXFSZ (a file size limit must make a journal write fail with EFBIG,
- * which the journal handles, rather than kill the agent).
+ * which the journal handles, rather than kill the agent).  SIGCHLD goes
+ * back to the default if the agent's starter left it ignored: the kernel
+ * would then reap every step as it exits, before the agent could read its
+ * exit status, and the job would never end.
  */
 static void
 main_block_signals(sigset_t *set)
@@ -63,6 +66,7 @@ main_block_signals(sigset_t *set)
 	pthread_sigmask(SIG_BLOCK, set, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	signal(SIGXFSZ, SIG_IGN);
+	signal(SIGCHLD, SIG_DFL);
 }
 
 /*
@@ -106,22 +110,6 @@ main_close_inherited_fds(void)
 			close(fd);
 	}
 	closedir(dir);
-}
-
-/*
- * Set SIGCHLD back to the default if whatever started the agent left it
- * ignored: the kernel would then reap every step as it exits, before the
- * agent could read its exit status (the job would never end).
- */
-static void
-main_default_sigchld(void)
-{
-	struct sigaction sa;
-
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = SIG_DFL;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGCHLD, &sa, NULL);
 }
 
 /* Set once the journal has failed: the agent then stops with status 1. */
@@ -232,7 +220,6 @@ main(int argc, char **argv)
 	}
 	journal_on_failure(main_on_journal_failure);
 	main_close_inherited_fds();
-	main_default_sigchld();
 	if (!spawn_init())
 	{
 		log_msg("cannot start: cannot open /dev/null or an event descriptor: %s", strerror(errno));
