@@ -321,9 +321,9 @@ worker_handle_events(WaitEvent *events, int n)
  * calls of (b) in bench/run waited up to 50 ms so.  The latch is disabled
  * for this look (since PostgreSQL 14; before, it was reset when reported
  * and the look ends early if it is set again meanwhile); set meanwhile, it
- * stays set for the next wait.  Returns true if the latch was reported.
+ * stays set for the next wait.  The caller already knows the latch was set.
  */
-static bool
+static void
 worker_look_at_sockets(WaitEventSet *set)
 {
 	WaitEvent	events[64];
@@ -336,7 +336,7 @@ worker_look_at_sockets(WaitEventSet *set)
 #if PG_VERSION_NUM >= 140000
 	ModifyWaitEvent(set, WORKER_LATCH_POS, WL_LATCH_SET, MyLatch);
 #endif
-	return worker_handle_events(events, n);
+	(void) worker_handle_events(events, n);
 }
 #endif
 
@@ -358,7 +358,7 @@ worker_wait(WaitEventSet **set, long timeout)
 	latched = worker_handle_events(events, n);
 #if PG_VERSION_NUM < 170000
 	if (latched && n == 1 && rw_dispatch_in_flight() > 0)
-		latched = worker_look_at_sockets(*set) || latched;
+		worker_look_at_sockets(*set);
 #endif
 	rw_http_timer_event();
 	return latched;
