@@ -310,11 +310,11 @@ worker_handle_events(WaitEvent *events, int n)
 	return latched;
 }
 
-#if PG_VERSION_NUM < 170000
 /*
  * Look at the sockets of the calls in flight without waiting, the latch
- * left out.  Before PostgreSQL 17, WaitEventSetWait() reports a latch that
- * is set alone, without looking at the sockets; in a stream of requests
+ * left out.  PostgreSQL 15 and 16 (13 to 16 at least; 18 no longer does)
+ * have WaitEventSetWait() report a latch that is set alone, without
+ * looking at the sockets; in a stream of requests
  * each commit sets the latch, and when commits come faster than the
  * worker's turns, no call in flight would move on (a connection made is
  * never seen ready, an answer never read) until the stream pauses: the
@@ -322,6 +322,8 @@ worker_handle_events(WaitEvent *events, int n)
  * for this look (since PostgreSQL 14; before, it was reset when reported
  * and the look ends early if it is set again meanwhile); set meanwhile, it
  * stays set for the next wait.  The caller already knows the latch was set.
+ * Where WaitEventSetWait() looks at the sockets anyway, this look costs one
+ * system call that finds nothing new.
  */
 static void
 worker_look_at_sockets(WaitEventSet *set)
@@ -338,7 +340,6 @@ worker_look_at_sockets(WaitEventSet *set)
 #endif
 	(void) worker_handle_events(events, n);
 }
-#endif
 
 /*
  * Wait for the next event and handle what woke us: the latch (a new
@@ -356,10 +357,8 @@ worker_wait(WaitEventSet **set, long timeout)
 		*set = worker_build_wait_set(*set);
 	n = WaitEventSetWait(*set, timeout, events, lengthof(events), PG_WAIT_EXTENSION);
 	latched = worker_handle_events(events, n);
-#if PG_VERSION_NUM < 170000
 	if (latched && n == 1 && rw_dispatch_in_flight() > 0)
 		worker_look_at_sockets(*set);
-#endif
 	rw_http_timer_event();
 	return latched;
 }

@@ -217,11 +217,16 @@ sub req
 	%h = (%h, %{ $o{headers} // {} });
 	my $url = "$a->{scheme}://127.0.0.1:$a->{port}$path";
 	my $args = { headers => \%h, length($body) ? (content => $body) : () };
+	my $reused = defined $a->{http}{handle};
 	my $r = $a->{http}->request($method, $url, $args);
 	# The agent closes a connection after some answers (one given before the body was
 	# read, say); HTTP::Tiny may reuse it before it has seen the close, and the request
-	# then never left: send it again on a new connection.
-	if ($r->{status} == 599 && $r->{content} =~ /Could not write to socket|Socket closed/)
+	# then never left, or met the close (a reset, or the end of the stream, before any
+	# answer): send it again on a new connection, as the protocol tells clients to.  A new
+	# connection closed without an answer is not retried.
+	if ($r->{status} == 599 &&
+		($r->{content} =~ /Could not write to socket|Socket closed/ ||
+		 ($reused && $r->{content} =~ /Unexpected end of stream|Connection reset by peer/)))
 	{
 		delete $a->{http}{handle};
 		$r = $a->{http}->request($method, $url, $args);
@@ -357,16 +362,22 @@ ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit
 	ok($resp =~ m{^HTTP/1\.1 413} && $resp =~ /payload_too_large/,
 		'body over max_body: 413 payload_too_large, before the body is sent', substr($resp, 0, 200));
 	my ($s, $j);
-	# chunked body without Content-Length, over the limit
+	# chunked body without Content-Length, over the limit.  The body is read to its end, so
+	# the connection could serve another request: Connection: close ends it with the answer
+	# (else the read below waits for connection_timeout, and this agent's other idle
+	# connections time out at the same moment as the next request goes out on one of them).
 	$sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
-	print $sock "POST /v1/restarts HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n";
+	print $sock "POST /v1/restarts HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
+	  . "Content-Type: application/json\r\n\r\n";
 	print $sock sprintf("%x\r\n%s\r\n", 800, 'y' x 800) for 1 .. 3;
 	print $sock "0\r\n\r\n";
 	$resp = '';
 	while (my $l = <$sock>) { $resp .= $l; }
 	ok($resp =~ m{^HTTP/1\.1 413} && $resp =~ /payload_too_large/, 'chunked body over max_body: 413', $resp);
-	($s, $j) = post_restart($a, $id, 'ok', body => '{"request_id": ');
-	ok($s == 400 && $j->{error} eq 'bad_request', 'malformed JSON: 400 bad_request');
+	my $r;
+	($s, $j, $r) = post_restart($a, $id, 'ok', body => '{"request_id": ');
+	ok($s == 400 && $j->{error} eq 'bad_request', 'malformed JSON: 400 bad_request',
+		"$s $r->{content}");
 	($s, $j) = post_restart($a, $id, 'ok', body => $json->encode({ request_id => $id, service => 'ok', requested_by => undef }));
 	ok($s == 400 && $j->{message} =~ /requested_at/, 'missing field: 400 naming the field');
 	($s, $j) = post_restart($a, $id, 'ok', body => $json->encode({ request_id => $id, service => 7, requested_by => undef, requested_at => '2026-11-26T05:00:00Z' }));

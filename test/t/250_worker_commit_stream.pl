@@ -1,6 +1,6 @@
 # Calls in flight move on while commits keep waking the worker.  Each commit of a new
-# request sets the worker's latch, and before PostgreSQL 17 WaitEventSetWait() reports a
-# set latch alone, without looking at the sockets: when commits come faster than the
+# request sets the worker's latch, and PostgreSQL 15 and 16 have WaitEventSetWait() report
+# a set latch alone, without looking at the sockets: when commits come faster than the
 # worker's turns, a call whose connection is being made or whose answer has arrived waits
 # until the commits pause (src/worker.c now looks at the sockets once more, the latch
 # left out).  In bench/run's back-to-back requests such waits reached 50 ms.
