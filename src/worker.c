@@ -312,18 +312,17 @@ worker_handle_events(WaitEvent *events, int n)
 
 /*
  * Look at the sockets of the calls in flight without waiting, the latch
- * left out.  PostgreSQL 15 and 16 (13 to 16 at least; 18 no longer does)
- * have WaitEventSetWait() report a latch that is set alone, without
- * looking at the sockets; in a stream of requests
- * each commit sets the latch, and when commits come faster than the
- * worker's turns, no call in flight would move on (a connection made is
- * never seen ready, an answer never read) until the stream pauses: the
- * calls of (b) in bench/run waited up to 50 ms so.  The latch is disabled
- * for this look (since PostgreSQL 14; before, it was reset when reported
- * and the look ends early if it is set again meanwhile); set meanwhile, it
- * stays set for the next wait.  The caller already knows the latch was set.
- * Where WaitEventSetWait() looks at the sockets anyway, this look costs one
- * system call that finds nothing new.
+ * left out.  In PostgreSQL 15 and 16 (13 to 16 at least; 18 no longer),
+ * WaitEventSetWait() reports a latch that is set alone, without looking at
+ * the sockets.  In a stream of requests each commit sets the latch, and
+ * when commits come faster than the worker's turns, no call in flight would
+ * move on (a connection made is never seen ready, an answer never read)
+ * until the stream pauses: the calls of (b) in bench/run waited up to 50 ms
+ * so.  The latch is disabled for this look (since PostgreSQL 14; before,
+ * it was reset when reported, and the look ends early if it is set again
+ * meanwhile); set meanwhile, it stays set for the next wait.  The caller
+ * already knows the latch was set.  Where WaitEventSetWait() looks at the
+ * sockets anyway, this look costs one system call that finds nothing new.
  */
 static void
 worker_look_at_sockets(WaitEventSet *set)
