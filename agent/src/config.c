@@ -336,17 +336,28 @@ config_parse_argv(config_ctx *ctx, const config_setting_t *a, const char *key,
 		return config_fail(ctx, a, key, "must have 1..256 elements");
 	step->argv = calloc(n + 1, sizeof(char *));
 	step->argv_json = json_array();
+	if (step->argv == NULL || step->argv_json == NULL)
+		return config_fail(ctx, a, key, "out of memory");
 	for (int i = 0; i < n; i++)
 	{
 		config_setting_t *e = config_setting_get_elem(a, i);
+		json_t	   *js;
 
 		if (config_setting_type(e) != CONFIG_TYPE_STRING)
 			return config_fail(ctx, a, key, "element %d must be a string", i);
-		step->argv[i] = strdup(config_setting_get_string(e));
+		if ((step->argv[i] = strdup(config_setting_get_string(e))) == NULL)
+			return config_fail(ctx, a, key, "out of memory");
 		step->argc++;
 		if ((bytes += strlen(step->argv[i]) + 1) > STEP_ARGV_BYTES_MAX)
 			return config_fail(ctx, a, key, "must be at most %d bytes in all", STEP_ARGV_BYTES_MAX);
-		json_array_append_new(step->argv_json, json_string(step->argv[i]));
+
+		/*
+		 * Every job reports its steps' argv, and errors name the program:
+		 * JSON, so UTF-8 (jansson refuses anything else).
+		 */
+		if ((js = json_string(step->argv[i])) == NULL)
+			return config_fail(ctx, a, key, "element %d is not valid UTF-8", i);
+		json_array_append_new(step->argv_json, js);
 	}
 	if (step->argv[0][0] != '/')
 		return config_fail(ctx, a, key, "the program \"%s\" must be an absolute path", step->argv[0]);

@@ -556,6 +556,7 @@ http_begin(struct MHD_Connection *c, const char *url, const char *method, http_r
 {
 	const char *allow = NULL;
 	const char *cl;
+	size_t		zeros;
 
 	r->method = method;
 	r->url = url;
@@ -573,6 +574,9 @@ http_begin(struct MHD_Connection *c, const char *url, const char *method, http_r
 						 "method_not_allowed");
 	}
 	cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+	/* its digits without leading zeros: "000" is a length of 0, not a large one */
+	if (cl != NULL && (zeros = strspn(cl, "0")) > 0)
+		cl += cl[zeros] == '\0' ? zeros - 1 : zeros;
 	/* a GET's body is refused before it is read: a length, or any chunked one */
 	if (r->route == ROUTE_JOB &&
 		((cl != NULL && strcmp(cl, "0") != 0) ||

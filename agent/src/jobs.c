@@ -558,6 +558,7 @@ static char *
 jobs_step_error(int n, const config_step *step, const spawn_result *res)
 {
 	char		buf[512];
+	size_t		len;
 
 	if (res->spawn_errno != 0)
 		snprintf(buf, sizeof(buf), "step %d could not start %s: %s", n, step->argv[0],
@@ -573,7 +574,12 @@ jobs_step_error(int n, const config_step *step, const spawn_result *res)
 		snprintf(buf, sizeof(buf), "step %d exited with code %d", n, res->exit_code);
 	else
 		return NULL;
-	return strdup(buf);
+
+	/*
+	 * A long program name may have been cut in the middle of a character:
+	 * the error goes into JSON, which must be UTF-8.
+	 */
+	return tail_sanitize_utf8(buf, strlen(buf), &len);
 }
 
 /*

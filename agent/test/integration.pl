@@ -276,6 +276,9 @@ sub pid_gone
 my $count = "$tmp/count";
 my $gate = "$tmp/gate";
 my $pids = "$tmp/pids";
+# A program that cannot start, whose name (UTF-8, 300 two-byte characters) does not fit
+# in the job's error whole.
+my $longname = "/nonexistent/" . ("\xc3\xa9" x 300);
 my $services = <<"SVC";
   ok = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count"; }; },
          { argv = ["/bin/echo", "second step"]; cwd = "/tmp"; } );
@@ -294,6 +297,7 @@ my $services = <<"SVC";
   quick = ( { argv = ["/bin/true"]; } );
   missing = ( { argv = ["/nonexistent/program"]; } );
   nocwd = ( { argv = ["/bin/true"]; cwd = "/nonexistent-dir"; } );
+  longname = ( { argv = ["$longname"]; } );
   procstate = ( { argv = ["/bin/cat", "/proc/self/status", "/proc/self/stat"]; },
                 { argv = ["/bin/readlink", "/proc/self/fd/0"]; }, { argv = ["/bin/ls", "/proc/self/fd"]; } );
   escape = ( { argv = ["$steps/escape.sh"]; env = { PID_FILE = "$pids.escape"; }; } );
@@ -374,6 +378,26 @@ ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit
 	$resp = '';
 	while (my $l = <$sock>) { $resp .= $l; }
 	ok($resp =~ m{^HTTP/1\.1 413} && $resp =~ /payload_too_large/, 'chunked body over max_body: 413', $resp);
+	# A length with leading zeros is the length it says: "0000000000" is not too large.
+	my $zid = uuid();
+	my $zbody = restart_body($zid, 'quick');
+	$bts = int(time);
+	$sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+	print $sock "POST /v1/restarts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+	  . sprintf("Content-Length: %012d\r\n", length($zbody)) . "webhook-id: $zid\r\n"
+	  . "webhook-timestamp: $bts\r\nwebhook-signature: " . sign($SECRET, $zid, $bts, $zbody)
+	  . "\r\nConnection: close\r\n\r\n$zbody";
+	$resp = '';
+	while (my $l = <$sock>) { $resp .= $l; }
+	ok($resp =~ m{^HTTP/1\.1 202}, 'a Content-Length with leading zeros: the body is read (202)',
+		substr($resp, 0, 200) . join('', grep { /$zid/ } split /^/, slurp($a->{log})));
+	$sock = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $a->{port}) or die;
+	print $sock "GET /v1/restarts/$zid HTTP/1.1\r\nHost: x\r\nContent-Length: 00\r\n"
+	  . "webhook-id: $zid\r\nwebhook-timestamp: $bts\r\nwebhook-signature: " . sign($SECRET, $zid, $bts, '')
+	  . "\r\nConnection: close\r\n\r\n";
+	$resp = '';
+	while (my $l = <$sock>) { $resp .= $l; }
+	ok($resp =~ m{^HTTP/1\.1 200}, 'a GET with Content-Length: 00 has an empty body (200)', substr($resp, 0, 200));
 	my $r;
 	($s, $j, $r) = post_restart($a, $id, 'ok', body => '{"request_id": ');
 	ok($s == 400 && $j->{error} eq 'bad_request', 'malformed JSON: 400 bad_request',
@@ -559,6 +583,16 @@ my $okid = uuid();
 	$j = wait_job($a, $id);
 	ok($j->{status} eq 'failed' && $j->{error} =~ /step 1 could not start \/bin\/true: No such file or directory/,
 		'working directory missing: failed, "could not start" with the reason', $json->encode($j // {}));
+	# The error is cut in the middle of a character: the job still ends (its final state
+	# must be JSON, so UTF-8), and the service takes the next request.
+	$id = uuid();
+	post_restart($a, $id, 'longname');
+	$j = wait_job($a, $id);
+	ok($j && $j->{status} eq 'failed' && $j->{error} =~ /^step 1 could not start \/nonexistent\/\x{e9}+/,
+		'a program with a long UTF-8 name that cannot start: failed, "could not start"',
+		$json->encode($j // {}));
+	my ($s) = post_restart($a, uuid(), 'longname');
+	ok($s == 202, "and the service is free for the next request ($s)");
 }
 
 # --- the state a step starts in ----------------------------------------------------
@@ -1528,6 +1562,11 @@ SKIP: {
 	spew("$d/a.conf", "listen = \"127.0.0.1:1\";\nsecrets_file = \"secrets\";\nstate_dir = \"$d\";\nservices = { x = ( { argv = [\"bin/true\"]; } ); };\n");
 	my $out = `$bin --check-config --config $d/a.conf 2>&1`;
 	ok(($? >> 8 == 1 && $out =~ m{a\.conf:4: services\.x\[0\]\.argv: .*absolute}) ? 1 : 0, 'bad config refused with file, line, key and reason', $out);
+	# An argv that is not UTF-8 (libconfig's \x escape) could not be reported in JSON.
+	spew("$d/b.conf", "listen = \"127.0.0.1:1\";\nsecrets_file = \"secrets\";\nstate_dir = \"$d\";\nservices = { x = ( { argv = [\"/bin/caf\\xe9\"]; } ); };\n");
+	$out = `$bin --check-config --config $d/b.conf 2>&1`;
+	ok(($? >> 8 == 1 && $out =~ m{b\.conf:4: services\.x\[0\]\.argv: element 0 is not valid UTF-8}) ? 1 : 0,
+		'an argv that is not UTF-8 is refused', $out);
 	my $e = tempdir("example-XXXXXX", DIR => $tmp);
 	spew("$e/restart-agent.conf", slurp("$root/restart-agent.conf.example"));
 	spew("$e/restart-agent-secrets", "$SECRET\n");
