@@ -230,6 +230,22 @@ http_write_cb(char *data, size_t size, size_t nmemb, void *userp)
 	return n;
 }
 
+#if LIBCURL_VERSION_NUM >= 0x075000
+/*
+ * Pre-request callback: libcurl has a connection (made or kept alive) and
+ * is about to send the request on it, so from now on the agent may get it
+ * (see http_outcome()).  Before libcurl 7.80 there is no such callback,
+ * and the request size alone tells whether the request was sent.
+ */
+static int
+http_prereq_cb(void *userp, char *primary_ip, char *local_ip,
+			   int primary_port, int local_port)
+{
+	((RwCall *) userp)->went_out = true;
+	return CURL_PREREQFUNC_OK;
+}
+#endif
+
 /*
  * Initialise libcurl and the multi handle.  Called once by the worker.
  */
@@ -512,6 +528,7 @@ rw_http_start(RwCall *call)
 	call->http_status = 0;
 	call->kind = RW_CALL_ANSWER;
 	call->sent = false;
+	call->went_out = false;
 	call->error[0] = '\0';
 
 	easy = http_easy_get();
@@ -535,6 +552,10 @@ rw_http_start(RwCall *call)
 	}
 	curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, http_write_cb);
 	curl_easy_setopt(easy, CURLOPT_WRITEDATA, call);
+#if LIBCURL_VERSION_NUM >= 0x075000
+	curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, http_prereq_cb);
+	curl_easy_setopt(easy, CURLOPT_PREREQDATA, call);
+#endif
 	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, call->error);
 	curl_easy_setopt(easy, CURLOPT_PRIVATE, call);
 	call->easy = easy;
@@ -784,7 +805,12 @@ http_classify(CURLcode rc, bool too_big)
 /*
  * Fill in the outcome of a finished transfer: the HTTP status, or the kind
  * of failure, and whether any of the request was sent (if not, the agent
- * certainly did not get it).
+ * certainly did not get it).  A request that went out on a kept-alive
+ * connection which then closed without an answer is sent again by libcurl
+ * on a new connection; if that one cannot be made, libcurl reports a
+ * failure to connect, and the request size of the last try, none.  But the
+ * agent may have read the first (and crashed before answering): such a call
+ * counts as a lost connection, sent.
  */
 static void
 http_outcome(RwCall *call, CURLcode rc)
@@ -793,7 +819,7 @@ http_outcome(RwCall *call, CURLcode rc)
 	long		request_size = 0;
 
 	curl_easy_getinfo((CURL *) call->easy, CURLINFO_REQUEST_SIZE, &request_size);
-	call->sent = request_size > 0;
+	call->sent = request_size > 0 || call->went_out;
 	if (rc == CURLE_OK)
 	{
 		curl_easy_getinfo((CURL *) call->easy, CURLINFO_RESPONSE_CODE, &code);
@@ -804,7 +830,9 @@ http_outcome(RwCall *call, CURLcode rc)
 	}
 	call->http_status = 0;
 	call->kind = http_classify(rc, call->resp_too_big);
-	if (call->kind == RW_CALL_CONNECT)
+	if (call->kind == RW_CALL_CONNECT && call->went_out)
+		call->kind = RW_CALL_NETWORK;
+	else if (call->kind == RW_CALL_CONNECT)
 		call->sent = false;
 	if (call->error[0] == '\0')
 		strlcpy(call->error, curl_easy_strerror(rc), sizeof(call->error));

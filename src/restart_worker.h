@@ -189,6 +189,7 @@ typedef struct RwCall
 	long		http_status;	/* 0 = no answer */
 	RwCallKind	kind;			/* how the call ended */
 	bool		sent;			/* some of the request was sent */
+	bool		went_out;		/* libcurl began the request on a connection */
 	char		error[256];		/* why there is no answer, for the log */
 } RwCall;
 

@@ -208,9 +208,12 @@ sub unresponsive_listener
 # A stand-in for a misbehaving agent, for tests only (the real agent is the peer of every
 # test of the happy path).  $answer->($method, $path, $id, $n) is called for the n-th
 # request (from 1; $id is the request id from the body or the path) and returns
-# [status, body] to answer with, or undef to read the request and never answer.  Every
-# request is logged as "METHOD PATH ID" in $fake->{log}; see fake_calls().  Returns a
-# hash with pid, port, url, log.
+# [status, body] to answer with, undef to read the request and never answer, 'close' to
+# close the connection without an answer, or 'crash' to close it and the listening socket
+# and exit (an agent that died with the request read).  With keep_alive => 1 the answers
+# keep the connection open for the next request.  Every request is logged as
+# "METHOD PATH ID" in $fake->{log}; see fake_calls().  Returns a hash with pid, port,
+# url, log.
 sub fake_agent
 {
 	my (%o) = @_;
@@ -227,22 +230,32 @@ sub fake_agent
 		my (@held, $n);
 		while (my $c = $s->accept)
 		{
-			my ($method, $path, $body) = _fake_read_request($c);
-			next unless defined $method;
-			my $id = $path =~ m{/v1/restarts/([0-9a-f-]{36})} ? $1
-			  : $body =~ /"request_id"\s*:\s*"([0-9a-f-]{36})"/ ? $1 : '';
-			$n++;
-			open(my $fh, '>>', $log) or die;
-			print $fh "$method $path $id\n";
-			close $fh;
-			my $r = $o{answer}->($method, $path, $id, $n);
-			if (!defined $r) { push @held, $c; next; }
-			if (!ref $r && $r eq 'close') { close $c; next; }
-			my ($code, $text) = @$r;
-			$text //= '';
-			print $c "HTTP/1.1 $code Whatever\r\nContent-Type: application/json\r\n"
-			  . "Content-Length: " . length($text) . "\r\nConnection: close\r\n\r\n$text";
-			close $c;
+			# keep_alive: the next request may come on the same connection.
+			while (1)
+			{
+				my ($method, $path, $body) = _fake_read_request($c);
+				last unless defined $method;
+				my $id = $path =~ m{/v1/restarts/([0-9a-f-]{36})} ? $1
+				  : $body =~ /"request_id"\s*:\s*"([0-9a-f-]{36})"/ ? $1 : '';
+				$n++;
+				open(my $fh, '>>', $log) or die;
+				print $fh "$method $path $id\n";
+				close $fh;
+				my $r = $o{answer}->($method, $path, $id, $n);
+				if (!defined $r) { push @held, $c; last; }
+				if (!ref $r && $r eq 'close') { close $c; last; }
+				# An agent that dies with the request read: nothing answers any more.  The
+				# listening socket goes first, so that a new connection is refused.
+				if (!ref $r && $r eq 'crash') { close $s; close $c; exit 0; }
+				my ($code, $text) = @$r;
+				$text //= '';
+				print $c "HTTP/1.1 $code Whatever\r\nContent-Type: application/json\r\n"
+				  . "Content-Length: " . length($text) . "\r\n"
+				  . ($o{keep_alive} ? '' : "Connection: close\r\n") . "\r\n$text";
+				next if $o{keep_alive};
+				close $c;
+				last;
+			}
 		}
 		exit 0;
 	}

@@ -269,6 +269,34 @@ is($row->{error},
 ok(defined $row->{uncertain_at}, 'hangup: it holds the cooldown, as one that may have been sent');
 is(scalar(grep { /^POST \S+ $row->{id}$/ } fake_calls($hangup)), 2, 'hangup: two POSTs, same id');
 
+# The agent dies having read a request that came on a kept-alive connection, before
+# answering: libcurl sends the request again on a new connection, which is refused, and
+# reports a failure to connect.  But the agent may have the request: it stays dispatching
+# (it cannot be cancelled) and holds the cooldown, as a lost connection.  (Before, it went
+# back to pending, "could not connect to the agent".)
+my $crash = fake_agent(name => 'crash', keep_alive => 1, answer => sub {
+	my ($m, $p, $id, $n) = @_;
+	return $n == 1 ? [202, job_json($id)] : 'crash';
+});
+$node->safe_psql('postgres',
+	"SELECT restart_worker.register_agent('crash', '$crash->{url}', '$SECRET');
+	 SELECT restart_worker.register_service('crash_svc', 'crash', '0');
+	 SELECT restart_worker.register_service('crash_svc2', 'crash', '1 hour', p_max_attempts => 2);");
+$id = request_restart($node, 'crash_svc');
+ok(wait_status($node, $id, 'completed'), 'crash: a first request completes, its connection kept');
+$id = request_restart($node, 'crash_svc2');
+ok(wait_status($node, $id, 'failed'), 'crash: the second request fails once the agent is gone');
+$row = row_of($node, $id);
+is($row->{error},
+	'gave up after 2 attempts: could not connect to the agent; the agent may have received the request',
+	"crash: $row->{error}");
+ok(defined $row->{uncertain_at}, 'crash: the request holds the cooldown, as one that may have been sent');
+like(slurp($node->logfile), qr/request $id: call to agent \S+ failed \(network\)/,
+	'crash: the first call counts as a lost connection, not as a failure to connect');
+is(scalar(grep { /^POST \S+ $id$/ } fake_calls($crash)), 1, 'crash: the agent read the request once');
+(undef, undef, $refusal) = $node->psql('postgres', "SELECT request_service_restart('crash_svc2')");
+like($refusal, qr/was restarted less than/, 'crash: a new request waits for the cooldown');
+
 # An answer larger than restart_worker.max_response_size (1 MB): failed at once; as the
 # call was sent, the agent may have taken the request.
 my $huge = fake_service('huge', '', sub {
