@@ -79,6 +79,8 @@ SELECT count(*) AS history_kept FROM service_restart_requests WHERE service_name
 -- Pruning: finished requests older than the age, never active ones, never younger than a day.
 SELECT outcome($$SELECT restart_worker.prune_requests('1 hour')$$);
 SELECT outcome($$SELECT restart_worker.prune_requests(NULL)$$);
+-- An age that compares as two days (a year as 360 days) but reaches into the future.
+SELECT outcome($$SELECT restart_worker.prune_requests('-1 year 362 days')$$);
 SELECT status FROM request_service_restart('mqtt-subscriber');
 UPDATE service_restart_requests SET requested_at = now() - interval '100 days'
 	WHERE service_name IN ('s1', 'mqtt-subscriber');

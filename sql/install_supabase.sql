@@ -51,12 +51,13 @@ SELECT p.oid::regprocedure AS executable_by_anon
 	JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'restart_worker'
 	WHERE has_function_privilege('anon', p.oid, 'EXECUTE');
 
--- SECURITY DEFINER functions pin search_path to ''.
-SELECT p.oid::regprocedure AS definer_without_empty_search_path
+-- SECURITY DEFINER functions pin search_path to pg_catalog, pg_temp (the caller's
+-- temporary schema last).
+SELECT p.oid::regprocedure AS definer_without_pinned_search_path
 	FROM pg_proc p
 	JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
 	JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'restart_worker'
-	WHERE p.prosecdef AND NOT coalesce(p.proconfig @> ARRAY['search_path=""'], false);
+	WHERE p.prosecdef AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false);
 
 -- The function is not STRICT: a NULL argument gets an error, not an empty 200.
 SELECT proisstrict AS request_is_strict, prorettype::regtype AS returns

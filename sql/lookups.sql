@@ -59,7 +59,7 @@ SELECT r.index_name, r.entries - b.entries BETWEEN 1 AND 20 AS read_a_few,
 						   'service_restart_requests_deadline')
 	ORDER BY 1;
 SELECT service_name, status FROM service_restart_requests
-	WHERE service_name IN ('lk1', 'lk2', 'lk3', 'lk4', 'lk5') ORDER BY 1;
+	WHERE service_name IN ('lk1', 'lk2', 'lk3', 'lk4', 'lk5') ORDER BY 1, 2;
 
 -- A running request counts an attempt at every call that follows its job, without limit:
 -- the backoff's exponent is capped, so a failed call after thousands of them is retried

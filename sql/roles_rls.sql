@@ -20,6 +20,20 @@ SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$
 ROLLBACK;
 REVOKE EXECUTE ON FUNCTION request_service_restart(text) FROM anon;
 
+-- anon with stray grants to read the requests and list the services: sees nothing.
+GRANT SELECT ON service_restart_requests TO anon;
+GRANT EXECUTE ON FUNCTION list_restartable_services() TO anon;
+BEGIN;
+SELECT set_config('role', 'anon', true), set_config('request.jwt.claims', '{"role":"anon"}', true);
+SELECT count(*) AS anon_reads FROM service_restart_requests;
+SELECT outcome($$SELECT count(*) FROM list_restartable_services()$$);
+-- and a role whose JWT says anon
+SELECT set_config('role', 'authenticated', true);
+SELECT outcome($$SELECT count(*) FROM list_restartable_services()$$);
+ROLLBACK;
+REVOKE SELECT ON service_restart_requests FROM anon;
+REVOKE EXECUTE ON FUNCTION list_restartable_services() FROM anon;
+
 -- authenticated without a user id: refused, whichever way the claims are missing.
 BEGIN;
 SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', '{"role":"authenticated"}', true);
@@ -31,6 +45,10 @@ SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$
 SELECT set_config('request.jwt.claims', '{"role":"authenticated","sub":"not-a-uuid"}', true);
 SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
 SELECT set_config('request.jwt.claims', '{not json', true);
+SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
+-- JSON that jsonb cannot take (a NUL character): not JSON to us either.
+SELECT set_config('request.jwt.claims',
+	'{"role":"authenticated","sub":"6f2b4a1e-1d3c-4b5a-9e8f-0a1b2c3d4e5f","x":"\u0000"}', true);
 SELECT outcome($$SELECT request_service_restart(p_service_name := 'roles-svc')$$);
 ROLLBACK;
 SELECT count(*) AS rows_written FROM service_restart_requests WHERE service_name = 'roles-svc';

@@ -1,6 +1,7 @@
--- Upgrading from 1.0 (the install script as it shipped) through 1.1, 1.2, 1.3, 1.4, 1.5 and 1.6
--- to 1.7 keeps the rows and gives the same functions, privileges and objects as installing 1.7 afresh, also for
--- a role made an admin (restart_worker.grant_admin()) before the upgrade.
+-- Upgrading from 1.0 (the install script as it shipped) through 1.1, 1.2, 1.3, 1.4, 1.5, 1.6
+-- and 1.7 to 1.8 keeps the rows and gives the same functions, privileges, policies and
+-- objects as installing 1.8 afresh, also for a role made an admin
+-- (restart_worker.grant_admin()) before the upgrade.
 \set VERBOSITY terse
 DROP EXTENSION IF EXISTS restart_worker CASCADE;
 CREATE EXTENSION restart_worker VERSION '1.0';
@@ -21,6 +22,8 @@ SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 ALTER EXTENSION restart_worker UPDATE TO '1.6';
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 ALTER EXTENSION restart_worker UPDATE TO '1.7';
+SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
+ALTER EXTENSION restart_worker UPDATE TO '1.8';
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 SELECT name, agent FROM restart_worker.services;
 
@@ -44,13 +47,23 @@ CREATE FUNCTION pg_temp.functions() RETURNS text LANGUAGE sql AS $$
 					  AND d.classid = 'pg_proc'::regclass
 					  AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'restart_worker'))
 $$;
-SELECT pg_temp.members() AS members, pg_temp.functions() AS functions \gset upgraded_
+-- The row level security policies of the tables (not members of the extension).
+CREATE FUNCTION pg_temp.policies() RETURNS text LANGUAGE sql AS $$
+	SELECT md5(string_agg(format('%s %s %s %s %s %s', p.schemaname, p.tablename, p.policyname,
+								 p.cmd, p.qual, p.with_check), E'\n'
+						  ORDER BY p.schemaname, p.tablename, p.policyname))
+	FROM pg_policies p
+	WHERE p.schemaname IN ('public', 'restart_worker')
+$$;
+SELECT pg_temp.members() AS members, pg_temp.functions() AS functions,
+	   pg_temp.policies() AS policies \gset upgraded_
 
 DROP EXTENSION restart_worker CASCADE;
 CREATE EXTENSION restart_worker;
 SELECT restart_worker.grant_admin('upgrade_ops');
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 SELECT pg_temp.members() = :'upgraded_members' AS same_objects,
-	   pg_temp.functions() = :'upgraded_functions' AS same_functions;
+	   pg_temp.functions() = :'upgraded_functions' AS same_functions,
+	   pg_temp.policies() = :'upgraded_policies' AS same_policies;
 DROP OWNED BY upgrade_ops;
 DROP ROLE upgrade_ops;

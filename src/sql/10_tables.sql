@@ -22,7 +22,7 @@ RETURN p_url IS NOT NULL
 CREATE FUNCTION restart_worker.valid_secret(p_secret text)
 RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	IF p_secret IS NULL OR p_secret !~ '^whsec_[A-Za-z0-9+/]+={0,2}$' THEN

@@ -8,7 +8,7 @@
 CREATE FUNCTION restart_worker.caller(
 	OUT db_role text, OUT jwt_role text, OUT sub text)
 LANGUAGE plpgsql STABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_raw		pg_catalog.text := nullif(current_setting('request.jwt.claims', true), '');
@@ -25,7 +25,7 @@ BEGIN
 		BEGIN
 			v_claims := v_raw::pg_catalog.jsonb;
 		EXCEPTION
-			WHEN invalid_text_representation THEN
+			WHEN data_exception THEN
 				RAISE EXCEPTION 'request.jwt.claims is not valid JSON'
 					USING ERRCODE = 'insufficient_privilege';
 		END;
@@ -43,7 +43,7 @@ $$;
 CREATE FUNCTION restart_worker.check_service_name(p_service_name text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	IF p_service_name IS NULL THEN
@@ -71,7 +71,7 @@ $$;
 CREATE FUNCTION public.request_service_restart(p_service_name text)
 RETURNS public.service_restart_requests
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_caller	pg_catalog.record;
@@ -165,7 +165,9 @@ $$;
 COMMENT ON FUNCTION public.request_service_restart(text) IS
 	'Request a restart of a registered service; returns the new request. Errors: 22004, 22023, 42501, PT409, PT429.';
 
--- The restartable services with their latest request, for a UI. Never shows agents.
+-- The restartable services with their latest request, for a UI. Never shows agents, and
+-- shows nothing to anon, even if a grant slipped through (PL/pgSQL for that check since
+-- 1.8).
 CREATE FUNCTION public.list_restartable_services()
 RETURNS TABLE (
 	service_name text,
@@ -175,19 +177,29 @@ RETURNS TABLE (
 	latest_status text,
 	latest_requested_at timestamptz,
 	latest_completed_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = ''
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
-	SELECT s.name, s.description, s.cooldown, r.id, r.status, r.requested_at, r.completed_at
-	FROM restart_worker.services s
-	LEFT JOIN LATERAL (
-		SELECT q.id, q.status, q.requested_at, q.completed_at
-		FROM public.service_restart_requests q
-		WHERE q.service_name = s.name
-		ORDER BY q.requested_at DESC
-		LIMIT 1) r ON true
-	WHERE s.enabled
-	ORDER BY s.name;
+DECLARE
+	v_caller	pg_catalog.record;
+BEGIN
+	v_caller := restart_worker.caller();
+	IF v_caller.db_role = 'anon' OR v_caller.jwt_role = 'anon' THEN
+		RAISE EXCEPTION 'anonymous users may not list services'
+			USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	RETURN QUERY
+		SELECT s.name, s.description, s.cooldown, r.id, r.status, r.requested_at, r.completed_at
+		FROM restart_worker.services s
+		LEFT JOIN LATERAL (
+			SELECT q.id, q.status, q.requested_at, q.completed_at
+			FROM public.service_restart_requests q
+			WHERE q.service_name = s.name
+			ORDER BY q.requested_at DESC
+			LIMIT 1) r ON true
+		WHERE s.enabled
+		ORDER BY s.name;
+END;
 $$;
 COMMENT ON FUNCTION public.list_restartable_services() IS
 	'Enabled services with their description and latest request; for the "Request Restart" UI.';

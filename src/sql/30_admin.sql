@@ -5,7 +5,7 @@
 CREATE FUNCTION restart_worker.require(p_value anyelement, p_what text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	IF p_value IS NULL THEN
@@ -19,7 +19,7 @@ $$;
 CREATE FUNCTION restart_worker.check_name(p_name text, p_what text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_name, p_what);
@@ -35,7 +35,7 @@ $$;
 CREATE FUNCTION restart_worker.check_url(p_url text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_url, 'agent URL');
@@ -51,7 +51,7 @@ $$;
 CREATE FUNCTION restart_worker.check_secret(p_secret text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_secret, 'agent secret');
@@ -67,7 +67,7 @@ $$;
 CREATE FUNCTION restart_worker.register_agent(p_name text, p_url text, p_secret text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'agent name');
@@ -85,7 +85,7 @@ $$;
 CREATE FUNCTION restart_worker.rotate_agent_secret(p_name text, p_secret text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'agent name');
@@ -102,7 +102,7 @@ $$;
 CREATE FUNCTION restart_worker.remove_agent(p_name text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_services	pg_catalog.text;
@@ -133,11 +133,11 @@ CREATE FUNCTION restart_worker.register_service(
 	p_max_attempts integer DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	v_status	text;
-	v_due		timestamptz;
+	v_status	pg_catalog.text;
+	v_due		pg_catalog.timestamptz;
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'service name');
 	PERFORM restart_worker.check_name(p_agent, 'agent name');
@@ -199,7 +199,7 @@ $$;
 CREATE FUNCTION restart_worker.set_service_enabled(p_name text, p_enabled boolean)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'service name');
@@ -217,7 +217,7 @@ $$;
 CREATE FUNCTION restart_worker.remove_service(p_name text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'service name');
@@ -241,7 +241,7 @@ $$;
 CREATE FUNCTION restart_worker.cancel(p_id uuid, p_only_by uuid, p_who text)
 RETURNS public.service_restart_requests
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_row		public.service_restart_requests;
@@ -275,7 +275,7 @@ $$;
 CREATE FUNCTION restart_worker.cancel_request(p_id uuid)
 RETURNS public.service_restart_requests
 LANGUAGE sql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 RETURN restart_worker.cancel(p_id, NULL,
 	(SELECT c.db_role FROM restart_worker.caller() c));
 
@@ -283,7 +283,7 @@ RETURN restart_worker.cancel(p_id, NULL,
 CREATE FUNCTION public.cancel_service_restart(p_request_id uuid)
 RETURNS public.service_restart_requests
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_caller	pg_catalog.record;
@@ -305,23 +305,28 @@ COMMENT ON FUNCTION public.cancel_service_restart(uuid) IS
 	'Cancel one of your own requests while it is still pending. Errors: 22004, 22023, 42501, 55000.';
 
 -- Delete finished requests older than the given age, keeping any that still holds a
--- service's cooldown; returns how many were deleted.
+-- service's cooldown; returns how many were deleted. The limit of a day is checked on the
+-- time the age reaches back to, not on the interval itself: an interval compares a year
+-- as 360 days, while now() - '-1 year 362 days' is in the future (1.7 and before deleted
+-- every finished request so).
 CREATE FUNCTION restart_worker.prune_requests(p_older_than interval DEFAULT '90 days')
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_count		bigint;
+	v_before	pg_catalog.timestamptz;
 BEGIN
 	PERFORM restart_worker.require(p_older_than, 'age');
-	IF p_older_than < interval '1 day' THEN
+	v_before := now() - p_older_than;
+	IF v_before > now() - interval '1 day' THEN
 		RAISE EXCEPTION 'refusing to prune requests younger than a day'
 			USING ERRCODE = 'invalid_parameter_value';
 	END IF;
 	DELETE FROM public.service_restart_requests
 		WHERE status IN ('completed', 'failed', 'cancelled')
-		  AND requested_at < now() - p_older_than
+		  AND requested_at < v_before
 		  AND NOT EXISTS (SELECT 1 FROM restart_worker.services s
 						  WHERE s.name = service_name
 							AND requested_at > now() - s.cooldown);

@@ -66,7 +66,7 @@ RETURN pg_catalog.json_build_object(
 CREATE FUNCTION restart_worker.try_jsonb(p_text text)
 RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	-- jsonb has no NUL character; the agent's output tail may contain one. Only an escape
@@ -91,7 +91,7 @@ $$;
 CREATE FUNCTION restart_worker.job_time(p_value jsonb)
 RETURNS timestamptz
 LANGUAGE plpgsql STABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	IF p_value IS NULL OR pg_catalog.jsonb_typeof(p_value) = 'null' THEN
@@ -110,7 +110,7 @@ $$;
 CREATE FUNCTION restart_worker.job_text(p_value jsonb, p_max integer)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	IF p_value IS NULL OR pg_catalog.jsonb_typeof(p_value) = 'null' THEN
@@ -131,7 +131,7 @@ CREATE FUNCTION restart_worker.parse_job(p_id uuid, p_answer jsonb,
 	OUT status text, OUT started_at timestamptz, OUT finished_at timestamptz,
 	OUT exit_code integer, OUT output text, OUT error text)
 LANGUAGE plpgsql STABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	IF pg_catalog.jsonb_typeof(p_answer) IS DISTINCT FROM 'object'
@@ -231,7 +231,7 @@ CREATE FUNCTION restart_worker.worker_claim(
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
 			   maybe_sent boolean, accepted boolean)
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
@@ -319,10 +319,10 @@ $$;
 CREATE FUNCTION restart_worker.worker_settle(p_before timestamptz)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-	v_ids		uuid[];
+	v_ids		pg_catalog.uuid[];
 BEGIN
 	WITH settled AS (
 		UPDATE public.service_restart_requests q
@@ -360,7 +360,7 @@ AS 'MODULE_PATHNAME', 'restart_worker_worker_unsettled_before';
 CREATE FUNCTION restart_worker.worker_fail_late(p_exclude uuid[])
 RETURNS timestamptz
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
@@ -380,7 +380,7 @@ $$;
 CREATE FUNCTION restart_worker.worker_next_due(p_exclude uuid[])
 RETURNS timestamptz
 LANGUAGE plpgsql STABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	RETURN least(
@@ -402,7 +402,7 @@ $$;
 CREATE FUNCTION restart_worker.classify(p_kind text, p_http integer, p_answer jsonb,
 	p_sent boolean, OUT reason text, OUT retry boolean, OUT maybe_sent boolean)
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_agent		text := restart_worker.agent_reason(p_answer);
@@ -473,7 +473,7 @@ CREATE FUNCTION restart_worker.worker_record_job(p_id uuid,
 	p_dispatched_at timestamptz, p_running_first boolean DEFAULT false)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_status	text;
@@ -533,7 +533,7 @@ CREATE FUNCTION restart_worker.worker_record_jobs(p_ids uuid[],
 	p_dispatched_at timestamptz[], p_running_first boolean[], p_lease_ms integer)
 RETURNS TABLE (n integer, action text)
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_mine		uuid[];
@@ -630,7 +630,7 @@ CREATE FUNCTION restart_worker.worker_record(
 	p_retry_max_ms integer, p_lease_ms integer, p_dispatched_at timestamptz,
 	OUT action text, OUT next_at timestamptz)
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
 	v_row		public.service_restart_requests;
@@ -732,7 +732,7 @@ $$;
 CREATE FUNCTION restart_worker.notify_status()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM pg_catalog.pg_notify('restart_worker',
@@ -766,7 +766,7 @@ CREATE TRIGGER notify_status_update
 CREATE FUNCTION restart_worker.worker_announce(p_ids uuid[])
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM pg_catalog.pg_notify('restart_worker',
@@ -802,7 +802,7 @@ CREATE FUNCTION restart_worker.status(
 	OUT completed bigint, OUT failed bigint,
 	OUT max_in_flight integer, OUT sockets integer, OUT max_sockets integer)
 LANGUAGE sql STABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 	SELECT w.pid, w.state, w.started_at, w.last_wake, w.last_poll,
 		   (SELECT count(*) FROM public.service_restart_requests q WHERE q.status = 'pending'),

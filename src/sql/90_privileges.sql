@@ -8,7 +8,7 @@
 CREATE FUNCTION restart_worker.grant_requester(p_role regrole)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_role, 'role');
@@ -26,7 +26,7 @@ $$;
 CREATE FUNCTION restart_worker.revoke_requester(p_role regrole)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_role, 'role');
@@ -44,7 +44,7 @@ $$;
 CREATE FUNCTION restart_worker.grant_admin(p_role regrole)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_role, 'role');
@@ -60,9 +60,10 @@ BEGIN
 END;
 $$;
 
--- Everyone who may read the requests reads all of them: a UI shows every service's state.
+-- Everyone who may read the requests reads all of them (a UI shows every service's state),
+-- but anon, even if a grant slipped through (since 1.8).
 CREATE POLICY read_requests ON public.service_restart_requests
-	FOR SELECT USING (true);
+	FOR SELECT USING (CURRENT_USER OPERATOR(pg_catalog.<>) 'anon');
 
 -- Admins (see grant_admin) may read and write every row of every table.
 CREATE POLICY admin_requests ON public.service_restart_requests

@@ -62,7 +62,7 @@ is(status_attempts($node, $id),
 	'dispatching 1', '1.5: the claim was kept (synchronous); only the recorded answer was lost');
 worker_back($node, $id, what => '1.5', count_file => $count, runs => $runs, offset => $offset);
 
-$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+$node->safe_psql('postgres', "ALTER EXTENSION restart_worker UPDATE TO '1.7'");
 is($node->safe_psql('postgres',
 	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
 	'1.7', 'the extension is updated while the worker runs');
