@@ -298,7 +298,8 @@ config_parse_env(config_ctx *ctx, const config_setting_t *g, const char *key,
 
 	if (config_setting_type(g) != CONFIG_TYPE_GROUP)
 		return config_fail(ctx, g, key, "must be a group { NAME = \"value\"; }");
-	step->env = calloc(n + 1, sizeof(config_env));
+	if ((step->env = calloc(n + 1, sizeof(config_env))) == NULL)
+		return config_fail(ctx, g, key, "out of memory");
 	for (int i = 0; i < n; i++)
 	{
 		config_setting_t *e = config_setting_get_elem(g, i);
@@ -311,6 +312,8 @@ config_parse_env(config_ctx *ctx, const config_setting_t *g, const char *key,
 		step->env[i].name = strdup(name);
 		step->env[i].value = strdup(config_setting_get_string(e));
 		step->nenv++;
+		if (step->env[i].name == NULL || step->env[i].value == NULL)
+			return config_fail(ctx, e, key, "out of memory");
 	}
 	return true;
 }
@@ -421,7 +424,8 @@ config_parse_services(config_ctx *ctx, const config_setting_t *root)
 	n = config_setting_length(g);
 	if (n < 1)
 		return config_fail(ctx, g, "services", "at least one service is needed");
-	cfg->services = calloc(n, sizeof(config_service));
+	if ((cfg->services = calloc(n, sizeof(config_service))) == NULL)
+		return config_fail(ctx, g, "services", "out of memory");
 	for (int i = 0; i < n; i++)
 	{
 		config_setting_t *s = config_setting_get_elem(g, i);
@@ -438,6 +442,8 @@ config_parse_services(config_ctx *ctx, const config_setting_t *root)
 		svc->name = strdup(name);
 		svc->steps = calloc(ns, sizeof(config_step));
 		cfg->nservices++;
+		if (svc->name == NULL || svc->steps == NULL)
+			return config_fail(ctx, s, key, "out of memory");
 		for (int k = 0; k < ns; k++)
 		{
 			svc->nsteps++;

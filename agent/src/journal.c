@@ -1040,7 +1040,8 @@ journal_steps(json_t *arr, job *j)
 
 	if (!json_is_array(arr) || n > 64)
 		return false;
-	j->steps = calloc(n ? n : 1, sizeof(job_step));
+	if ((j->steps = calloc(n ? n : 1, sizeof(job_step))) == NULL)
+		return false;
 	for (size_t i = 0; i < n; i++)
 	{
 		json_t	   *s = json_array_get(arr, i);
