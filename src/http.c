@@ -810,7 +810,9 @@ http_classify(CURLcode rc, bool too_big)
  * on a new connection; if that one cannot be made, libcurl reports a
  * failure to connect, and the request size of the last try, none.  But the
  * agent may have read the first (and crashed before answering): such a call
- * counts as a lost connection, sent.
+ * counts as a lost connection, sent.  And a call that timed out before any
+ * request went out (connecting, or in the TLS handshake) is a failure to
+ * connect, not a timeout waiting for the agent.
  */
 static void
 http_outcome(RwCall *call, CURLcode rc)
@@ -832,7 +834,11 @@ http_outcome(RwCall *call, CURLcode rc)
 	call->kind = http_classify(rc, call->resp_too_big);
 	if (call->kind == RW_CALL_CONNECT && call->went_out)
 		call->kind = RW_CALL_NETWORK;
-	else if (call->kind == RW_CALL_CONNECT)
+#if LIBCURL_VERSION_NUM >= 0x075000
+	else if (call->kind == RW_CALL_TIMEOUT && !call->sent)
+		call->kind = RW_CALL_CONNECT;	/* timed out connecting (or in TLS) */
+#endif
+	if (call->kind == RW_CALL_CONNECT)
 		call->sent = false;
 	if (call->error[0] == '\0')
 		strlcpy(call->error, curl_easy_strerror(rc), sizeof(call->error));

@@ -297,6 +297,19 @@ is(scalar(grep { /^POST \S+ $id$/ } fake_calls($crash)), 1, 'crash: the agent re
 (undef, undef, $refusal) = $node->psql('postgres', "SELECT request_service_restart('crash_svc2')");
 like($refusal, qr/was restarted less than/, 'crash: a new request waits for the cooldown');
 
+# An https agent that accepts connections and never answers the TLS handshake: the calls
+# time out before any request went out, so they are failures to connect: the request never
+# reached the agent and holds no cooldown.  (Before, "timed out waiting for the agent".)
+my (undef, $tls_port) = unresponsive_listener();
+$node->safe_psql('postgres',
+	"SELECT restart_worker.register_agent('mutetls', 'https://127.0.0.1:$tls_port', '$SECRET');
+	 SELECT restart_worker.register_service('mutetls_svc', 'mutetls', '1 hour', p_max_attempts => 2);");
+$id = request_restart($node, 'mutetls_svc');
+ok(wait_status($node, $id, 'failed'), 'mutetls: the request fails');
+$row = row_of($node, $id);
+is($row->{error}, 'gave up after 2 attempts: could not connect to the agent', "mutetls: $row->{error}");
+ok(!defined $row->{uncertain_at}, 'mutetls: no cooldown: nothing was sent');
+
 # An answer larger than restart_worker.max_response_size (1 MB): failed at once; as the
 # call was sent, the agent may have taken the request.
 my $huge = fake_service('huge', '', sub {
