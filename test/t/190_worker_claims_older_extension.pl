@@ -3,7 +3,8 @@
 # the claim, and the request is driven on as dispatching. After ALTER EXTENSION UPDATE
 # (to 1.7, whose worker_claim() is made again with a column more, under the worker's kept
 # plan), with the worker running, its claims commit asynchronously: the same crash loses one,
-# and the worker settles that request at its next start. Either way the step runs once.
+# and the worker settles that request at its next start; and so again after the update to
+# 1.8. Either way the step runs once.
 use strict;
 use warnings;
 
@@ -74,6 +75,21 @@ ok(wait_status($node, $after, 'completed'), 'a request completes on 1.7');
 is(status_attempts($node, $id),
 	'pending 0', '1.7: the claim was lost (asynchronous): the request is pending again');
 worker_back($node, $id, what => '1.7', count_file => $count, runs => $runs, offset => $offset,
+	settled => 1);
+
+# 1.8 replaces worker_settle() among others and pins every function's search path anew,
+# under the running worker's kept plans: requests go on, and a lost claim is settled.
+$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+is($node->safe_psql('postgres',
+	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
+	'1.8', 'the extension is updated to 1.8 while the worker runs');
+spew($gate, '');
+$after = request_restart($node, 'count_svc');
+ok(wait_status($node, $after, 'completed'), 'a request completes on 1.8');
+($id, $offset, $runs) = request_then_crash('1.8');
+is(status_attempts($node, $id),
+	'pending 0', '1.8: the claim was lost (asynchronous): the request is pending again');
+worker_back($node, $id, what => '1.8', count_file => $count, runs => $runs, offset => $offset,
 	settled => 1);
 
 $node->stop;
