@@ -712,8 +712,28 @@ http_mhd_log(void *cls, const char *fmt, va_list ap)
 }
 
 /*
+ * Whether a process listens on the unix socket at sun: a connection is
+ * taken, or would be but for a full backlog.  Another agent (with another
+ * state_dir, so its lock did not stop this one) must not lose its socket to
+ * this one.  The connection is non-blocking, so a stopped listener cannot
+ * hold the start.
+ */
+static bool
+http_unix_socket_live(const struct sockaddr_un *sun)
+{
+	int			fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	bool		live;
+
+	if (fd < 0)
+		return false;
+	live = connect(fd, (const struct sockaddr *) sun, sizeof(*sun)) == 0 || errno == EAGAIN;
+	close(fd);
+	return live;
+}
+
+/*
  * Create, bind and listen on the configured unix socket, replacing a stale
- * socket file, and apply socket_mode.
+ * socket file (one nobody listens on), and apply socket_mode.
  */
 static int
 http_listen_unix(const agent_config *cfg, char *errbuf, size_t errsize)
@@ -724,7 +744,17 @@ http_listen_unix(const agent_config *cfg, char *errbuf, size_t errsize)
 
 	snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", cfg->listen_unix);
 	if (lstat(cfg->listen_unix, &st) == 0 && S_ISSOCK(st.st_mode))
+	{
+		if (http_unix_socket_live(&sun))
+		{
+			snprintf(errbuf, errsize, "cannot listen on unix socket \"%s\": another process listens on it",
+					 cfg->listen_unix);
+			if (fd >= 0)
+				close(fd);
+			return -1;
+		}
 		unlink(cfg->listen_unix);
+	}
 	if (fd < 0 || bind(fd, (struct sockaddr *) &sun, sizeof(sun)) != 0 ||
 		chmod(cfg->listen_unix, cfg->socket_mode) != 0 || listen(fd, 64) != 0)
 	{

@@ -12,6 +12,7 @@ use Cwd qw(abs_path);
 use Digest::SHA qw(hmac_sha256_base64);
 use MIME::Base64 qw(decode_base64);
 use HTTP::Tiny;
+use IO::Socket::UNIX;
 use JSON::PP;
 use POSIX qw(:sys_wait_h);
 use Time::HiRes qw(time sleep);
@@ -1533,7 +1534,23 @@ SKIP: {
 	ok($b->{port} && $out =~ /"status":"ok"/, 'listening on a unix socket', $out);
 	my @st = stat($sock);
 	ok(@st && ($st[2] & 0777) == 0660, 'unix socket has mode 0660');
+	# A second agent (another state_dir) on the same socket refuses to start: it would
+	# take the socket from the first.
+	my $c = start_agent(services => $services, listen => "unix:$sock");
+	ok(!$c->{port} && defined $c->{status} && ($c->{status} >> 8) == 1
+		&& slurp($c->{log}) =~ /cannot listen on unix socket "\Q$sock\E": another process listens on it/,
+		'a second agent on the same unix socket refuses to start', slurp($c->{log}));
+	$out = `curl -s --unix-socket $sock http://localhost/healthz`;
+	ok($out =~ /"status":"ok"/, 'and the first one still answers on it', $out);
 	stop_agent($b);
+	# A socket file nobody listens on (left by an agent that was killed) is replaced.
+	unlink $sock;
+	IO::Socket::UNIX->new(Local => $sock, Listen => 1) or die "stale socket: $!";
+	ok(-S $sock, 'a stale socket file is there');
+	$c = start_agent(services => $services, listen => "unix:$sock");
+	$out = `curl -s --unix-socket $sock http://localhost/healthz`;
+	ok($c->{port} && $out =~ /"status":"ok"/, 'a stale socket file is replaced', slurp($c->{log}));
+	stop_agent($c);
 }
 
 # --- secrets rotation ---------------------------------------------------------------------
