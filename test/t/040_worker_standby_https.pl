@@ -111,11 +111,11 @@ like($err, qr/cannot drop the currently open database/, 'a session cannot drop i
 is($node->safe_psql('rwdb', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
 	$pid, 'and none of these stopped the worker');
 
+my $log_offset = -s $node->logfile;
 ($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE rwdb');
 is($ret, 0, "DROP DATABASE of the worker's database succeeds") or diag $err;
-ok($node->log_contains('restart_worker: waiting \d+ s before connecting to database "rwdb" again')
-	|| wait_for(sub { $node->log_contains('restart_worker: waiting \d+ s before connecting') }, 60),
-	'the worker then waits for its database instead of crash looping');
+ok($node->wait_for_log(qr/restart_worker: waiting \d+ s before connecting to database "rwdb" again/,
+	$log_offset), 'the worker then waits for its database instead of crash looping');
 $node->stop;
 
 done_testing();

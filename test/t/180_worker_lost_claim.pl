@@ -47,7 +47,7 @@ my $walwriter = stop_walwriter($node);
 ok(defined $walwriter, 'the WAL writer is stopped while it sleeps');
 my $id = request_restart($node, 'count_svc');
 ok(wait_status($node, $id, 'running'), 'the request runs before the crash');
-is(count_lines($count), 2, 'its step started');
+ok(wait_for(sub { count_lines($count) == 2 }), 'its step started');
 
 # The crash: the postmaster restarts everything and recovers from what is on disk.
 my $crash_at = $node->safe_psql('postgres', 'SELECT now()');

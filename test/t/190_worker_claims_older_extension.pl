@@ -45,7 +45,7 @@ sub request_then_crash
 	ok(defined $walwriter, "$what: the WAL writer is stopped while it sleeps");
 	my $id = request_restart($node, 'count_svc');
 	ok(wait_status($node, $id, 'running'), "$what: the request runs before the crash");
-	is(count_lines($count), $before + 1, "$what: its step started");
+	ok(wait_for(sub { count_lines($count) == $before + 1 }), "$what: its step started");
 	my $offset = crash_walwriter($node, $walwriter);
 	ok(defined $offset, "$what: the server restarts after the crash");
 	ok($node->wait_for_log(qr/role "rw_worker" is not permitted to log in/, $offset),

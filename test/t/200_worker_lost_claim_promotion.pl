@@ -53,7 +53,7 @@ my $walwriter = stop_walwriter($primary);
 ok(defined $walwriter, 'the primary\'s WAL writer is stopped while it sleeps');
 my $id = request_restart($primary, 'count_svc');
 ok(wait_status($primary, $id, 'running'), 'the request runs on the primary');
-is(count_lines($count), 2, 'its step started');
+ok(wait_for(sub { count_lines($count) == 2 }), 'its step started');
 ok($standby->poll_query_until('postgres',
 	"SELECT status FROM public.service_restart_requests WHERE id = '$id'", 'pending'),
 	'the standby has the request, pending');

@@ -15,6 +15,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use POSIX ();
+use Time::HiRes qw(time);
 
 use RestartWorkerTest;
 
