@@ -43,10 +43,18 @@ ok(wait_for(sub {
 	return 0;
 }, 60), 'an admin locks the pending request in an open transaction');
 restart_agent($agent);
+# The locked request is due (its backoff over) before the other one is made, so that the
+# claims that take the other one meet it; reading the row is not blocked by the lock.
+ok($node->poll_query_until('postgres',
+	"SELECT next_attempt_at <= now() FROM public.service_restart_requests WHERE id = '$locked'"),
+	'the locked request is due');
+my $log_offset = -s $node->logfile;
 my $id = request_restart($node, 'other');
 ok(wait_status($node, $id, 'completed'), 'another request completes while one row is locked');
 is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_requests WHERE id = '$locked'"),
 	'pending', 'the locked request was skipped');
+unlike(substr(slurp($node->logfile), $log_offset), qr/lock timeout/,
+	'skipped, not waited for (no claim ran into the lock timeout)');
 $admin->query_safe('COMMIT');
 ok(wait_status($node, $locked, 'completed'), 'once the lock is gone it completes');
 
@@ -62,10 +70,17 @@ ok(wait_for(sub {
 	my ($last) = reverse grep { substr($_, 0, 37) eq "$gated " } split /\n/, slurp("$agent->{dir}/state/journal");
 	return ($last // '') =~ /"status"\s*:\s*"completed"/;
 }, 60), 'the job ends on the agent');
+# The worker has its outcome (the long-poll was answered) before the next request is made.
+ok(wait_for(sub {
+	slurp($agent->{log}) =~ m{request GET /v1/restarts/\Q$gated\E\S* from \S+ id=\S+: 200 status of job \S+ \(completed\)};
+}, 60), 'the worker got the outcome');
+$log_offset = -s $node->logfile;
 $id = request_restart($node, 'quick');
 ok(wait_status($node, $id, 'completed'), 'another request completes while the outcome waits');
 is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_requests WHERE id = '$gated'"),
 	'running', 'the locked row was not waited for');
+unlike(substr(slurp($node->logfile), $log_offset), qr/lock timeout/,
+	'no recording ran into the lock timeout');
 $admin->query_safe('COMMIT');
 $admin->quit;
 ok(wait_status($node, $gated, 'completed'), 'once the lock is gone the outcome is recorded');
