@@ -19,12 +19,16 @@ use RestartWorkerTest;
 my $tmp = $PostgreSQL::Test::Utils::tmp_check;
 my $gone_runs = "$tmp/durable_gone.count";
 my $late_runs = "$tmp/durable_late.count";
+my $late_gate = "$tmp/durable_late.gate";
+unlink $late_gate;
+# The late job runs until the test opens its gate (at most 60 s), then counts its end.
+my $late_wait = "i=0; while [ ! -e $late_gate ] && [ \$i -lt 1200 ]; do sleep 0.05; i=\$((i+1)); done";
 
 my $agent = start_agent(
 	name => 'agent_durable',
 	services => <<"SVC");
 gone_svc = ( { argv = [ "/bin/sh", "-c", "echo run >> $gone_runs" ]; } );
-late_svc = ( { argv = [ "/bin/sh", "-c", "sleep 3; echo run >> $late_runs" ]; } );
+late_svc = ( { argv = [ "/bin/sh", "-c", "$late_wait; echo run >> $late_runs" ]; } );
 quick_svc = ( { argv = [ "/bin/echo", "quick and done" ]; } );
 SVC
 
@@ -66,6 +70,7 @@ $id = request_restart($node, 'late_svc');
 ok(wait_status($node, $id, 'running'), 'the slow job runs');
 ok(wait_status($node, $id, 'failed'), 'and fails at its deadline');
 crash_and_restart(sub {
+	spew($late_gate, '');
 	ok(wait_for(sub { count_lines($late_runs) == 1 }, 30), 'the job ends on the agent meanwhile');
 });
 $row = row_of($node, $id);
