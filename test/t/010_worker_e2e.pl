@@ -87,10 +87,14 @@ is(join(',', @seen), 'pending,dispatching,running,completed',
 	"each status announced once, in order (dispatching by the worker after the claim; running "
 	  . "also when the 202 is recorded with the job's end): @seen");
 
-# status() shows the worker and its counters.
+# status() shows the worker and its counters: this worker claimed four requests, two
+# completed (ok_svc twice) and two failed (fail_svc, unknown_svc), with no retry and no
+# call failed; each request took at least its one call.
 my $st = $node->safe_psql('postgres',
-	"SELECT pid IS NOT NULL, state, queue_depth, in_flight, completed >= 2, failed >= 2, calls >= 4 FROM restart_worker.status()");
-is($st, 't|idle|0|0|t|t|t', 'status() shows the worker, its queue and counters');
+	"SELECT pid IS NOT NULL, state, queue_depth, in_flight, claimed, completed, failed,
+	        retries, call_errors, calls >= 4
+	 FROM restart_worker.status()");
+is($st, 't|idle|0|0|4|2|2|0|0|t', 'status() shows the worker, its queue and counters');
 
 $node->stop;
 done_testing();

@@ -7,6 +7,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use HTTP::Tiny;
 
 use RestartWorkerTest;
 
@@ -65,7 +66,9 @@ my $tls_agent = start_agent(
 	name => 'agent_tls',
 	tls => { cert => "$pki/server.crt", key => "$pki/server.key" },
 	services => qq{svc = ( { argv = [ "/bin/sh", "-c", "echo over tls" ]; } );});
-like($tls_agent->{url}, qr{^https://}, 'the agent serves https');
+# Its port speaks TLS only: a plain HTTP request gets no HTTP answer.
+my $plain = HTTP::Tiny->new(timeout => 10)->get("http://127.0.0.1:$tls_agent->{port}/healthz");
+is($plain->{status}, 599, "the agent's port answers no plain HTTP ($plain->{status})");
 
 $RestartWorkerTest::DB = 'rwdb';
 my $node = new_node('tls', conf => "restart_worker.ca_file = '$pki/ca.crt'");
