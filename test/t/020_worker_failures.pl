@@ -28,6 +28,34 @@ setup_registry($node, 'host1', $agent->{url},
 	slow_svc => "p_deadline => '3s'",
 	long_svc => '');
 
+# Every retry the worker records (an error, and the next attempt at most retry_max away,
+# which a lease never is) is logged with its attempt and delay, to check the backoff the
+# README documents: before attempt n+1 the worker waits d = min(retry_max,
+# retry_base * 2^(n-1)), of which the second half is random, so between d/2 and d.
+$node->safe_psql('postgres', q{
+	CREATE TABLE retry_log (service text, attempts integer, delay_ms float8);
+	GRANT INSERT ON retry_log TO PUBLIC;
+	CREATE FUNCTION log_retry() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+	SET search_path = pg_catalog, public AS $$
+	BEGIN
+		IF NEW.error IS NOT NULL AND NEW.next_attempt_at - NEW.updated_at <= interval '1 s' THEN
+			INSERT INTO retry_log VALUES (NEW.service_name, NEW.attempts,
+				extract(epoch FROM NEW.next_attempt_at - NEW.updated_at) * 1000);
+		END IF;
+		RETURN NULL;
+	END $$;
+	CREATE TRIGGER log_retry AFTER UPDATE ON public.service_restart_requests
+		FOR EACH ROW EXECUTE FUNCTION log_retry();
+});
+# The retries of a service outside their window, as "attempts:delay" (none is right).
+my $off_backoff = sub {
+	my ($svc) = @_;
+	return $node->safe_psql('postgres', qq{
+		SELECT coalesce(string_agg(attempts || ':' || round(delay_ms::numeric, 1), ' '), '')
+		FROM retry_log, LATERAL (SELECT least(1000, 100 * power(2, attempts - 1)) AS d) w
+		WHERE service = '$svc' AND (delay_ms < w.d / 2 - 1 OR delay_ms > w.d + 1)});
+};
+
 # Agent down, then up: the request is retried with backoff and completes.
 stop_agent($agent);
 my $id = request_restart($node, 'flaky_svc');
@@ -43,6 +71,7 @@ restart_agent($agent);
 ok(wait_status($node, $id, 'completed'), 'once the agent is back the request completes');
 $row = row_of($node, $id);
 ok($row->{attempts} >= 2, "completed after $row->{attempts} attempts");
+is($off_backoff->('flaky_svc'), '', 'each retry waited retry_base * 2^(attempts-1), its second half random');
 is($row->{error}, undef, 'no error left on the completed request');
 is(count_lines($count), 1, 'the step ran once');
 
@@ -98,6 +127,11 @@ ok($node->poll_query_until('postgres',
 	'with the agent gone, the calls following its job are retried after longer and longer delays');
 $row = row_of($node, $id);
 ok($row->{attempts} >= 4, "each call made again is an attempt ($row->{attempts})");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) >= 3 FROM retry_log WHERE service = 'long_svc'"),
+	'three of those retries are logged');
+is($off_backoff->('long_svc'), '',
+	'each waited retry_base * 2^(attempts-1), at most retry_max, its second half random');
 restart_agent($agent);
 ok(wait_status($node, $id, 'failed'), 'once the agent is back, the job it lost is failed');
 is(row_of($node, $id)->{error}, 'agent restarted during the job', 'with the reason the agent gives');
