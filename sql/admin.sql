@@ -11,7 +11,8 @@ SELECT url, outcome(format('SELECT restart_worker.register_agent(%L, %L, %L)', '
 				 ('http://[::1]:8787'), ('unix:/run/restart-agent/agent.sock'),
 				 ('ftp://h'), ('http://user:pw@h'), ('http://h/?q=1'), ('http://h/#f'),
 				 ('http://h:8787 '), ('javascript:alert(1)'), ('unix:relative.sock'), (''),
-				 ('http://'), ('https://-h')) v(url);
+				 ('http://'), ('https://-h'), ('http://h:0'), ('http://h:65535'), ('http://h:65536'),
+				 ('http://h:99999/p'), ('http://[::1]:0'), ('https://[::1]:443/p')) v(url);
 SELECT secret, outcome(format('SELECT restart_worker.register_agent(%L, %L, %L)', 'h',
 							  'http://h', secret)) AS outcome
 	FROM (VALUES ('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'),
@@ -36,6 +37,10 @@ SELECT outcome($$SELECT restart_worker.register_service('s1', 'nobody')$$);
 SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', '-1 minute')$$);
 SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', NULL)$$);
 SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', p_deadline := '0')$$);
+-- Signs on the times reached from now: as intervals a year is 360 days, and these two
+-- compared as positive.
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', p_deadline := '-1 year 360 days 1 second')$$);
+SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', '-1 year 361 days')$$);
 SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', p_max_attempts := 0)$$);
 SELECT outcome($$SELECT restart_worker.register_service('bad name', 'h')$$);
 SELECT restart_worker.register_service('s1', 'h', '1 minute', 'first', '2 minutes', 3);

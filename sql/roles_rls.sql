@@ -173,3 +173,30 @@ SELECT outcome($$SELECT request_service_restart('roles-svc')$$);
 SELECT outcome($$SELECT count(*) FROM service_restart_requests$$);
 RESET ROLE;
 DROP ROLE stranger;
+
+-- An admin that is not a superuser (Supabase's postgres) makes and takes back grants; a
+-- requester may not (since 1.9; before, the admin's GRANTs only warned).
+CREATE ROLE deputy_ops;
+CREATE ROLE team_requesters;
+CREATE ROLE team_admins;
+SELECT restart_worker.grant_admin('deputy_ops');
+SET ROLE deputy_ops;
+SELECT restart_worker.grant_requester('team_requesters');
+SELECT restart_worker.grant_admin('team_admins');
+RESET ROLE;
+SELECT has_function_privilege('team_requesters', 'public.request_service_restart(text)', 'EXECUTE') AS requester_may_request,
+	   has_function_privilege('team_admins', 'restart_worker.register_agent(text,text,text)', 'EXECUTE') AS admin_may_register;
+SET ROLE team_requesters;
+SELECT outcome($$SELECT restart_worker.grant_requester('team_requesters')$$);
+SELECT outcome($$SELECT restart_worker.grant_admin('team_requesters')$$);
+RESET ROLE;
+SET ROLE deputy_ops;
+SELECT restart_worker.revoke_requester('team_requesters');
+RESET ROLE;
+SELECT has_function_privilege('team_requesters', 'public.request_service_restart(text)', 'EXECUTE') AS requester_may_request;
+REVOKE ALL ON ALL TABLES IN SCHEMA restart_worker FROM team_admins, deputy_ops;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA restart_worker FROM team_admins, deputy_ops;
+REVOKE ALL ON SCHEMA restart_worker FROM team_admins, deputy_ops;
+SELECT restart_worker.revoke_requester('team_admins'), restart_worker.revoke_requester('deputy_ops');
+REVOKE ALL ON TABLE public.service_restart_requests FROM team_admins, deputy_ops;
+DROP ROLE deputy_ops, team_requesters, team_admins;

@@ -8,14 +8,17 @@ RETURN p_name IS NOT NULL
 	AND length(p_name) BETWEEN 1 AND 63
 	AND p_name ~ '^[A-Za-z0-9][A-Za-z0-9_.-]*$';
 
--- An agent URL: http(s)://host[:port][/path] with no user info, query or fragment, or
--- unix:/absolute/path for HTTP over a local socket.
+-- An agent URL: http(s)://host[:port][/path] with no user info, query or fragment, and a
+-- port from 1 to 65535 (since 1.9; libcurl refuses any other, and such a call failed as
+-- an invalid answer), or unix:/absolute/path for HTTP over a local socket.
 CREATE FUNCTION restart_worker.valid_agent_url(p_url text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN p_url IS NOT NULL
 	AND length(p_url) <= 2048
-	AND (p_url ~ '^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[A-Za-z0-9._~/%-]*)?$'
+	AND ((p_url ~ '^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[A-Za-z0-9._~/%-]*)?$'
+		  AND coalesce((pg_catalog.substring(p_url, '^https?://(?:\[[^]]*\]|[^:/]*):([0-9]+)'))::integer
+					   BETWEEN 1 AND 65535, true))
 		 OR p_url ~ '^unix:/[A-Za-z0-9._~/-]+$');
 
 -- A signing secret in the Standard Webhooks form: whsec_ then base64 of 24 to 64 bytes.

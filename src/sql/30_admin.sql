@@ -142,10 +142,13 @@ BEGIN
 	PERFORM restart_worker.check_name(p_name, 'service name');
 	PERFORM restart_worker.check_name(p_agent, 'agent name');
 	PERFORM restart_worker.require(p_cooldown, 'cooldown');
-	IF p_cooldown < interval '0' THEN
+	-- On the times they reach from now, not as intervals: an interval comparison counts a
+	-- month as 30 days and a year as 360, so '-1 year 360 days 1 second' compared as
+	-- positive, and every request was born past its deadline (before 1.9).
+	IF pg_catalog.now() + p_cooldown < pg_catalog.now() THEN
 		RAISE EXCEPTION 'cooldown must not be negative' USING ERRCODE = 'invalid_parameter_value';
 	END IF;
-	IF p_deadline <= interval '0' THEN
+	IF pg_catalog.now() + p_deadline <= pg_catalog.now() THEN
 		RAISE EXCEPTION 'deadline must be positive' USING ERRCODE = 'invalid_parameter_value';
 	END IF;
 	IF p_max_attempts NOT BETWEEN 1 AND 100 THEN

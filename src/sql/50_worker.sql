@@ -209,7 +209,14 @@ END;
 -- are taken again; each counts one attempt more. After a
 -- restart (p_recover) every dispatching or running request is taken over at once: it is
 -- driven on with the same id, and the agent answers with the existing job. Requests past
--- their deadline fail. Rows locked by someone else are skipped, never waited for.
+-- their deadline fail, but for those their agent accepted (since 1.9): such a job may have
+-- ended in time while nobody followed it (the server was down, or the calls following it
+-- failed until the deadline), so the claim takes it for a last look, a GET that asks the
+-- agent not to wait, whose record says how it ended, or "timed out" if it still runs
+-- (worker_record_jobs(), worker_record()). A claim takes as many as it may call, the
+-- earliest deadlines first; a look for the deadlines alone (p_limit 0, every slot busy, see
+-- worker_fail_late()) fails them as before. Rows locked by someone else are skipped,
+-- never waited for.
 -- maybe_sent says whether an earlier call may have reached the agent (the row was not
 -- pending); accepted (since 1.7) whether the agent accepted it (dispatched_at): the worker
 -- then asks for its job (GET) instead of sending the request again, so that an agent that
@@ -235,14 +242,29 @@ SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
-	v_until		timestamptz := CASE WHEN p_recover THEN 'infinity' ELSE pg_catalog.now() END;
-	v_ids		uuid[];
-	v_sent		boolean[];
+	v_until		pg_catalog.timestamptz := CASE WHEN p_recover THEN 'infinity' ELSE pg_catalog.now() END;
+	v_ids		pg_catalog.uuid[];
+	v_sent		pg_catalog.bool[];
+	v_look		pg_catalog.uuid[] := '{}';
+	v_exclude	pg_catalog.uuid[] := p_exclude;
 BEGIN
 	-- Requests past their deadline are rare: look for one before running the update.
 	IF EXISTS (SELECT FROM public.service_restart_requests q
 			   WHERE q.status IN ('pending', 'dispatching', 'running')
 				 AND q.deadline_at <= pg_catalog.now()) THEN
+		-- Accepted ones, for a last look (see above).
+		IF p_limit > 0 THEN
+			SELECT coalesce(pg_catalog.array_agg(l.id), '{}') INTO v_look
+			FROM (SELECT q.id FROM public.service_restart_requests q
+				  WHERE q.status IN ('dispatching', 'running')
+					AND q.dispatched_at IS NOT NULL
+					AND q.deadline_at <= pg_catalog.now()
+					AND NOT (q.id = ANY (p_exclude))
+				  ORDER BY q.deadline_at
+				  LIMIT p_limit
+				  FOR UPDATE SKIP LOCKED) l;
+			v_exclude := p_exclude || v_look;
+		END IF;
 		-- Claims commit asynchronously (src/settle.c); an end the agent's journal does not
 		-- hold must not be lost in a crash, or the request could come back and run after
 		-- it was announced failed: a claim that failed a request commits synchronously.
@@ -250,7 +272,7 @@ BEGIN
 			SELECT q.id FROM public.service_restart_requests q
 			WHERE q.status IN ('pending', 'dispatching', 'running')
 			  AND q.deadline_at <= pg_catalog.now()
-			  AND NOT (q.id = ANY (p_exclude))
+			  AND NOT (q.id = ANY (v_exclude))
 			FOR UPDATE SKIP LOCKED)
 		UPDATE public.service_restart_requests r
 			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
@@ -271,10 +293,10 @@ BEGIN
 		  AND q.next_attempt_at <= v_until
 		  -- pending ones once due, also after a restart
 		  AND (q.status <> 'pending' OR q.next_attempt_at <= pg_catalog.now())
-		  -- what the worker has in flight is never pending
-		  AND (q.status = 'pending' OR NOT (q.id = ANY (p_exclude)))
+		  -- what the worker has in flight (or looks at, above) is never pending
+		  AND (q.status = 'pending' OR NOT (q.id = ANY (v_exclude)))
 		ORDER BY q.next_attempt_at
-		LIMIT p_limit
+		LIMIT p_limit - pg_catalog.cardinality(v_look)
 		FOR UPDATE SKIP LOCKED),
 	claimed AS (
 		UPDATE public.service_restart_requests q
@@ -284,12 +306,12 @@ BEGIN
 				attempts = q.attempts + 1,
 				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 				updated_at = pg_catalog.now()
-			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due))
+			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due) || v_look)
 			RETURNING q.id)
-	SELECT pg_catalog.array_agg(c.id), pg_catalog.array_agg(d.old_status <> 'pending')
+	SELECT pg_catalog.array_agg(c.id), pg_catalog.array_agg(coalesce(d.old_status <> 'pending', true))
 		INTO v_ids, v_sent
 	FROM claimed c
-	JOIN due d ON d.id = c.id;
+	LEFT JOIN due d ON d.id = c.id;
 
 	-- Where to send them, read by a statement of its own: under READ COMMITTED it sees a
 	-- change of a service's agent that committed before the claim locked the request

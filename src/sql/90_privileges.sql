@@ -4,10 +4,13 @@
 
 -- Let a role request restarts, cancel its own pending requests, read the requests and
 -- list the services. Grant it to a group role and its members, including roles made
--- later, can request too.
+-- later, can request too. This and the two functions below are SECURITY DEFINER (since
+-- 1.9): an admin holds its privileges without the right to pass them on, so run as the
+-- admin their GRANTs only warned "no privileges were granted" and changed nothing; now
+-- the grants are the extension owner's, whoever of the admins makes or takes them back.
 CREATE FUNCTION restart_worker.grant_requester(p_role regrole)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -25,7 +28,7 @@ $$;
 -- Take back what grant_requester() gave.
 CREATE FUNCTION restart_worker.revoke_requester(p_role regrole)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -43,7 +46,7 @@ $$;
 -- a trigger of an admin would run as the owner of the SECURITY DEFINER functions.
 CREATE FUNCTION restart_worker.grant_admin(p_role regrole)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN

@@ -4,7 +4,7 @@
 # (to 1.7, whose worker_claim() is made again with a column more, under the worker's kept
 # plan), with the worker running, its claims commit asynchronously: the same crash loses one,
 # and the worker settles that request at its next start; and so again after the update to
-# 1.8. Either way the step runs once.
+# 1.8. Either way the step runs once. Then the update to 1.9, under the running worker.
 use strict;
 use warnings;
 
@@ -79,7 +79,7 @@ worker_back($node, $id, what => '1.7', count_file => $count, runs => $runs, offs
 
 # 1.8 replaces worker_settle() among others and pins every function's search path anew,
 # under the running worker's kept plans: requests go on, and a lost claim is settled.
-$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+$node->safe_psql('postgres', "ALTER EXTENSION restart_worker UPDATE TO '1.8'");
 is($node->safe_psql('postgres',
 	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
 	'1.8', 'the extension is updated to 1.8 while the worker runs');
@@ -91,6 +91,14 @@ is(status_attempts($node, $id),
 	'pending 0', '1.8: the claim was lost (asynchronous): the request is pending again');
 worker_back($node, $id, what => '1.8', count_file => $count, runs => $runs, offset => $offset,
 	settled => 1);
+
+# 1.9 replaces worker_claim() again, under the running worker's kept plan.
+$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+is($node->safe_psql('postgres',
+	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
+	'1.9', 'the extension is updated to 1.9 while the worker runs');
+$after = request_restart($node, 'count_svc');
+ok(wait_status($node, $after, 'completed'), 'a request completes on 1.9');
 
 $node->stop;
 done_testing();

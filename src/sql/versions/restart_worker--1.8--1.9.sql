@@ -1,0 +1,293 @@
+-- restart_worker 1.8 -> 1.9.
+--
+-- 1.9 mends four things. A job its agent accepted that ended while nobody followed it
+-- (the server down, or the calls following it failing) was failed "timed out" by the
+-- first claim past its deadline without asking the agent, though it may have ended in
+-- time: worker_claim() now takes such a request for a last look (a GET that asks the
+-- agent not to wait) and records what the agent says. grant_requester(),
+-- revoke_requester() and grant_admin() are SECURITY DEFINER: run by an admin who is not a
+-- superuser, their GRANTs only warned and changed nothing. register_agent() refuses a
+-- port outside 1-65535 (the table's check uses valid_agent_url(); an agent registered
+-- before with such a port keeps its row, and its calls keep failing: register it again).
+-- register_service() checks the signs of a cooldown and a deadline on the times they
+-- reach from now ('-1 year 360 days 1 second' passed as a positive deadline). The tables
+-- and their rows are unchanged. The definitions below are those of src/sql/10_tables.sql,
+-- src/sql/30_admin.sql, src/sql/50_worker.sql and src/sql/90_privileges.sql.
+
+\echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.9'" to load this file. \quit
+
+-- An agent URL: http(s)://host[:port][/path] with no user info, query or fragment, and a
+-- port from 1 to 65535 (since 1.9; libcurl refuses any other, and such a call failed as
+-- an invalid answer), or unix:/absolute/path for HTTP over a local socket.
+CREATE OR REPLACE FUNCTION restart_worker.valid_agent_url(p_url text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN p_url IS NOT NULL
+	AND length(p_url) <= 2048
+	AND ((p_url ~ '^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?(/[A-Za-z0-9._~/%-]*)?$'
+		  AND coalesce((pg_catalog.substring(p_url, '^https?://(?:\[[^]]*\]|[^:/]*):([0-9]+)'))::integer
+					   BETWEEN 1 AND 65535, true))
+		 OR p_url ~ '^unix:/[A-Za-z0-9._~/-]+$');
+
+
+-- Add a service, or change an existing one. Optional arguments left NULL keep the current
+-- value (or take the default for a new service).
+CREATE OR REPLACE FUNCTION restart_worker.register_service(
+	p_name text,
+	p_agent text,
+	p_cooldown interval DEFAULT '5 minutes',
+	p_description text DEFAULT NULL,
+	p_deadline interval DEFAULT NULL,
+	p_max_attempts integer DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_status	pg_catalog.text;
+	v_due		pg_catalog.timestamptz;
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'service name');
+	PERFORM restart_worker.check_name(p_agent, 'agent name');
+	PERFORM restart_worker.require(p_cooldown, 'cooldown');
+	-- On the times they reach from now, not as intervals: an interval comparison counts a
+	-- month as 30 days and a year as 360, so '-1 year 360 days 1 second' compared as
+	-- positive, and every request was born past its deadline (before 1.9).
+	IF pg_catalog.now() + p_cooldown < pg_catalog.now() THEN
+		RAISE EXCEPTION 'cooldown must not be negative' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF pg_catalog.now() + p_deadline <= pg_catalog.now() THEN
+		RAISE EXCEPTION 'deadline must be positive' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF p_max_attempts NOT BETWEEN 1 AND 100 THEN
+		RAISE EXCEPTION 'max_attempts must be between 1 and 100' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	PERFORM 1 FROM restart_worker.agents WHERE name = p_agent;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown agent "%"', p_agent
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'Register it first with restart_worker.register_agent().';
+	END IF;
+	-- A request that may have reached the service's agent goes on with the same id at
+	-- whatever agent the service has then, which would not know it: sent again, it would run
+	-- again; asked for, it would fail. So the agent does not change while a request is
+	-- dispatching or running, or pending but due before the worker settled what a crash
+	-- may have lost of its claims (see cancel()). The service's row lock orders this
+	-- against new requests, the locks on the active requests against claims: a claim
+	-- skips a row locked here, and one that holds a row makes this wait and see it
+	-- dispatching.
+	PERFORM 1 FROM restart_worker.services s
+		WHERE s.name = p_name AND s.agent <> p_agent
+		FOR UPDATE;
+	IF FOUND THEN
+		FOR v_status, v_due IN
+			SELECT q.status, q.next_attempt_at FROM public.service_restart_requests q
+			WHERE q.service_name = p_name AND q.status IN ('pending', 'dispatching', 'running')
+			FOR UPDATE
+		LOOP
+			IF v_status <> 'pending' OR v_due <= restart_worker.worker_unsettled_before() THEN
+				RAISE EXCEPTION 'service "%" has a request its agent may be running', p_name
+					USING ERRCODE = 'object_not_in_prerequisite_state',
+						  HINT = 'Change its agent once the request has ended.';
+			END IF;
+		END LOOP;
+	END IF;
+	INSERT INTO restart_worker.services AS s
+		(name, agent, cooldown, description, deadline, max_attempts)
+	VALUES (p_name, p_agent, p_cooldown, coalesce(p_description, ''),
+			coalesce(p_deadline, interval '15 minutes'), p_max_attempts)
+	ON CONFLICT (name) DO UPDATE
+		SET agent = excluded.agent,
+			cooldown = excluded.cooldown,
+			description = coalesce(p_description, s.description),
+			deadline = coalesce(p_deadline, s.deadline),
+			max_attempts = coalesce(p_max_attempts, s.max_attempts),
+			updated_at = now();
+END;
+$$;
+
+-- Claim up to p_limit due requests for the worker, except those it has in flight
+-- (p_exclude): pending ones become dispatching, dispatching ones due for another attempt
+-- and running ones due again (a call following the job failed, or their lease expired)
+-- are taken again; each counts one attempt more. After a
+-- restart (p_recover) every dispatching or running request is taken over at once: it is
+-- driven on with the same id, and the agent answers with the existing job. Requests past
+-- their deadline fail, but for those their agent accepted (since 1.9): such a job may have
+-- ended in time while nobody followed it (the server was down, or the calls following it
+-- failed until the deadline), so the claim takes it for a last look, a GET that asks the
+-- agent not to wait, whose record says how it ended, or "timed out" if it still runs
+-- (worker_record_jobs(), worker_record()). A claim takes as many as it may call, the
+-- earliest deadlines first; a look for the deadlines alone (p_limit 0, every slot busy, see
+-- worker_fail_late()) fails them as before. Rows locked by someone else are skipped,
+-- never waited for.
+-- maybe_sent says whether an earlier call may have reached the agent (the row was not
+-- pending); accepted (since 1.7) whether the agent accepted it (dispatched_at): the worker
+-- then asks for its job (GET) instead of sending the request again, so that an agent that
+-- no longer knows the id (its journal lost, the job pruned) answers 404 instead of running
+-- the steps again. The worker keeps what it has in flight in memory; the lease only
+-- matters if it forgets a request.
+--
+-- Its plans are made once (plan_cache_mode), as a plan for any arguments: planning at
+-- every call costs more than a claim of a few requests, and a plan kept by default after
+-- a few calls must not depend on them either. So the due requests are read through their
+-- partial index up to a time (now, or after a restart the end of time; with the restart's
+-- case OR-ed into the condition, as before 1.4, the kept plan had no range on that index and
+-- read every active request), and the rows claimed or failed are updated through the
+-- primary key, by their ids as an array (joined to the rows found, the planner may scan the
+-- whole table for a few rows in a session that allows it; the worker's does not, see
+-- src/worker.c).
+CREATE OR REPLACE FUNCTION restart_worker.worker_claim(
+	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
+RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
+			   maybe_sent boolean, accepted boolean)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+	v_until		pg_catalog.timestamptz := CASE WHEN p_recover THEN 'infinity' ELSE pg_catalog.now() END;
+	v_ids		pg_catalog.uuid[];
+	v_sent		pg_catalog.bool[];
+	v_look		pg_catalog.uuid[] := '{}';
+	v_exclude	pg_catalog.uuid[] := p_exclude;
+BEGIN
+	-- Requests past their deadline are rare: look for one before running the update.
+	IF EXISTS (SELECT FROM public.service_restart_requests q
+			   WHERE q.status IN ('pending', 'dispatching', 'running')
+				 AND q.deadline_at <= pg_catalog.now()) THEN
+		-- Accepted ones, for a last look (see above).
+		IF p_limit > 0 THEN
+			SELECT coalesce(pg_catalog.array_agg(l.id), '{}') INTO v_look
+			FROM (SELECT q.id FROM public.service_restart_requests q
+				  WHERE q.status IN ('dispatching', 'running')
+					AND q.dispatched_at IS NOT NULL
+					AND q.deadline_at <= pg_catalog.now()
+					AND NOT (q.id = ANY (p_exclude))
+				  ORDER BY q.deadline_at
+				  LIMIT p_limit
+				  FOR UPDATE SKIP LOCKED) l;
+			v_exclude := p_exclude || v_look;
+		END IF;
+		-- Claims commit asynchronously (src/settle.c); an end the agent's journal does not
+		-- hold must not be lost in a crash, or the request could come back and run after
+		-- it was announced failed: a claim that failed a request commits synchronously.
+		WITH late AS (
+			SELECT q.id FROM public.service_restart_requests q
+			WHERE q.status IN ('pending', 'dispatching', 'running')
+			  AND q.deadline_at <= pg_catalog.now()
+			  AND NOT (q.id = ANY (v_exclude))
+			FOR UPDATE SKIP LOCKED)
+		UPDATE public.service_restart_requests r
+			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
+				error = restart_worker.timeout_error(r.status, r.error),
+				-- A dispatching row may have reached its agent: it holds the cooldown.
+				uncertain_at = CASE WHEN r.status = 'dispatching'
+									THEN coalesce(r.uncertain_at, pg_catalog.now())
+									ELSE r.uncertain_at END
+			WHERE r.id = ANY (ARRAY(SELECT late.id FROM late));
+		IF FOUND THEN
+			PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
+		END IF;
+	END IF;
+
+	WITH due AS (
+		SELECT q.id, q.status AS old_status FROM public.service_restart_requests q
+		WHERE q.status IN ('pending', 'dispatching', 'running')
+		  AND q.next_attempt_at <= v_until
+		  -- pending ones once due, also after a restart
+		  AND (q.status <> 'pending' OR q.next_attempt_at <= pg_catalog.now())
+		  -- what the worker has in flight (or looks at, above) is never pending
+		  AND (q.status = 'pending' OR NOT (q.id = ANY (v_exclude)))
+		ORDER BY q.next_attempt_at
+		LIMIT p_limit - pg_catalog.cardinality(v_look)
+		FOR UPDATE SKIP LOCKED),
+	claimed AS (
+		UPDATE public.service_restart_requests q
+			SET status = CASE WHEN q.status = 'pending' THEN 'dispatching' ELSE q.status END,
+				-- every call made again counts, also one following a running job after
+				-- a failure, so that the delay before the next grows (worker_record())
+				attempts = q.attempts + 1,
+				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
+				updated_at = pg_catalog.now()
+			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due) || v_look)
+			RETURNING q.id)
+	SELECT pg_catalog.array_agg(c.id), pg_catalog.array_agg(coalesce(d.old_status <> 'pending', true))
+		INTO v_ids, v_sent
+	FROM claimed c
+	LEFT JOIN due d ON d.id = c.id;
+
+	-- Where to send them, read by a statement of its own: under READ COMMITTED it sees a
+	-- change of a service's agent that committed before the claim locked the request
+	-- (register_service() refuses one after that), which the claim's own snapshot, taken
+	-- when it began, may not.
+	RETURN QUERY
+	SELECT c.id, a.url, pg_catalog.decode(pg_catalog.substr(a.secret, 7), 'base64'),
+		   restart_worker.call_body(c::public.service_restart_requests), c.deadline_at,
+		   m.maybe_sent, c.dispatched_at IS NOT NULL
+	FROM ROWS FROM (pg_catalog.unnest(v_ids), pg_catalog.unnest(v_sent)) AS m(id, maybe_sent)
+	JOIN public.service_restart_requests c ON c.id = m.id
+	LEFT JOIN restart_worker.services s ON s.name = c.service_name
+	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
+END;
+$$;
+
+-- Let a role request restarts, cancel its own pending requests, read the requests and
+-- list the services. Grant it to a group role and its members, including roles made
+-- later, can request too. This and the two functions below are SECURITY DEFINER (since
+-- 1.9): an admin holds its privileges without the right to pass them on, so run as the
+-- admin their GRANTs only warned "no privileges were granted" and changed nothing; now
+-- the grants are the extension owner's, whoever of the admins makes or takes them back.
+CREATE OR REPLACE FUNCTION restart_worker.grant_requester(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM restart_worker.require(p_role, 'role');
+	IF p_role::pg_catalog.text = 'anon' THEN
+		RAISE EXCEPTION 'anon may not request restarts' USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	EXECUTE format('GRANT EXECUTE ON FUNCTION public.request_service_restart(text) TO %s', p_role);
+	EXECUTE format('GRANT EXECUTE ON FUNCTION public.cancel_service_restart(uuid) TO %s', p_role);
+	EXECUTE format('GRANT EXECUTE ON FUNCTION public.list_restartable_services() TO %s', p_role);
+	EXECUTE format('GRANT SELECT ON TABLE public.service_restart_requests TO %s', p_role);
+END;
+$$;
+
+-- Take back what grant_requester() gave.
+CREATE OR REPLACE FUNCTION restart_worker.revoke_requester(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM restart_worker.require(p_role, 'role');
+	EXECUTE format('REVOKE ALL ON FUNCTION public.request_service_restart(text) FROM %s', p_role);
+	EXECUTE format('REVOKE ALL ON FUNCTION public.cancel_service_restart(uuid) FROM %s', p_role);
+	EXECUTE format('REVOKE ALL ON FUNCTION public.list_restartable_services() FROM %s', p_role);
+	EXECUTE format('REVOKE ALL ON TABLE public.service_restart_requests FROM %s', p_role);
+END;
+$$;
+
+-- Let a role administer restart_worker: the registry, the admin functions, and every
+-- row of every table. Row level security lets in whoever may execute register_agent(),
+-- so the grants alone decide, and pg_dump carries them over. No TRIGGER or REFERENCES:
+-- a trigger of an admin would run as the owner of the SECURITY DEFINER functions.
+CREATE OR REPLACE FUNCTION restart_worker.grant_admin(p_role regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM restart_worker.require(p_role, 'role');
+	IF p_role::pg_catalog.text IN ('anon', 'authenticated') THEN
+		RAISE EXCEPTION '% may not administer restart_worker', p_role
+			USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	PERFORM restart_worker.grant_requester(p_role);
+	EXECUTE format('GRANT USAGE ON SCHEMA restart_worker TO %s', p_role);
+	EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA restart_worker TO %s', p_role);
+	EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA restart_worker TO %s', p_role);
+	EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE public.service_restart_requests TO %s', p_role);
+END;
+$$;
