@@ -64,10 +64,10 @@ sub without_privileges
 	my $denials = sub { my @m = substr(slurp_file($node->logfile), $offset) =~ /permission denied/g; return scalar @m; };
 	my $before = $denials->();
 	request_restart($node, "more$_") for @$more;
+	ok(wait_for(sub { $denials->() > $before }, 90), "$case: the failing claim is tried again later");
 	is($node->safe_psql('postgres', qq{SELECT count(*) FROM public.service_restart_requests
 		WHERE service_name IN (@{[ join ', ', map { "'more$_'" } @$more ]}) AND status = 'pending'}),
-		scalar @$more, "$case: the new requests wait too");
-	ok(wait_for(sub { $denials->() > $before }, 90), "$case: the failing claim is tried again later");
+		scalar @$more, "$case: the new requests wait too, after that try");
 	my $logged = $denials->() - $before;
 	ok($logged < 10, "$case: while the claim keeps failing, new requests do not make it log once each ($logged)");
 	is($node->safe_psql('postgres',

@@ -10,6 +10,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use JSON::PP;
 
 use RestartWorkerTest;
 
@@ -38,11 +39,17 @@ $node->stop('fast');
 spew($gate_ended, '');
 ok(wait_for(sub { slurp($agent->{log}) =~ /job $ended: .*completed/ }, 30),
 	'the first job ends on the agent while the server is down');
-cmp_ok(time(), '<', $deadline, 'before its deadline');
+# When it ended, from the agent's journal (its last record of the id).
+my ($record) = reverse grep { /^$ended / } split /\n/, slurp("$agent->{dir}/state/journal");
+my $finished_at = JSON::PP::decode_json(substr($record // "$ended {}", length($ended) + 1))->{finished_at};
+ok(defined $finished_at, "the agent journaled its end ($finished_at)");
 
 # The server comes back once both deadlines have passed.
 ok(wait_for(sub { time() > $deadline + 1 }, 30), 'the deadlines pass while the server is down');
 $node->start;
+is($node->safe_psql('postgres',
+	"SELECT '$finished_at'::timestamptz < deadline_at FROM public.service_restart_requests
+	 WHERE id = '$ended'"), 't', 'it ended before its deadline');
 
 ok(wait_status($node, $ended, 'completed|failed'), 'the first request ends');
 my $row = row_of($node, $ended);
