@@ -230,7 +230,11 @@ typedef struct job
 	job_step   *steps;
 	int			nsteps;			/* steps started so far */
 	tail_buffer output;
-	char	   *error;
+	char	   *error;			/* why it failed, or NULL (also when memory
+								 * ran out for the text: see failed) */
+	bool		failed;			/* a step failed or the job was interrupted:
+								 * it ends failed, with or without an error
+								 * text */
 	const config_service *svc;	/* NULL for jobs loaded from the journal */
 	bool		unreadable;		/* stands for a journal record that could not
 								 * be read: the id stays taken */

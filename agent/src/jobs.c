@@ -551,35 +551,30 @@ jobs_output(void *arg, const char *data, size_t len)
 }
 
 /*
- * Describe why a step failed, or return NULL if it succeeded.  The text
- * becomes the job's error.
+ * Tell whether a step failed, and if so describe why in buf.  Whether it
+ * failed is decided here, from the step's result alone: the copy of the
+ * text that becomes the job's error needs memory, and a step must not be
+ * taken for a success because that copy could not be made.
  */
-static char *
-jobs_step_error(int n, const config_step *step, const spawn_result *res)
+static bool
+jobs_step_failed(int n, const config_step *step, const spawn_result *res,
+				 char *buf, size_t size)
 {
-	char		buf[512];
-	size_t		len;
-
 	if (res->spawn_errno != 0)
-		snprintf(buf, sizeof(buf), "step %d could not start %s: %s", n, step->argv[0],
+		snprintf(buf, size, "step %d could not start %s: %s", n, step->argv[0],
 				 strerror(res->spawn_errno));
 	else if (res->interrupted)
-		snprintf(buf, sizeof(buf), "step %d interrupted: the agent was stopped during the job", n);
+		snprintf(buf, size, "step %d interrupted: the agent was stopped during the job", n);
 	else if (res->timed_out)
-		snprintf(buf, sizeof(buf), "step %d timed out after %d s", n, step->timeout);
+		snprintf(buf, size, "step %d timed out after %d s", n, step->timeout);
 	else if (res->signal != 0)
-		snprintf(buf, sizeof(buf), "step %d was killed by signal %d (SIG%s)", n, res->signal,
+		snprintf(buf, size, "step %d was killed by signal %d (SIG%s)", n, res->signal,
 				 sigabbrev_np(res->signal) ? sigabbrev_np(res->signal) : "?");
 	else if (res->exit_code != 0)
-		snprintf(buf, sizeof(buf), "step %d exited with code %d", n, res->exit_code);
+		snprintf(buf, size, "step %d exited with code %d", n, res->exit_code);
 	else
-		return NULL;
-
-	/*
-	 * A long program name may have been cut in the middle of a character:
-	 * the error goes into JSON, which must be UTF-8.
-	 */
-	return tail_sanitize_utf8(buf, strlen(buf), &len);
+		return false;
+	return true;
 }
 
 /*
@@ -604,14 +599,21 @@ jobs_step_begin(job *j, const config_step *step, int idx)
 }
 
 /*
- * Record the end of step idx in memory; if the step failed, the job's
- * error is set, which stops the job.  Nothing is journaled here: the final
- * state is, by jobs_finish(), and a crash before it fails the job anyway.
+ * Record the end of step idx in memory; if the step failed, the job is
+ * marked failed, which stops it, and its error set.  The error is a copy
+ * made valid UTF-8 (a long program name may have been cut in the middle
+ * of a character, and it goes into JSON); if memory runs out for it, the
+ * job fails all the same, without the text (see report_job()).  Nothing is
+ * journaled here: the final state is, by jobs_finish(), and a crash before
+ * it fails the job anyway.
  */
 static void
 jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
 {
-	char	   *err = jobs_step_error(idx + 1, step, res);
+	char		buf[512];
+	size_t		len;
+	bool		failed = jobs_step_failed(idx + 1, step, res, buf, sizeof(buf));
+	char	   *err = failed ? tail_sanitize_utf8(buf, strlen(buf), &len) : NULL;
 
 	pthread_mutex_lock(&jobs_lock);
 	j->steps[idx].finished_at = util_now_usec();
@@ -620,10 +622,13 @@ jobs_step_end(job *j, const config_step *step, int idx, const spawn_result *res)
 	j->steps[idx].timed_out = res->timed_out;
 	j->exit_code = res->exit_code;
 	j->signal = res->signal;
+	j->failed = failed;
+	free(j->error);
 	j->error = err;
 	pthread_mutex_unlock(&jobs_lock);
-	if (err)
-		log_msg("job %s: step %d/%d failed: %s", j->id, idx + 1, j->svc->nsteps, err);
+	if (failed)
+		log_msg("job %s: step %d/%d failed: %s%s", j->id, idx + 1, j->svc->nsteps,
+				err ? err : buf, err ? "" : " (out of memory for the job's error)");
 	else
 		log_msg("job %s: step %d/%d finished with exit code 0", j->id, idx + 1, j->svc->nsteps);
 }
@@ -665,7 +670,8 @@ jobs_finish(job *j, job_status final, int64_t until)
 
 /*
  * Check, before step idx starts, that the agent is not shutting down; if
- * it is, the job fails without starting the step.
+ * it is, the job fails without starting the step (also if memory runs out
+ * for its error text).
  */
 static bool
 jobs_may_start_step(job *j, int idx)
@@ -679,18 +685,19 @@ jobs_may_start_step(job *j, int idx)
 	{
 		snprintf(buf, sizeof(buf),
 				 "interrupted before step %d: the agent was stopped during the job", idx + 1);
+		j->failed = true;
 		free(j->error);
 		j->error = strdup(buf);
 	}
 	pthread_mutex_unlock(&jobs_lock);
 	if (stopping)
-		log_msg("job %s: %s", j->id, j->error ? j->error : "interrupted");
+		log_msg("job %s: %s", j->id, buf);
 	return !stopping;
 }
 
 /*
  * Run the steps of job j from where it stands, stopping at the first
- * failure (which sets j->error), and finish the job (true).  If the
+ * failure (which sets j->failed), and finish the job (true).  If the
  * monotonic time until passes first, return false instead, the job left
  * where it stands for any thread to go on with: with a step running (kept
  * in j->step), before its next step, or before its final state is on
@@ -701,7 +708,7 @@ jobs_advance(job *j, int64_t until)
 {
 	const config_service *svc = j->svc;
 
-	while (j->error == NULL && (j->step != NULL || j->next_step < svc->nsteps))
+	while (!j->failed && (j->step != NULL || j->next_step < svc->nsteps))
 	{
 		int			idx = j->step != NULL ? j->next_step - 1 : j->next_step;
 		spawn_result res;
@@ -726,7 +733,7 @@ jobs_advance(job *j, int64_t until)
 	}
 	if (util_monotonic_msec() >= until)
 		return false;
-	return jobs_finish(j, j->error != NULL ? JOB_FAILED : JOB_COMPLETED, until);
+	return jobs_finish(j, j->failed ? JOB_FAILED : JOB_COMPLETED, until);
 }
 
 /*

@@ -60,10 +60,27 @@ report_steps(const job *j)
 }
 
 /*
+ * Return the error of a job shown with the given status: none while it is
+ * shown running (why it failed is told with its end, once that is on
+ * disk), and for a failed job whose error text could not be allocated, a
+ * fixed text saying so (a failed job always tells that it failed).
+ */
+static json_t *
+report_error_of(const job *j, job_status status)
+{
+	if (status == JOB_RUNNING)
+		return json_null();
+	if (j->error != NULL)
+		return json_string(j->error);
+	if (status == JOB_FAILED)
+		return json_string("the reason could not be kept: the agent ran out of memory");
+	return json_null();
+}
+
+/*
  * Render a job as the protocol's job object, with the given status (the
- * runner renders the final state before it is made visible).  A job shown
- * running has no error yet: why it failed is told with its end, once that
- * is on disk.  The caller holds the job table lock.
+ * runner renders the final state before it is made visible).  The caller
+ * holds the job table lock.
  */
 json_t *
 report_job(const job *j, job_status status)
@@ -86,7 +103,7 @@ report_job(const job *j, job_status status)
 					"steps", report_steps(j),
 					"output", output ? json_stringn(output, outlen) : json_string(""),
 					"output_truncated", j->output.truncated,
-					"error", status != JOB_RUNNING && j->error ? json_string(j->error) : json_null());
+					"error", report_error_of(j, status));
 	free(output);
 	return obj;
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Agent unit tests (cmocka): signatures, config validation, request parsing, the journal.
+# Agent unit tests (cmocka): signatures, config validation, request parsing, the journal,
+# the job table when memory runs out.
 # Builds and runs them as the unprivileged user; prints "ok - agent unit: ...".
 set -uo pipefail
 cd "${RW_BUILD_DIR:-$(pwd)}"
@@ -8,7 +9,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 build_agent unit "agent unit: build the cmocka tests"
 status=0
-for t in agent/test/unit/test_verify agent/test/unit/test_config agent/test/unit/test_request agent/test/unit/test_journal; do
+for t in agent/test/unit/test_verify agent/test/unit/test_config agent/test/unit/test_request agent/test/unit/test_journal agent/test/unit/test_nomem; do
 	group=$(basename "$t" | sed 's/^test_//')
 	as_user env CMOCKA_MESSAGE_OUTPUT=TAP "./$t" >"$log" 2>&1
 	rc=$?

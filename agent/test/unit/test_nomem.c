@@ -1,0 +1,342 @@
+/*
+ * Unit tests of the agent when memory runs out: a real job table, journal
+ * and step programs, with one allocation made to fail at a time.
+ *
+ * The test is linked with --wrap for malloc, calloc, realloc and strdup
+ * (see the Makefile), so that every allocation the agent's own code makes
+ * goes through the wrappers below, and jansson is given the same allocator
+ * (json_set_alloc_funcs()).  Once armed with n, the wrappers let the
+ * first n - 1 allocations through and fail the n-th (ENOMEM), in any
+ * thread.  A test sweeps n from 1 until a run makes fewer than n
+ * allocations: every allocation of the run has then failed once, and
+ * whatever failed, the answer must be true (a clear failure, never a
+ * wrong success).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cmocka.h>
+
+#include "agent.h"
+
+/* A sweep that has not ended after this many runs is a failure. */
+#define NOMEM_MAX_RUNS 2000
+#define NOMEM_WAIT_MS 20000
+
+extern void *__real_malloc(size_t size);
+extern void *__real_calloc(size_t n, size_t size);
+extern void *__real_realloc(void *p, size_t size);
+extern char *__real_strdup(const char *s);
+extern void *__wrap_malloc(size_t size);
+extern void *__wrap_calloc(size_t n, size_t size);
+extern void *__wrap_realloc(void *p, size_t size);
+extern char *__wrap_strdup(const char *s);
+
+static atomic_int nomem_at;		/* the allocation to fail, 0 for none */
+static atomic_int nomem_count;	/* allocations made since armed */
+
+static char dir[64];
+static char second[128];		/* written by the step that must never run */
+static agent_config *cfg;
+static int	saved_stderr = -1;
+
+/*
+ * Count an allocation if armed, and tell whether it is the one to fail.
+ */
+static bool
+nomem_fail(void)
+{
+	if (atomic_load(&nomem_at) == 0)
+		return false;
+	if (atomic_fetch_add(&nomem_count, 1) + 1 != atomic_load(&nomem_at))
+		return false;
+	errno = ENOMEM;
+	return true;
+}
+
+void *
+__wrap_malloc(size_t size)
+{
+	return nomem_fail() ? NULL : __real_malloc(size);
+}
+
+void *
+__wrap_calloc(size_t n, size_t size)
+{
+	return nomem_fail() ? NULL : __real_calloc(n, size);
+}
+
+void *
+__wrap_realloc(void *p, size_t size)
+{
+	return nomem_fail() ? NULL : __real_realloc(p, size);
+}
+
+char *
+__wrap_strdup(const char *s)
+{
+	return nomem_fail() ? NULL : __real_strdup(s);
+}
+
+/* Fail the n-th allocation from now on. */
+static void
+nomem_arm(int n)
+{
+	atomic_store(&nomem_count, 0);
+	atomic_store(&nomem_at, n);
+}
+
+/* Stop failing allocations; returns how many were made since armed. */
+static int
+nomem_disarm(void)
+{
+	atomic_store(&nomem_at, 0);
+	return atomic_load(&nomem_count);
+}
+
+/*
+ * Send the agent's log lines (stderr) to a file while it works, and back
+ * to the test's stderr for cmocka's messages.
+ */
+static void
+quiet(bool on)
+{
+	char		path[128];
+	int			fd;
+
+	fflush(stderr);
+	if (on)
+	{
+		snprintf(path, sizeof(path), "%s/agent.log", dir);
+		fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+		if (fd >= 0)
+		{
+			dup2(fd, STDERR_FILENO);
+			close(fd);
+		}
+	}
+	else
+		dup2(saved_stderr, STDERR_FILENO);
+}
+
+/* Make the n-th request id of the test. */
+static void
+make_id(char *id, int n)
+{
+	static int	serial;
+
+	snprintf(id, UUID_TEXT_LEN + 1, "0000%04x-0000-4000-8000-%012x", (unsigned) n, (unsigned) ++serial);
+}
+
+/*
+ * Run a job of service with the fail_at-th allocation failing (0: none),
+ * in this thread (POST ?wait), and return its state once it has ended (a
+ * new reference; NULL if it was not accepted) after disarming.  *res gets
+ * what the submission answered, *made the allocations of the run.
+ */
+static json_t *
+run_job(const char *service, int fail_at, jobs_submit_result *res, int *made)
+{
+	restart_request req;
+	json_t	   *report = NULL;
+
+	memset(&req, 0, sizeof(req));
+	make_id(req.request_id, fail_at);
+	snprintf(req.service, sizeof(req.service), "%s", service);
+	snprintf(req.requested_at, sizeof(req.requested_at), "2026-11-26T05:00:00Z");
+	nomem_arm(fail_at);
+	*res = jobs_submit(&req, NOMEM_WAIT_MS, &report);
+	*made = nomem_disarm();
+	json_decref(report);
+	report = NULL;
+	if (!jobs_lookup(req.request_id, NOMEM_WAIT_MS, &report))
+		return NULL;
+	return report;
+}
+
+/*
+ * Check what became of a job whose first step fails, its second never to
+ * run; write what is wrong into bad (empty if nothing).  Refused (nothing
+ * accepted, nothing ran) and failed with a reason are both right answers.
+ */
+static void
+check_failed_job(jobs_submit_result res, json_t *job_obj, int fail_at, char *bad, size_t size)
+{
+	char	   *text = job_obj ? json_dumps(job_obj, JSON_COMPACT) : NULL;
+	const char *status = json_string_value(json_object_get(job_obj, "status"));
+	const char *error = json_string_value(json_object_get(job_obj, "error"));
+
+	bad[0] = '\0';
+	if (access(second, F_OK) == 0)
+		snprintf(bad, size, "allocation %d failed: the step after the failed one ran; job %s",
+				 fail_at, text ? text : "(none)");
+	else if (res == JOBS_INTERNAL_ERROR && job_obj != NULL)
+		snprintf(bad, size, "allocation %d failed: refused, yet the job is known: %s", fail_at, text);
+	else if (res == JOBS_ACCEPTED &&
+			 (status == NULL || strcmp(status, "failed") != 0 || error == NULL || error[0] == '\0'))
+		snprintf(bad, size, "allocation %d failed: the job did not fail with a reason: %s",
+				 fail_at, text ? text : "(none)");
+	else if (res != JOBS_ACCEPTED && res != JOBS_INTERNAL_ERROR)
+		snprintf(bad, size, "allocation %d failed: submission answered %d", fail_at, (int) res);
+	free(text);
+}
+
+/*
+ * Sweep the allocations of a job of service, whose first step fails, and
+ * check each outcome; fail the test with the first wrong one.  A run with
+ * no failure first checks the job itself, and that the sweep fails
+ * allocations at all.
+ */
+static void
+sweep_failed_job(const char *service)
+{
+	char		bad[8192] = "";
+	jobs_submit_result res;
+	json_t	   *job_obj;
+	int			made = 0;
+	int			n;
+
+	unlink(second);
+	quiet(true);
+	job_obj = run_job(service, 0, &res, &made);
+	check_failed_job(res, job_obj, 0, bad, sizeof(bad));
+	json_decref(job_obj);
+	if (bad[0] == '\0' && res != JOBS_ACCEPTED)
+		snprintf(bad, sizeof(bad), "with no allocation failing, the job was refused (%d)", (int) res);
+	for (n = 1; bad[0] == '\0' && n <= NOMEM_MAX_RUNS; n++)
+	{
+		job_obj = run_job(service, n, &res, &made);
+		check_failed_job(res, job_obj, n, bad, sizeof(bad));
+		json_decref(job_obj);
+		if (made < n)
+			break;
+	}
+	quiet(false);
+	if (bad[0] != '\0')
+		fail_msg("%s (service %s; the agent's log is in %s/agent.log)", bad, service, dir);
+	if (n > NOMEM_MAX_RUNS)
+		fail_msg("a job of %s still made allocations after %d runs", service, NOMEM_MAX_RUNS);
+	if (n < 10)
+		fail_msg("a job of %s made only %d allocations: are they wrapped?", service, n - 1);
+}
+
+/*
+ * A step that exits non-zero fails its job, whichever allocation fails
+ * (the copy of its error text included), and the next step never runs.
+ */
+static void
+test_step_exit_code(void **state)
+{
+	(void) state;
+	sweep_failed_job("exits");
+}
+
+/*
+ * The same for a step whose program cannot start.
+ */
+static void
+test_step_cannot_start(void **state)
+{
+	(void) state;
+	sweep_failed_job("missing");
+}
+
+/* Remove one file or directory of the test's tree, for nftw. */
+static int
+remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void) st;
+	(void) flag;
+	(void) ftw;
+	return remove(path);
+}
+
+/*
+ * Write the configuration and the secrets, and start the job table on a
+ * state directory of a temporary directory (on tmpfs if there is one: the
+ * sweeps journal hundreds of jobs).
+ */
+static int
+setup(void **state)
+{
+	char		path[128];
+	char		err[1024];
+	FILE	   *f;
+
+	(void) state;
+	saved_stderr = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+	snprintf(dir, sizeof(dir), "%s/test_nomem.XXXXXX", access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp");
+	if (saved_stderr < 0 || mkdtemp(dir) == NULL)
+		return -1;
+	snprintf(second, sizeof(second), "%s/second", dir);
+	snprintf(path, sizeof(path), "%s/state", dir);
+	if (mkdir(path, 0700) != 0)
+		return -1;
+	snprintf(path, sizeof(path), "%s/secrets", dir);
+	if ((f = fopen(path, "w")) == NULL)
+		return -1;
+	fputs("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n", f);
+	fchmod(fileno(f), 0600);
+	fclose(f);
+	snprintf(path, sizeof(path), "%s/agent.conf", dir);
+	if ((f = fopen(path, "w")) == NULL)
+		return -1;
+	fprintf(f,
+			"listen = \"unix:%s/sock\";\n"
+			"secrets_file = \"secrets\";\n"
+			"state_dir = \"%s/state\";\n"
+			"limits = { retention_max_jobs = 100000; };\n"
+			"services = {\n"
+			"  exits = ( { argv = [\"/bin/sh\", \"-c\", \"echo failing; exit 3\"]; },\n"
+			"            { argv = [\"/bin/sh\", \"-c\", \"echo ran >> %s\"]; } );\n"
+			"  missing = ( { argv = [\"%s/no-such-program\"]; },\n"
+			"              { argv = [\"/bin/sh\", \"-c\", \"echo ran >> %s\"]; } );\n"
+			"};\n",
+			dir, dir, second, dir, second);
+	fclose(f);
+	json_set_alloc_funcs(__wrap_malloc, free);
+	quiet(true);
+	cfg = config_load(path, err, sizeof(err));
+	if (cfg == NULL || !spawn_init() || !jobs_init(cfg, err, sizeof(err)))
+	{
+		quiet(false);
+		fprintf(stderr, "setup: %s\n", err);
+		return -1;
+	}
+	quiet(false);
+	return 0;
+}
+
+/* Stop the job table and remove the temporary directory. */
+static int
+teardown(void **state)
+{
+	(void) state;
+	quiet(true);
+	jobs_shutdown();
+	jobs_cleanup();
+	quiet(false);
+	config_free(cfg);
+	return nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_step_exit_code),
+		cmocka_unit_test(test_step_cannot_start),
+	};
+
+	return cmocka_run_group_tests_name("nomem", tests, setup, teardown);
+}
