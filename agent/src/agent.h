@@ -302,6 +302,7 @@ extern bool spawn_continue(spawn_state *st, spawn_output_cb out, void *arg,
 						   int64_t until, spawn_result *res);
 
 /* ---------- report.c ---------- */
+extern char *report_text(const json_t *value);
 extern json_t *report_job(const job *j, job_status status);
 extern char *report_error(const char *code, const char *message);
 

@@ -239,8 +239,18 @@ http_watchdog_main(void *arg)
 }
 
 /*
+ * The answer given instead of one that could not be rendered for want of
+ * memory (it needs none).  Its error is not internal_error, which tells a
+ * client that nothing ran: the request may have taken effect (a job
+ * accepted, say), and the client is to ask again.
+ */
+static const char http_nomem_body[] =
+"{\"error\":\"out_of_memory\",\"message\":\"the agent ran out of memory for its answer; the request may have taken effect: send it again\"}";
+
+/*
  * Queue a JSON answer (text is malloc'ed and handed to MHD) and write the
- * request's log line.
+ * request's log line.  Without text (it could not be rendered: memory ran
+ * out), the answer is 500 out_of_memory whatever status was meant.
  */
 static enum MHD_Result
 http_send(struct MHD_Connection *c, const http_req *r, unsigned int status,
@@ -265,11 +275,21 @@ http_send(struct MHD_Connection *c, const http_req *r, unsigned int status,
 	log_sanitize(r->url, strlen(r->url), safe_url, sizeof(safe_url));
 	log_sanitize(r->method, strlen(r->method), safe_method, sizeof(safe_method));
 	log_sanitize(detail ? detail : "", detail ? strlen(detail) : 0, safe_detail, sizeof(safe_detail));
-	log_msg("request %s %s from %s id=%s: %u %s", safe_method, safe_url, host, safe_id,
-			status, safe_detail);
 	if (text == NULL)
-		text = strdup("{\"error\":\"internal_error\",\"message\":\"out of memory\"}");
-	resp = MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
+	{
+		log_msg("request %s %s from %s id=%s: 500 out of memory for the answer (%u %s)",
+				safe_method, safe_url, host, safe_id, status, safe_detail);
+		status = 500;
+		allow = NULL;
+		resp = MHD_create_response_from_buffer(strlen(http_nomem_body), (void *) http_nomem_body,
+											   MHD_RESPMEM_PERSISTENT);
+	}
+	else
+	{
+		log_msg("request %s %s from %s id=%s: %u %s", safe_method, safe_url, host, safe_id,
+				status, safe_detail);
+		resp = MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
+	}
 	if (resp == NULL)
 	{
 		free(text);
@@ -299,18 +319,19 @@ http_error(struct MHD_Connection *c, const http_req *r, unsigned int status,
 }
 
 /*
- * Answer with a job object (takes the reference).
+ * Answer with a job object (takes the reference; NULL if it could not be
+ * rendered, which http_send() answers with 500 out_of_memory).
  */
 static enum MHD_Result
 http_job(struct MHD_Connection *c, const http_req *r, unsigned int status,
 		 json_t *report, const char *what)
 {
-	char	   *text = report ? json_dumps(report, JSON_COMPACT) : NULL;
+	char	   *text = report_text(report);
+	const char *id = json_string_value(json_object_get(report, "request_id"));
+	const char *st = json_string_value(json_object_get(report, "status"));
 	char		detail[200];
 
-	snprintf(detail, sizeof(detail), "%s job %s (%s)", what,
-			 json_string_value(json_object_get(report, "request_id")),
-			 json_string_value(json_object_get(report, "status")));
+	snprintf(detail, sizeof(detail), "%s job %s (%s)", what, id ? id : "?", st ? st : "?");
 	json_decref(report);
 	return http_send(c, r, status, text, NULL, detail);
 }
@@ -530,7 +551,7 @@ static enum MHD_Result
 http_healthz(struct MHD_Connection *c, const http_req *r)
 {
 	json_t	   *obj = json_pack("{s:s, s:s}", "status", "ok", "version", AGENT_VERSION);
-	char	   *text = json_dumps(obj, JSON_COMPACT);
+	char	   *text = report_text(obj);
 
 	json_decref(obj);
 	return http_send(c, r, 200, text, NULL, "healthz");

@@ -296,7 +296,7 @@ static char *
 jobs_render(const job *j, job_status status)
 {
 	json_t	   *obj = report_job(j, status);
-	char	   *text = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
+	char	   *text = report_text(obj);
 
 	json_decref(obj);
 	return text;

@@ -1464,7 +1464,7 @@ journal_legacy_line(int dfd, const char *name, size_t *linelen)
 		close(fd);
 	if (obj != NULL && (j = journal_job_from_json(obj, 0)) != NULL &&
 		strncmp(j->id, name, UUID_TEXT_LEN) == 0)
-		text = json_dumps(obj, JSON_COMPACT);
+		text = report_text(obj);
 	job_free(j);
 	json_decref(obj);
 	if (text != NULL)

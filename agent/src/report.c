@@ -13,6 +13,68 @@
 
 #include "agent.h"
 
+/* A text being rendered by report_text(). */
+typedef struct report_buffer
+{
+	char	   *data;
+	size_t		len;
+	size_t		cap;
+	bool		failed;			/* memory ran out: the text is not whole */
+} report_buffer;
+
+/*
+ * Append a piece of text, for json_dump_callback(); once an append has
+ * failed, every later one fails too, and the buffer says so.
+ */
+static int
+report_append(const char *piece, size_t size, void *arg)
+{
+	report_buffer *b = arg;
+
+	if (!b->failed && b->len + size + 1 > b->cap)
+	{
+		size_t		cap = b->cap ? b->cap : 1024;
+		char	   *data;
+
+		while (cap < b->len + size + 1)
+			cap *= 2;
+		if ((data = realloc(b->data, cap)) == NULL)
+			b->failed = true;
+		else
+		{
+			b->data = data;
+			b->cap = cap;
+		}
+	}
+	if (b->failed)
+		return -1;
+	memcpy(b->data + b->len, piece, size);
+	b->len += size;
+	b->data[b->len] = '\0';
+	return 0;
+}
+
+/*
+ * Render a JSON value as compact text (caller frees); NULL when out of
+ * memory.  Used instead of json_dumps(), which ignores a failed write of
+ * an object's key (jansson 2.14 and earlier): when memory ran out there,
+ * it returned a text with the key left out, which is not JSON, or is
+ * another object.  Here a failed write of any piece fails the text.
+ */
+char *
+report_text(const json_t *value)
+{
+	report_buffer b = {0};
+
+	if (value == NULL || json_dump_callback(value, report_append, &b, JSON_COMPACT) != 0 ||
+		b.failed || b.data == NULL)
+	{
+		free(b.data);
+		return NULL;
+	}
+	return b.data;
+}
+
 /*
  * Return a JSON time stamp, or null for 0 (meaning "not yet").
  */
@@ -37,24 +99,29 @@ report_int_or_null(int value, int none)
 }
 
 /*
- * Render the steps that have been started so far.
+ * Render the steps that have been started so far; NULL when out of memory
+ * (never a list with steps left out).
  */
 static json_t *
 report_steps(const job *j)
 {
 	json_t	   *arr = json_array();
 
-	for (int i = 0; i < j->nsteps; i++)
+	for (int i = 0; arr != NULL && i < j->nsteps; i++)
 	{
 		const job_step *s = &j->steps[i];
 
-		json_array_append_new(arr, json_pack("{s:O, s:o, s:o, s:b, s:o, s:o}",
-											 "argv", s->argv,
-											 "exit_code", report_int_or_null(s->exit_code, -1),
-											 "signal", report_int_or_null(s->signal, 0),
-											 "timed_out", s->timed_out,
-											 "started_at", report_time(s->started_at),
-											 "finished_at", report_time(s->finished_at)));
+		if (json_array_append_new(arr, json_pack("{s:O, s:o, s:o, s:b, s:o, s:o}",
+												 "argv", s->argv,
+												 "exit_code", report_int_or_null(s->exit_code, -1),
+												 "signal", report_int_or_null(s->signal, 0),
+												 "timed_out", s->timed_out,
+												 "started_at", report_time(s->started_at),
+												 "finished_at", report_time(s->finished_at))) != 0)
+		{
+			json_decref(arr);
+			arr = NULL;
+		}
 	}
 	return arr;
 }
@@ -79,8 +146,10 @@ report_error_of(const job *j, job_status status)
 
 /*
  * Render a job as the protocol's job object, with the given status (the
- * runner renders the final state before it is made visible).  The caller
- * holds the job table lock.
+ * runner renders the final state before it is made visible); NULL when out
+ * of memory, never an object with a part left out or emptied (it would be
+ * journaled as the job's state, and shown).  The caller holds the job
+ * table lock.
  */
 json_t *
 report_job(const job *j, job_status status)
@@ -89,6 +158,8 @@ report_job(const job *j, job_status status)
 	char	   *output = tail_to_utf8(&j->output, &outlen);
 	json_t	   *obj;
 
+	if (output == NULL)
+		return NULL;
 	obj = json_pack("{s:s, s:s, s:o, s:s, s:s, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:b, s:o}",
 					"request_id", j->id,
 					"service", j->service,
@@ -101,7 +172,7 @@ report_job(const job *j, job_status status)
 					"exit_code", report_int_or_null(j->exit_code, -1),
 					"signal", report_int_or_null(j->signal, 0),
 					"steps", report_steps(j),
-					"output", output ? json_stringn(output, outlen) : json_string(""),
+					"output", json_stringn(output, outlen),
 					"output_truncated", j->output.truncated,
 					"error", report_error_of(j, status));
 	free(output);
@@ -110,7 +181,9 @@ report_job(const job *j, job_status status)
 
 /*
  * Render an error body {"error": code, "message": message} as a string
- * (caller frees).
+ * (caller frees; NULL when out of memory).  If memory runs out for the
+ * valid UTF-8 copy of the message, the message says so instead of being
+ * left empty.
  */
 char *
 report_error(const char *code, const char *message)
@@ -118,8 +191,8 @@ report_error(const char *code, const char *message)
 	size_t		len;
 	char	   *clean = tail_sanitize_utf8(message, strlen(message), &len);
 	json_t	   *obj = json_pack("{s:s, s:s}", "error", code,
-								"message", clean ? clean : "");
-	char	   *text = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
+								"message", clean ? clean : "(the agent ran out of memory for the message)");
+	char	   *text = report_text(obj);
 
 	json_decref(obj);
 	free(clean);

@@ -1,6 +1,7 @@
 /*
- * Unit tests of the agent when memory runs out: a real job table, journal
- * and step programs, with one allocation made to fail at a time.
+ * Unit tests of the agent when memory runs out: a real job table, journal,
+ * HTTP server (on a unix socket) and step programs, with one allocation
+ * made to fail at a time.
  *
  * The test is linked with --wrap for malloc, calloc, realloc and strdup
  * (see the Makefile), so that every allocation the agent's own code makes
@@ -23,7 +24,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
 
@@ -165,6 +169,21 @@ run_job(const char *service, int fail_at, jobs_submit_result *res, int *made)
 }
 
 /*
+ * Tell whether the object of a job whose first step ran holds that step
+ * and its output: the "==> step 1" line that starts it, unless the output
+ * is marked truncated (memory for it may have run out: the tail then
+ * keeps fewer bytes, and says so).
+ */
+static bool
+job_is_whole(json_t *job_obj)
+{
+	const char *output = json_string_value(json_object_get(job_obj, "output"));
+
+	return json_array_size(json_object_get(job_obj, "steps")) == 1 && output != NULL &&
+		(strstr(output, "==> step 1: ") != NULL || json_is_true(json_object_get(job_obj, "output_truncated")));
+}
+
+/*
  * Check what became of a job whose first step fails, its second never to
  * run; write what is wrong into bad (empty if nothing).  Refused (nothing
  * accepted, nothing ran) and failed with a reason are both right answers.
@@ -186,6 +205,9 @@ check_failed_job(jobs_submit_result res, json_t *job_obj, int fail_at, char *bad
 			 (status == NULL || strcmp(status, "failed") != 0 || error == NULL || error[0] == '\0'))
 		snprintf(bad, size, "allocation %d failed: the job did not fail with a reason: %s",
 				 fail_at, text ? text : "(none)");
+	else if (res == JOBS_ACCEPTED && !job_is_whole(job_obj))
+		snprintf(bad, size, "allocation %d failed: the job's state lost its output or steps: %s",
+				 fail_at, text);
 	else if (res != JOBS_ACCEPTED && res != JOBS_INTERNAL_ERROR)
 		snprintf(bad, size, "allocation %d failed: submission answered %d", fail_at, (int) res);
 	free(text);
@@ -251,6 +273,169 @@ test_step_cannot_start(void **state)
 	sweep_failed_job("missing");
 }
 
+/*
+ * Send one signed request over the agent's socket (a new connection,
+ * closed after the answer) and read the answer: returns its status, 0 if
+ * the connection closed without one, and its body as JSON in *answer (a
+ * new reference; NULL if it is not JSON).  Allocations fail as armed
+ * meanwhile (the client's own are made before and after).
+ */
+static int
+http_call(const char *method, const char *path, const char *id, const char *body,
+		  int fail_at, int *made, json_t **answer)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	char		ts[32];
+	char		sig[128];
+	char		req[4096];
+	static char resp[1 << 20];
+	size_t		got = 0;
+	size_t		len;
+	ssize_t		n;
+	int			status = 0;
+	int			fd;
+	char	   *p;
+
+	*answer = NULL;
+	snprintf(ts, sizeof(ts), "%lld", (long long) time(NULL));
+	assert_true(verify_sign(&cfg->secrets[0], id, ts, (const unsigned char *) body, strlen(body),
+							sig, sizeof(sig)));
+	len = (size_t) snprintf(req, sizeof(req),
+							"%s %s HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n"
+							"Content-Type: application/json\r\nContent-Length: %zu\r\n"
+							"webhook-id: %s\r\nwebhook-timestamp: %s\r\nwebhook-signature: %s\r\n\r\n%s",
+							method, path, strlen(body), id, ts, sig, body);
+	assert_true(len < sizeof(req));
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s/sock", dir);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	assert_true(fd >= 0);
+	nomem_arm(fail_at);
+	if (connect(fd, (struct sockaddr *) &sa, sizeof(sa)) == 0 && write(fd, req, len) == (ssize_t) len)
+	{
+		while (got < sizeof(resp) - 1 && (n = read(fd, resp + got, sizeof(resp) - 1 - got)) > 0)
+			got += (size_t) n;
+	}
+	*made = nomem_disarm();
+	close(fd);
+	resp[got] = '\0';
+	if (sscanf(resp, "HTTP/1.1 %d", &status) != 1)
+		return 0;
+	if ((p = strstr(resp, "\r\n\r\n")) != NULL)
+		*answer = json_loads(p + 4, 0, NULL);
+	return status;
+}
+
+/*
+ * The agent's answer to GET of a finished job, whichever allocation
+ * fails: 200 with the whole job object, or 500 out_of_memory (or the
+ * connection closed without an answer), never a 200 with another body or
+ * a job object with parts left out, nor any other status.
+ */
+static void
+test_get_job(void **state)
+{
+	char		bad[8192] = "";
+	char		path[128];
+	char		id[UUID_TEXT_LEN + 1];
+	jobs_submit_result res;
+	json_t	   *job_obj;
+	int			made = 0;
+	int			n;
+
+	(void) state;
+	quiet(true);
+	job_obj = run_job("exits", 0, &res, &made);
+	quiet(false);
+	assert_int_equal(res, JOBS_ACCEPTED);
+	assert_non_null(job_obj);
+	snprintf(id, sizeof(id), "%s", json_string_value(json_object_get(job_obj, "request_id")));
+	json_decref(job_obj);
+	snprintf(path, sizeof(path), "/v1/restarts/%s", id);
+	quiet(true);
+	for (n = 0; bad[0] == '\0' && n <= NOMEM_MAX_RUNS; n++)
+	{
+		json_t	   *answer;
+		int			status = http_call("GET", path, id, "", n, &made, &answer);
+		const char *error = json_string_value(json_object_get(answer, "error"));
+		const char *rid = json_string_value(json_object_get(answer, "request_id"));
+		const char *st = json_string_value(json_object_get(answer, "status"));
+		char	   *text = answer ? json_dumps(answer, JSON_COMPACT) : NULL;
+
+		if (!(status == 0 ||
+			  (status == 500 && error != NULL && strcmp(error, "out_of_memory") == 0) ||
+			  (status == 200 && rid != NULL && strcmp(rid, id) == 0 && st != NULL &&
+			   strcmp(st, "failed") == 0 && job_is_whole(answer))))
+			snprintf(bad, sizeof(bad), "allocation %d failed: GET answered %d %s", n, status,
+					 text ? text : "(not JSON)");
+		free(text);
+		json_decref(answer);
+		if (n > 0 && made < n)
+			break;
+	}
+	quiet(false);
+	if (bad[0] != '\0')
+		fail_msg("%s (the agent's log is in %s/agent.log)", bad, dir);
+	if (n < 10 || n > NOMEM_MAX_RUNS)
+		fail_msg("GET made %d allocations or more: are they wrapped?", n - 1);
+}
+
+/* Stop the job table and the HTTP server, once. */
+static void
+stop_agent(void)
+{
+	static bool stopped;
+
+	if (stopped)
+		return;
+	stopped = true;
+	quiet(true);
+	jobs_shutdown();
+	http_stop();
+	jobs_cleanup();
+	quiet(false);
+}
+
+/*
+ * Runs last.  Every record the sweeps journaled reads back, as after a
+ * restart: the final state of each job, whole (its step and output), not
+ * one rendered with a part emptied, nor one turned unreadable by a text
+ * rendered with a part missing.
+ */
+static void
+test_journal_reads_back(void **state)
+{
+	char		path[128];
+	char		err[256];
+	job		  **jobs;
+	int			n;
+
+	(void) state;
+	stop_agent();
+	snprintf(path, sizeof(path), "%s/state", dir);
+	quiet(true);
+	assert_true(journal_open(path, err, sizeof(err)));
+	n = journal_load(&jobs, 4096);
+	quiet(false);
+	assert_true(n > 100);
+	for (int i = 0; i < n; i++)
+	{
+		json_t	   *job_obj = report_job(jobs[i], jobs[i]->status);
+
+		if (jobs[i]->unreadable || jobs[i]->status != JOB_FAILED || !job_is_whole(job_obj))
+		{
+			char	   *text = report_text(job_obj);
+
+			fail_msg("job %s read back %s: %s (the agent's log is in %s/agent.log)", jobs[i]->id,
+					 jobs[i]->unreadable ? "unreadable" : job_status_name(jobs[i]->status),
+					 text ? text : "", dir);
+		}
+		json_decref(job_obj);
+		job_free(jobs[i]);
+	}
+	free(jobs);
+	journal_close();
+}
+
 /* Remove one file or directory of the test's tree, for nftw. */
 static int
 remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
@@ -264,7 +449,8 @@ remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 /*
  * Write the configuration and the secrets, and start the job table on a
  * state directory of a temporary directory (on tmpfs if there is one: the
- * sweeps journal hundreds of jobs).
+ * sweeps journal hundreds of jobs), and the HTTP server on a unix socket
+ * in it.
  */
 static int
 setup(void **state)
@@ -307,7 +493,8 @@ setup(void **state)
 	json_set_alloc_funcs(__wrap_malloc, free);
 	quiet(true);
 	cfg = config_load(path, err, sizeof(err));
-	if (cfg == NULL || !spawn_init() || !jobs_init(cfg, err, sizeof(err)))
+	if (cfg == NULL || !spawn_init() || !jobs_init(cfg, err, sizeof(err)) ||
+		!http_start(cfg, err, sizeof(err)))
 	{
 		quiet(false);
 		fprintf(stderr, "setup: %s\n", err);
@@ -317,15 +504,12 @@ setup(void **state)
 	return 0;
 }
 
-/* Stop the job table and remove the temporary directory. */
+/* Stop the job table and the HTTP server, and remove the temporary directory. */
 static int
 teardown(void **state)
 {
 	(void) state;
-	quiet(true);
-	jobs_shutdown();
-	jobs_cleanup();
-	quiet(false);
+	stop_agent();
 	config_free(cfg);
 	return nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
@@ -336,6 +520,8 @@ main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_step_exit_code),
 		cmocka_unit_test(test_step_cannot_start),
+		cmocka_unit_test(test_get_job),
+		cmocka_unit_test(test_journal_reads_back),
 	};
 
 	return cmocka_run_group_tests_name("nomem", tests, setup, teardown);
