@@ -52,7 +52,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	memcpy(s, data, size);
 	s[size] = '\0';
-	if (request_parse_restart((const char *) data, size, &req, err, sizeof(err)))
+	if (request_parse_restart((const char *) data, size, &req, err, sizeof(err)) == REQUEST_OK)
 	{
 		if (!util_is_uuid(req.request_id, strlen(req.request_id)) ||
 			!util_is_rfc3339(req.requested_at))

@@ -64,6 +64,8 @@ extern bool util_parse_time(const char *text, int64_t *usec);
 extern bool util_is_uuid(const char *text, size_t len);
 extern bool util_parse_digits(const char *text, size_t max_len, int64_t *value);
 extern bool util_is_rfc3339(const char *text);
+extern void util_json_init(void);
+extern unsigned util_json_failures(void);
 
 /* ---------- verify.c ---------- */
 typedef struct verify_secret
@@ -80,7 +82,8 @@ typedef enum verify_result
 	VERIFY_BAD_TIMESTAMP,
 	VERIFY_STALE_TIMESTAMP,
 	VERIFY_BAD_SIGNATURE_HEADER,
-	VERIFY_NO_MATCH
+	VERIFY_NO_MATCH,
+	VERIFY_NOMEM				/* a MAC could not be computed (memory) */
 } verify_result;
 
 extern bool verify_parse_secret(const char *text, verify_secret *secret,
@@ -171,9 +174,16 @@ typedef struct restart_request
 	char		requested_at[REQUESTED_AT_MAX + 1];
 } restart_request;
 
-extern bool request_parse_restart(const char *body, size_t len,
-								  restart_request *req,
-								  char *errbuf, size_t errsize);
+typedef enum request_parse_result
+{
+	REQUEST_OK,
+	REQUEST_BAD,				/* not a valid body: the reason in errbuf */
+	REQUEST_NOMEM				/* memory ran out while reading it */
+} request_parse_result;
+
+extern request_parse_result request_parse_restart(const char *body, size_t len,
+												  restart_request *req,
+												  char *errbuf, size_t errsize);
 extern bool request_parse_wait(const char *text, int max_wait, int *wait_ms);
 extern bool request_parse_job_path(const char *url, char *id, bool *is_job);
 

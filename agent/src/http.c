@@ -62,6 +62,7 @@ typedef struct http_req
 	size_t		len;
 	size_t		received;		/* body bytes received, kept or not */
 	bool		too_large;
+	bool		nomem;			/* no memory for the body: it is discarded */
 } http_req;
 
 /* A connection as the watchdog sees it (MHD's socket context). */
@@ -407,6 +408,12 @@ http_verify(struct MHD_Connection *c, const http_req *r, enum MHD_Result *ret)
 						MHD_lookup_connection_value(c, MHD_HEADER_KIND, "webhook-signature"),
 						(const unsigned char *) r->body, r->len, time(NULL),
 						http_cfg->secrets, http_cfg->nsecrets);
+	if (vr == VERIFY_NOMEM)
+	{
+		*ret = http_error(c, r, 500, "internal_error",
+						  "the agent ran out of memory while checking the signature; nothing was run, send it again");
+		return false;
+	}
 	if (vr != VERIFY_OK)
 	{
 		*ret = http_error(c, r, 401, "invalid_signature", verify_result_text(vr));
@@ -488,8 +495,16 @@ http_post_restart(struct MHD_Connection *c, const http_req *r)
 		return ret;
 	if (!http_json_content_type(c))
 		return http_error(c, r, 400, "bad_request", "Content-Type must be application/json");
-	if (!request_parse_restart(r->body ? r->body : "", r->len, &req, err, sizeof(err)))
-		return http_error(c, r, 400, "bad_request", err);
+	switch (request_parse_restart(r->body ? r->body : "", r->len, &req, err, sizeof(err)))
+	{
+		case REQUEST_OK:
+			break;
+		case REQUEST_BAD:
+			return http_error(c, r, 400, "bad_request", err);
+		case REQUEST_NOMEM:
+			return http_error(c, r, 500, "internal_error",
+							  "the agent ran out of memory while reading the body; nothing was run, send it again");
+	}
 	if (strcmp(req.request_id, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "webhook-id")) != 0)
 		return http_error(c, r, 400, "bad_request", "request_id must equal the webhook-id header");
 	if (!http_wait(c, &wait_ms))
@@ -625,9 +640,9 @@ http_collect(http_req *r, const char *data, size_t size)
 		r->too_large = true;
 		return true;
 	}
-	if (r->body == NULL && (r->body = malloc(http_cfg->max_body + 1)) == NULL)
+	if (r->nomem || (r->body == NULL && (r->body = malloc(http_cfg->max_body + 1)) == NULL))
 	{
-		r->too_large = true;
+		r->nomem = true;
 		return true;
 	}
 	memcpy(r->body + r->len, data, size);
@@ -684,6 +699,9 @@ http_access(void *cls, struct MHD_Connection *c, const char *url,
 		return http_get_with_body(c, r);
 	if (r->too_large)
 		return http_error(c, r, 413, "payload_too_large", "the body is larger than the agent accepts");
+	if (r->nomem)
+		return http_error(c, r, 500, "internal_error",
+						  "the agent ran out of memory for the body; nothing was run, send it again");
 	if (r->route == ROUTE_RESTARTS)
 		return http_post_restart(c, r);
 	return http_get_job(c, url, r);

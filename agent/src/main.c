@@ -205,6 +205,7 @@ main(int argc, char **argv)
 		return 2;
 	}
 	umask(077);
+	util_json_init();
 	main_block_signals(&set);
 	if ((cfg = config_load(config_path, err, sizeof(err))) == NULL)
 	{

@@ -124,28 +124,42 @@ request_fill(json_t *obj, restart_request *req, char *errbuf, size_t errsize)
 /*
  * Parse the body of POST /v1/restarts into req.  The body must be one JSON
  * object (duplicate keys refused) holding request_id, service,
- * requested_by and requested_at; other keys are ignored.  On failure a
- * human-readable reason is left in errbuf.
+ * requested_by and requested_at; other keys are ignored.  A body that is
+ * not one is REQUEST_BAD, with a human-readable reason left in errbuf; if
+ * memory runs out while the JSON is read, the body is not judged
+ * (REQUEST_NOMEM): it may well be valid.
  */
-bool
+request_parse_result
 request_parse_restart(const char *body, size_t len, restart_request *req,
 					  char *errbuf, size_t errsize)
 {
+	unsigned	failures = util_json_failures();
 	json_error_t jerr;
 	json_t	   *obj;
 	bool		ok;
 
 	memset(req, 0, sizeof(*req));
 	obj = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+
+	/*
+	 * jansson reports some of its allocation failures as syntax errors,
+	 * and ignores others (a string's bytes are then left out of it): the
+	 * result of a read during which an allocation failed is not used.
+	 */
+	if (util_json_failures() != failures)
+	{
+		json_decref(obj);
+		return REQUEST_NOMEM;
+	}
 	if (obj == NULL)
 	{
 		snprintf(errbuf, errsize, "malformed JSON at line %d column %d: %s",
 				 jerr.line, jerr.column, jerr.text);
-		return false;
+		return REQUEST_BAD;
 	}
 	ok = request_fill(obj, req, errbuf, errsize);
 	json_decref(obj);
-	return ok;
+	return ok ? REQUEST_OK : REQUEST_BAD;
 }
 
 /*

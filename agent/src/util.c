@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * util.c
- *	  Clocks, RFC 3339 time stamps and the small syntactic checks
- *	  (UUID, RFC 3339) that the protocol needs.
+ *	  Clocks, RFC 3339 time stamps, the small syntactic checks (UUID,
+ *	  RFC 3339) that the protocol needs, and jansson's allocator.
  *
  *-------------------------------------------------------------------------
  */
@@ -241,4 +241,44 @@ util_parse_digits(const char *text, size_t max_len, int64_t *value)
 	}
 	*value = v;
 	return true;
+}
+
+/* Allocations of jansson that failed in this thread so far. */
+static __thread unsigned util_json_failed;
+
+/*
+ * jansson's malloc: counts the failures, so that a caller can tell a text
+ * jansson could not read for want of memory from one that is not JSON.
+ * jansson (2.14) reports some of those failures as syntax errors, and
+ * ignores others: a string whose bytes could not all be kept is read
+ * without them, into an object that looks whole.
+ */
+static void *
+util_json_malloc(size_t size)
+{
+	void	   *p = malloc(size);
+
+	if (p == NULL)
+		util_json_failed++;
+	return p;
+}
+
+/*
+ * Make jansson allocate through util_json_malloc(); called before any
+ * JSON is built or read.
+ */
+void
+util_json_init(void)
+{
+	json_set_alloc_funcs(util_json_malloc, free);
+}
+
+/*
+ * Return how many of jansson's allocations failed in this thread so far:
+ * a change across a call of jansson means memory ran out in it.
+ */
+unsigned
+util_json_failures(void)
+{
+	return util_json_failed;
 }

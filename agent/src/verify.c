@@ -258,7 +258,7 @@ verify_request(const char *id, const char *timestamp, const char *signature,
 	for (int s = 0; s < nsecrets; s++)
 	{
 		if (!verify_compute(&secrets[s], id, timestamp, body, bodylen, mine))
-			return VERIFY_NO_MATCH;
+			return VERIFY_NOMEM;
 		for (int i = 0; i < nmacs; i++)
 			match |= (CRYPTO_memcmp(mine, macs[i], VERIFY_MAC_LEN) == 0);
 	}
@@ -288,6 +288,8 @@ verify_result_text(verify_result res)
 			return "malformed webhook-signature header (no valid v1 entry)";
 		case VERIFY_NO_MATCH:
 			return "no signature matches";
+		case VERIFY_NOMEM:
+			return "the agent ran out of memory while checking the signature";
 	}
 	return "unknown verification result";
 }

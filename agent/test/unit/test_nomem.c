@@ -5,8 +5,9 @@
  *
  * The test is linked with --wrap for malloc, calloc, realloc and strdup
  * (see the Makefile), so that every allocation the agent's own code makes
- * goes through the wrappers below, and jansson is given the same allocator
- * (json_set_alloc_funcs()).  Once armed with n, the wrappers let the
+ * goes through the wrappers below: also jansson's, which the agent routes
+ * through util.c (util_json_init()); OpenSSL is given the same allocator
+ * (CRYPTO_set_mem_functions()).  Once armed with n, the wrappers let the
  * first n - 1 allocations through and fail the n-th (ENOMEM), in any
  * thread.  A test sweeps n from 1 until a run makes fewer than n
  * allocations: every allocation of the run has then failed once, and
@@ -30,6 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
+#include <openssl/crypto.h>
 
 #include "agent.h"
 
@@ -90,6 +92,31 @@ char *
 __wrap_strdup(const char *s)
 {
 	return nomem_fail() ? NULL : __real_strdup(s);
+}
+
+/* OpenSSL's allocation functions: the same, failing as armed. */
+static void *
+nomem_crypto_malloc(size_t size, const char *file, int line)
+{
+	(void) file;
+	(void) line;
+	return __wrap_malloc(size);
+}
+
+static void *
+nomem_crypto_realloc(void *p, size_t size, const char *file, int line)
+{
+	(void) file;
+	(void) line;
+	return __wrap_realloc(p, size);
+}
+
+static void
+nomem_crypto_free(void *p, const char *file, int line)
+{
+	(void) file;
+	(void) line;
+	free(p);
 }
 
 /* Fail the n-th allocation from now on. */
@@ -327,9 +354,11 @@ http_call(const char *method, const char *path, const char *id, const char *body
 
 /*
  * The agent's answer to GET of a finished job, whichever allocation
- * fails: 200 with the whole job object, or 500 out_of_memory (or the
+ * fails: 200 with the whole job object, or 500 (out_of_memory, or
+ * internal_error when the signature could not be checked; or the
  * connection closed without an answer), never a 200 with another body or
- * a job object with parts left out, nor any other status.
+ * a job object with parts left out, nor any other status (401 for a
+ * signature that could not be checked, say).
  */
 static void
 test_get_job(void **state)
@@ -362,7 +391,8 @@ test_get_job(void **state)
 		char	   *text = answer ? json_dumps(answer, JSON_COMPACT) : NULL;
 
 		if (!(status == 0 ||
-			  (status == 500 && error != NULL && strcmp(error, "out_of_memory") == 0) ||
+			  (status == 500 && error != NULL &&
+			   (strcmp(error, "out_of_memory") == 0 || strcmp(error, "internal_error") == 0)) ||
 			  (status == 200 && rid != NULL && strcmp(rid, id) == 0 && st != NULL &&
 			   strcmp(st, "failed") == 0 && job_is_whole(answer))))
 			snprintf(bad, sizeof(bad), "allocation %d failed: GET answered %d %s", n, status,
@@ -377,6 +407,86 @@ test_get_job(void **state)
 		fail_msg("%s (the agent's log is in %s/agent.log)", bad, dir);
 	if (n < 10 || n > NOMEM_MAX_RUNS)
 		fail_msg("GET made %d allocations or more: are they wrapped?", n - 1);
+}
+
+/*
+ * The agent's answer to POST ?wait of a new job whose first step fails,
+ * whichever allocation fails: 202 with the whole job object, failed; 500
+ * internal_error, and then nothing ran (the job is unknown); or, when it
+ * could not say which, 500 out_of_memory (or the connection closed
+ * without an answer), and then the job is unknown or failed.  Never a
+ * refusal as if the request were at fault (400 for a body that could not
+ * be read, 401 for a signature that could not be computed, 413 for a
+ * body that could not be stored), and the second step never runs.
+ */
+static void
+test_post_job(void **state)
+{
+	char		bad[8192] = "";
+	int			made = 0;
+	int			n;
+
+	(void) state;
+	unlink(second);
+	quiet(true);
+	for (n = 0; bad[0] == '\0' && n <= NOMEM_MAX_RUNS; n++)
+	{
+		char		id[UUID_TEXT_LEN + 1];
+		char		body[512];
+		json_t	   *answer;
+		json_t	   *job_obj = NULL;
+		int			status;
+		const char *error;
+		const char *rid;
+		const char *st;
+		char	   *text;
+		char	   *job_text;
+		bool		known;
+
+		make_id(id, n);
+		snprintf(body, sizeof(body),
+				 "{\"request_id\":\"%s\",\"service\":\"exits\",\"requested_by\":null,"
+				 "\"requested_at\":\"2026-11-26T05:00:00Z\"}", id);
+		status = http_call("POST", "/v1/restarts?wait=20", id, body, n, &made, &answer);
+		error = json_string_value(json_object_get(answer, "error"));
+		rid = json_string_value(json_object_get(answer, "request_id"));
+		st = json_string_value(json_object_get(answer, "status"));
+		known = jobs_lookup(id, NOMEM_WAIT_MS, &job_obj);
+		text = answer ? json_dumps(answer, JSON_COMPACT) : NULL;
+		job_text = job_obj ? json_dumps(job_obj, JSON_COMPACT) : NULL;
+		if (access(second, F_OK) == 0)
+			snprintf(bad, sizeof(bad), "allocation %d failed: the step after the failed one ran", n);
+		else if (status == 202 && rid != NULL && strcmp(rid, id) == 0 && st != NULL &&
+				 strcmp(st, "failed") == 0 && job_is_whole(answer))
+			;
+		else if (status == 500 && error != NULL && strcmp(error, "internal_error") == 0)
+		{
+			if (known)
+				snprintf(bad, sizeof(bad), "allocation %d failed: 500 internal_error, yet the job is known: %s",
+						 n, job_text);
+		}
+		else if (status == 0 || (status == 500 && error != NULL && strcmp(error, "out_of_memory") == 0))
+		{
+			if (known && !(strcmp(json_string_value(json_object_get(job_obj, "status")), "failed") == 0 &&
+						   job_is_whole(job_obj)))
+				snprintf(bad, sizeof(bad), "allocation %d failed: answered %d, and the job is %s", n, status,
+						 job_text);
+		}
+		else
+			snprintf(bad, sizeof(bad), "allocation %d failed: POST answered %d %s", n, status,
+					 text ? text : "(not JSON)");
+		free(text);
+		free(job_text);
+		json_decref(answer);
+		json_decref(job_obj);
+		if (n > 0 && made < n)
+			break;
+	}
+	quiet(false);
+	if (bad[0] != '\0')
+		fail_msg("%s (the agent's log is in %s/agent.log)", bad, dir);
+	if (n < 10 || n > NOMEM_MAX_RUNS)
+		fail_msg("POST made %d allocations or more: are they wrapped?", n - 1);
 }
 
 /* Stop the job table and the HTTP server, once. */
@@ -456,7 +566,8 @@ static int
 setup(void **state)
 {
 	char		path[128];
-	char		err[1024];
+	char		err[1024] = "";
+	char		sig[128];
 	FILE	   *f;
 
 	(void) state;
@@ -490,11 +601,17 @@ setup(void **state)
 			"};\n",
 			dir, dir, second, dir, second);
 	fclose(f);
-	json_set_alloc_funcs(__wrap_malloc, free);
+	util_json_init();
 	quiet(true);
 	cfg = config_load(path, err, sizeof(err));
-	if (cfg == NULL || !spawn_init() || !jobs_init(cfg, err, sizeof(err)) ||
-		!http_start(cfg, err, sizeof(err)))
+
+	/*
+	 * OpenSSL's one-time set-up (its providers, the agent's HMAC template)
+	 * is done here, before anything fails: it is not retried.
+	 */
+	if (cfg == NULL ||
+		!verify_sign(&cfg->secrets[0], "warm-up", "0", (const unsigned char *) "", 0, sig, sizeof(sig)) ||
+		!spawn_init() || !jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))
 	{
 		quiet(false);
 		fprintf(stderr, "setup: %s\n", err);
@@ -521,8 +638,14 @@ main(void)
 		cmocka_unit_test(test_step_exit_code),
 		cmocka_unit_test(test_step_cannot_start),
 		cmocka_unit_test(test_get_job),
+		cmocka_unit_test(test_post_job),
 		cmocka_unit_test(test_journal_reads_back),
 	};
 
+	if (!CRYPTO_set_mem_functions(nomem_crypto_malloc, nomem_crypto_realloc, nomem_crypto_free))
+	{
+		fprintf(stderr, "OpenSSL allocated before its allocator could be set\n");
+		return 1;
+	}
 	return cmocka_run_group_tests_name("nomem", tests, setup, teardown);
 }

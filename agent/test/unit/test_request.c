@@ -18,7 +18,7 @@
 static bool
 parse(const char *body, restart_request *req, char *err)
 {
-	return request_parse_restart(body, strlen(body), req, err, 256);
+	return request_parse_restart(body, strlen(body), req, err, 256) == REQUEST_OK;
 }
 
 static void
