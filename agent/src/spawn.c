@@ -319,8 +319,9 @@ spawn_request_stop(void)
 /*
  * Add "name=value" to envp unless a variable of that name is already
  * there (the step's own env entries are added first, so they win).
+ * Returns false if memory ran out (nothing was added).
  */
-static void
+static bool
 spawn_env_add(char **envp, int *n, const char *name, const char *value)
 {
 	size_t		nlen = strlen(name);
@@ -328,39 +329,18 @@ spawn_env_add(char **envp, int *n, const char *name, const char *value)
 
 	for (int i = 0; i < *n; i++)
 		if (strncmp(envp[i], name, nlen) == 0 && envp[i][nlen] == '=')
-			return;
+			return true;
 	len = nlen + strlen(value) + 2;
 	envp[*n] = malloc(len);
 	if (envp[*n] == NULL)
-		return;
+		return false;
 	snprintf(envp[*n], len, "%s=%s", name, value);
 	(*n)++;
+	return true;
 }
 
 /*
- * Build the step's environment: its configured variables, then PATH, LANG
- * and the request id and service name.  Nothing is inherited from the
- * agent's own environment.
- */
-static char **
-spawn_build_env(const config_step *step, const char *request_id, const char *service)
-{
-	char	  **envp = calloc(step->nenv + 5, sizeof(char *));
-	int			n = 0;
-
-	if (envp == NULL)
-		return NULL;
-	for (int i = 0; i < step->nenv; i++)
-		spawn_env_add(envp, &n, step->env[i].name, step->env[i].value);
-	spawn_env_add(envp, &n, "PATH", SPAWN_DEFAULT_PATH);
-	spawn_env_add(envp, &n, "LANG", "C.UTF-8");
-	spawn_env_add(envp, &n, "RESTART_AGENT_REQUEST_ID", request_id);
-	spawn_env_add(envp, &n, "RESTART_AGENT_SERVICE", service);
-	return envp;
-}
-
-/*
- * Free an environment built by spawn_build_env().
+ * Free an environment built by spawn_build_env(), or built in part.
  */
 static void
 spawn_free_env(char **envp)
@@ -368,6 +348,35 @@ spawn_free_env(char **envp)
 	for (int i = 0; envp && envp[i]; i++)
 		free(envp[i]);
 	free(envp);
+}
+
+/*
+ * Build the step's environment: its configured variables, then PATH, LANG
+ * and the request id and service name.  Nothing is inherited from the
+ * agent's own environment.  NULL if memory ran out for any variable: a
+ * step never runs with one left out.
+ */
+static char **
+spawn_build_env(const config_step *step, const char *request_id, const char *service)
+{
+	char	  **envp = calloc(step->nenv + 5, sizeof(char *));
+	int			n = 0;
+	bool		ok = true;
+
+	if (envp == NULL)
+		return NULL;
+	for (int i = 0; ok && i < step->nenv; i++)
+		ok = spawn_env_add(envp, &n, step->env[i].name, step->env[i].value);
+	ok = ok && spawn_env_add(envp, &n, "PATH", SPAWN_DEFAULT_PATH) &&
+		spawn_env_add(envp, &n, "LANG", "C.UTF-8") &&
+		spawn_env_add(envp, &n, "RESTART_AGENT_REQUEST_ID", request_id) &&
+		spawn_env_add(envp, &n, "RESTART_AGENT_SERVICE", service);
+	if (!ok)
+	{
+		spawn_free_env(envp);
+		return NULL;
+	}
+	return envp;
 }
 
 /*

@@ -53,6 +53,7 @@ static atomic_int nomem_count;	/* allocations made since armed */
 
 static char dir[64];
 static char second[128];		/* written by the step that must never run */
+static char envfile[128];		/* where the failing step writes its environment */
 static agent_config *cfg;
 static int	saved_stderr = -1;
 
@@ -211,6 +212,39 @@ job_is_whole(json_t *job_obj)
 }
 
 /*
+ * Check the environment that the failing step of the last runs recorded
+ * (a line each, "A=... PATH=... LANG=... ID=... SVC=..."): every variable
+ * there, the configured one, PATH, LANG and the two the agent adds,
+ * never one left out.  Writes what is wrong into bad (empty if nothing),
+ * and empties the record.
+ */
+static void
+check_env(int fail_at, char *bad, size_t size)
+{
+	FILE	   *f = fopen(envfile, "r");
+	char		line[1024];
+
+	bad[0] = '\0';
+	while (f != NULL && bad[0] == '\0' && fgets(line, sizeof(line), f) != NULL)
+	{
+		char		a[64] = "";
+		char		path[512] = "";
+		char		lang[64] = "";
+		char		id[64] = "";
+		char		svc[64] = "";
+
+		if (sscanf(line, "A=%63s PATH=%511s LANG=%63s ID=%63s SVC=%63s", a, path, lang, id, svc) != 5 ||
+			strcmp(a, "configured") != 0 || path[0] != '/' || strcmp(lang, "C.UTF-8") != 0 ||
+			strlen(id) != UUID_TEXT_LEN || strcmp(svc, "exits") != 0)
+			snprintf(bad, size, "allocation %d failed: a step ran with a variable left out: %s",
+					 fail_at, line);
+	}
+	if (f != NULL)
+		fclose(f);
+	unlink(envfile);
+}
+
+/*
  * Check what became of a job whose first step fails, its second never to
  * run; write what is wrong into bad (empty if nothing).  Refused (nothing
  * accepted, nothing ran) and failed with a reason are both right answers.
@@ -222,8 +256,10 @@ check_failed_job(jobs_submit_result res, json_t *job_obj, int fail_at, char *bad
 	const char *status = json_string_value(json_object_get(job_obj, "status"));
 	const char *error = json_string_value(json_object_get(job_obj, "error"));
 
-	bad[0] = '\0';
-	if (access(second, F_OK) == 0)
+	check_env(fail_at, bad, size);
+	if (bad[0] != '\0')
+		;
+	else if (access(second, F_OK) == 0)
 		snprintf(bad, size, "allocation %d failed: the step after the failed one ran; job %s",
 				 fail_at, text ? text : "(none)");
 	else if (res == JOBS_INTERNAL_ERROR && job_obj != NULL)
@@ -454,7 +490,10 @@ test_post_job(void **state)
 		known = jobs_lookup(id, NOMEM_WAIT_MS, &job_obj);
 		text = answer ? json_dumps(answer, JSON_COMPACT) : NULL;
 		job_text = job_obj ? json_dumps(job_obj, JSON_COMPACT) : NULL;
-		if (access(second, F_OK) == 0)
+		check_env(n, bad, sizeof(bad));
+		if (bad[0] != '\0')
+			;
+		else if (access(second, F_OK) == 0)
 			snprintf(bad, sizeof(bad), "allocation %d failed: the step after the failed one ran", n);
 		else if (status == 202 && rid != NULL && strcmp(rid, id) == 0 && st != NULL &&
 				 strcmp(st, "failed") == 0 && job_is_whole(answer))
@@ -576,6 +615,7 @@ setup(void **state)
 	if (saved_stderr < 0 || mkdtemp(dir) == NULL)
 		return -1;
 	snprintf(second, sizeof(second), "%s/second", dir);
+	snprintf(envfile, sizeof(envfile), "%s/env", dir);
 	snprintf(path, sizeof(path), "%s/state", dir);
 	if (mkdir(path, 0700) != 0)
 		return -1;
@@ -594,12 +634,14 @@ setup(void **state)
 			"state_dir = \"%s/state\";\n"
 			"limits = { retention_max_jobs = 100000; };\n"
 			"services = {\n"
-			"  exits = ( { argv = [\"/bin/sh\", \"-c\", \"echo failing; exit 3\"]; },\n"
+			"  exits = ( { argv = [\"/bin/sh\", \"-c\", \"echo \\\"A=$A PATH=$PATH LANG=$LANG \"\n"
+			"                        \"ID=$RESTART_AGENT_REQUEST_ID SVC=$RESTART_AGENT_SERVICE\\\" >> %s; \"\n"
+			"                        \"echo failing; exit 3\"]; env = { A = \"configured\"; }; },\n"
 			"            { argv = [\"/bin/sh\", \"-c\", \"echo ran >> %s\"]; } );\n"
 			"  missing = ( { argv = [\"%s/no-such-program\"]; },\n"
 			"              { argv = [\"/bin/sh\", \"-c\", \"echo ran >> %s\"]; } );\n"
 			"};\n",
-			dir, dir, second, dir, second);
+			dir, dir, envfile, second, dir, second);
 	fclose(f);
 	util_json_init();
 	quiet(true);
