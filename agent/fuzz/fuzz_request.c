@@ -15,11 +15,12 @@ static void
 fuzz_journal(const char *text, size_t len)
 {
 	json_t	   *obj = json_loadb(text, len, 0, NULL);
+	bool		nomem;
 	job		   *j;
 
 	if (obj == NULL)
 		return;
-	j = journal_job_from_json(obj, 256);
+	j = journal_job_from_json(obj, 256, &nomem);
 	if (j != NULL)
 	{
 		json_t	   *again = report_job(j, j->status);
@@ -27,7 +28,7 @@ fuzz_journal(const char *text, size_t len)
 
 		if (again == NULL)
 			abort();
-		k = journal_job_from_json(again, 256);
+		k = journal_job_from_json(again, 256, &nomem);
 		if (k == NULL || strcmp(k->id, j->id) != 0)
 			abort();
 		job_free(k);

@@ -285,7 +285,7 @@ extern bool journal_write(const char *id, const char *text);
 extern bool journal_remove(const char *id);
 extern void journal_on_failure(void (*hook) (void));
 extern int	journal_load(job ***jobs_out, size_t output_tail);
-extern job *journal_job_from_json(json_t *obj, size_t output_tail);
+extern job *journal_job_from_json(json_t *obj, size_t output_tail, bool *nomem);
 
 /* ---------- spawn.c ---------- */
 typedef struct spawn_result

@@ -1031,17 +1031,21 @@ journal_int(json_t *v, int none, int *out)
 }
 
 /*
- * Rebuild the steps of a job from the journal's "steps" array.
+ * Rebuild the steps of a job from the journal's "steps" array; false if
+ * it is not one, or (*nomem set) if memory ran out.
  */
 static bool
-journal_steps(json_t *arr, job *j)
+journal_steps(json_t *arr, job *j, bool *nomem)
 {
 	size_t		n = json_array_size(arr);
 
 	if (!json_is_array(arr) || n > 64)
 		return false;
 	if ((j->steps = calloc(n ? n : 1, sizeof(job_step))) == NULL)
+	{
+		*nomem = true;
 		return false;
+	}
 	for (size_t i = 0; i < n; i++)
 	{
 		json_t	   *s = json_array_get(arr, i);
@@ -1100,16 +1104,19 @@ journal_identity(json_t *obj, job *j)
 
 /*
  * Rebuild a job from a journal record (a job object).  Returns NULL if
- * the record is not a well-formed job object.
+ * the record is not a well-formed job object, or, with *nomem set, if
+ * memory ran out: the record may well be one, and must not be taken for
+ * an unreadable one.
  */
 job *
-journal_job_from_json(json_t *obj, size_t output_tail)
+journal_job_from_json(json_t *obj, size_t output_tail, bool *nomem)
 {
 	job		   *j = job_alloc(output_tail);
 	const char *status = json_string_value(json_object_get(obj, "status"));
 	const char *output = json_string_value(json_object_get(obj, "output"));
 	json_t	   *error = json_object_get(obj, "error");
 
+	*nomem = j == NULL;
 	if (j == NULL)
 		return NULL;
 	if (!json_is_object(obj) || status == NULL || !journal_identity(obj, j) ||
@@ -1118,7 +1125,7 @@ journal_job_from_json(json_t *obj, size_t output_tail)
 		!journal_time(json_object_get(obj, "finished_at"), &j->finished_at) ||
 		!journal_int(json_object_get(obj, "exit_code"), -1, &j->exit_code) ||
 		!journal_int(json_object_get(obj, "signal"), 0, &j->signal) ||
-		!journal_steps(json_object_get(obj, "steps"), j) ||
+		!journal_steps(json_object_get(obj, "steps"), j, nomem) ||
 		j->accepted_at == 0)
 	{
 		job_free(j);
@@ -1133,8 +1140,12 @@ journal_job_from_json(json_t *obj, size_t output_tail)
 	if (output != NULL)
 		tail_append(&j->output, output, strlen(output));
 	j->output.truncated |= json_is_true(json_object_get(obj, "output_truncated"));
-	if (json_is_string(error))
-		j->error = strdup(json_string_value(error));
+	if (json_is_string(error) && (j->error = strdup(json_string_value(error))) == NULL)
+	{
+		*nomem = true;
+		job_free(j);
+		return NULL;
+	}
 	return j;
 }
 
@@ -1157,8 +1168,12 @@ journal_unreadable_job(const char *id, int64_t when, off_t offset, const char *w
 	j->id[UUID_TEXT_LEN] = '\0';
 	j->status = JOB_FAILED;
 	j->accepted_at = j->started_at = j->finished_at = when;
-	j->error = strdup("journal record unreadable");
 	j->unreadable = true;
+	if ((j->error = strdup("journal record unreadable")) == NULL)
+	{
+		job_free(j);
+		return NULL;
+	}
 	return j;
 }
 
@@ -1280,8 +1295,10 @@ journal_scan_line(journal_scan *s, off_t off, size_t len)
 {
 	const char *line = s->map + off;
 	journal_span span = {off, len + 1};
+	unsigned	failures = util_json_failures();
 	json_t	   *obj = NULL;
 	json_error_t jerr;
+	bool		nomem = false;
 	job		   *j;
 
 	if (memchr(line, '\0', len) != NULL)
@@ -1292,6 +1309,19 @@ journal_scan_line(journal_scan *s, off_t off, size_t len)
 	if (journal_has_id(line, len) && len - JOURNAL_PREFIX_LEN <= JOURNAL_FILE_MAX)
 		obj = json_loadb(line + JOURNAL_PREFIX_LEN, len - JOURNAL_PREFIX_LEN,
 						 JSON_REJECT_DUPLICATES, &jerr);
+
+	/*
+	 * A record jansson could not read for want of memory is not damaged
+	 * (it would be cut off as a torn tail, or kept as unreadable), and one
+	 * it read while an allocation failed may have lost bytes of a string:
+	 * the load fails instead.
+	 */
+	if (util_json_failures() != failures)
+	{
+		log_msg("journal: out of memory while loading");
+		json_decref(obj);
+		return false;
+	}
 	if (obj == NULL)
 		return journal_scan_defer(s, span);
 	if (!journal_scan_settle(s))
@@ -1299,7 +1329,13 @@ journal_scan_line(journal_scan *s, off_t off, size_t len)
 		json_decref(obj);
 		return false;
 	}
-	j = journal_job_from_json(obj, s->output_tail);
+	j = journal_job_from_json(obj, s->output_tail, &nomem);
+	if (nomem)
+	{
+		log_msg("journal: out of memory while loading");
+		json_decref(obj);
+		return false;
+	}
 	if (j != NULL && memcmp(j->id, line, UUID_TEXT_LEN) != 0)
 	{
 		job_free(j);
@@ -1452,26 +1488,37 @@ journal_legacy_line(int dfd, const char *name, size_t *linelen)
 {
 	int			fd = openat(dfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
 	struct stat st;
+	unsigned	failures = util_json_failures();
 	json_error_t jerr;
 	json_t	   *obj = NULL;
 	job		   *j = NULL;
 	char	   *text = NULL;
 	char	   *line = NULL;
+	bool		nomem = false;
 
 	if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= JOURNAL_FILE_MAX)
 		obj = json_loadfd(fd, JSON_REJECT_DUPLICATES, &jerr);
 	if (fd >= 0)
 		close(fd);
-	if (obj != NULL && (j = journal_job_from_json(obj, 0)) != NULL &&
-		strncmp(j->id, name, UUID_TEXT_LEN) == 0)
-		text = report_text(obj);
+	if (obj != NULL && (j = journal_job_from_json(obj, 0, &nomem)) != NULL &&
+		strncmp(j->id, name, UUID_TEXT_LEN) == 0 && (text = report_text(obj)) == NULL)
+		nomem = true;
 	job_free(j);
 	json_decref(obj);
+
+	/* a record that memory ran short for is not imported as unreadable */
+	if (nomem || util_json_failures() != failures)
+	{
+		log_msg("journal: out of memory while importing %s/%s", JOURNAL_LEGACY_DIR, name);
+		free(text);
+		return NULL;
+	}
 	if (text != NULL)
+	{
 		line = journal_make_line(name, text, linelen);
-	free(text);
-	if (line != NULL)
-		return line;
+		free(text);
+		return line;			/* NULL: out of memory */
+	}
 	log_msg("journal: %s/%s cannot be read back; it is imported as an unreadable record",
 			JOURNAL_LEGACY_DIR, name);
 	if ((line = malloc(JOURNAL_MARKER_MAX)) != NULL)

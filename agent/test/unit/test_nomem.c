@@ -528,6 +528,151 @@ test_post_job(void **state)
 		fail_msg("POST made %d allocations or more: are they wrapped?", n - 1);
 }
 
+/* Remove one file or directory of the test's tree, for nftw. */
+static int
+remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void) st;
+	(void) flag;
+	(void) ftw;
+	return remove(path);
+}
+
+#define ID_DONE "00000000-0000-4000-8000-0000000000d1"
+#define ID_FAILED "00000000-0000-4000-8000-0000000000f1"
+#define ID_MARKER "00000000-0000-4000-8000-0000000000e1"
+
+/* Render the record of a finished job of one step (a buffer of 2048). */
+static void
+make_record(char *buf, const char *id, const char *status, int code, const char *error)
+{
+	snprintf(buf, 2048,
+			 "{\"request_id\":\"%s\",\"service\":\"exits\",\"requested_by\":null,"
+			 "\"requested_at\":\"2026-11-26T05:00:00Z\",\"status\":\"%s\","
+			 "\"accepted_at\":\"2026-11-26T05:00:01.000000Z\",\"started_at\":\"2026-11-26T05:00:01.000000Z\","
+			 "\"finished_at\":\"2026-11-26T05:00:02.000000Z\",\"exit_code\":%d,\"signal\":null,"
+			 "\"steps\":[{\"argv\":[\"/bin/sh\"],\"exit_code\":%d,\"signal\":null,\"timed_out\":false,"
+			 "\"started_at\":\"2026-11-26T05:00:01.000000Z\",\"finished_at\":\"2026-11-26T05:00:02.000000Z\"}],"
+			 "\"output\":\"==> step 1: /bin/sh\\nhello\\n\",\"output_truncated\":false,\"error\":%s}",
+			 id, status, code, code, error);
+}
+
+/*
+ * Check jobs loaded from a journal holding the records of make_states():
+ * write what is wrong into bad (empty if nothing).  A job's output may
+ * be cut if marked truncated (memory for it ran out), nothing else may
+ * differ.  With legacy, only the completed job is expected.
+ */
+static void
+check_loaded(job **jobs, int n, bool legacy, int fail_at, char *bad, size_t size)
+{
+	int			seen = 0;
+
+	bad[0] = '\0';
+	for (int i = 0; i < n && bad[0] == '\0'; i++)
+	{
+		job		   *j = jobs[i];
+		size_t		len;
+		char	   *output = tail_to_utf8(&j->output, &len);
+		bool		output_ok = output != NULL &&
+			(strcmp(output, "==> step 1: /bin/sh\nhello\n") == 0 || j->output.truncated);
+		bool		ok;
+
+		if (strcmp(j->id, ID_DONE) == 0)
+			ok = !j->unreadable && j->status == JOB_COMPLETED && j->error == NULL &&
+				j->nsteps == 1 && output_ok;
+		else if (strcmp(j->id, ID_FAILED) == 0)
+			ok = !j->unreadable && j->status == JOB_FAILED && j->error != NULL &&
+				strcmp(j->error, "step 1 exited with code 3") == 0 && j->nsteps == 1 && output_ok;
+		else
+			ok = strcmp(j->id, ID_MARKER) == 0 && j->unreadable && j->status == JOB_FAILED;
+		if (!ok)
+			snprintf(bad, size, "allocation %d failed: job %s loaded %s, %s, error %s, %d step(s), output \"%s\"",
+					 fail_at, j->id, j->unreadable ? "unreadable" : "readable", job_status_name(j->status),
+					 j->error ? j->error : "(none)", j->nsteps, output ? output : "?");
+		seen++;
+		free(output);
+	}
+	if (bad[0] == '\0' && seen != (legacy ? 1 : 3))
+		snprintf(bad, size, "allocation %d failed: %d job(s) loaded", fail_at, seen);
+}
+
+/*
+ * Load the journal of state dir with the fail_at-th allocation failing,
+ * as the agent does at start, and check what it loaded (a failed load is
+ * a right answer: the agent refuses to start).  Returns the allocations
+ * made, and in *failed whether the load failed.
+ */
+static int
+load_and_check(const char *state_dir, bool legacy, int fail_at, bool *failed, char *bad, size_t size)
+{
+	char		err[256];
+	job		  **jobs;
+	int			made;
+	int			n;
+
+	bad[0] = '\0';
+	if (!journal_open(state_dir, err, sizeof(err)))
+	{
+		snprintf(bad, size, "cannot open the journal: %s", err);
+		return 0;
+	}
+	nomem_arm(fail_at);
+	n = journal_load(&jobs, 4096);
+	made = nomem_disarm();
+	*failed = n < 0;
+	if (n >= 0)
+	{
+		check_loaded(jobs, n, legacy, fail_at, bad, size);
+		for (int i = 0; i < n; i++)
+			job_free(jobs[i]);
+		free(jobs);
+	}
+	journal_close();
+	return made;
+}
+
+/*
+ * Write a state directory under the test's directory: a journal holding a
+ * completed job, a failed one and the marker of a record found unreadable
+ * earlier; or, with legacy, the previous version's jobs/ directory holding
+ * the completed job's record file.
+ */
+static void
+make_state(const char *state_dir, bool legacy)
+{
+	char		err[256];
+	char		path[256];
+	char		record[2048];
+	job		  **jobs;
+	FILE	   *f;
+	bool		ok;
+
+	assert_int_equal(mkdir(state_dir, 0700), 0);
+	make_record(record, ID_DONE, "completed", 0, "null");
+	if (legacy)
+	{
+		snprintf(path, sizeof(path), "%s/jobs", state_dir);
+		assert_int_equal(mkdir(path, 0700), 0);
+		snprintf(path, sizeof(path), "%s/jobs/%s.json", state_dir, ID_DONE);
+		assert_non_null(f = fopen(path, "w"));
+		fputs(record, f);
+		fclose(f);
+		return;
+	}
+	quiet(true);
+	ok = journal_open(state_dir, err, sizeof(err)) && journal_load(&jobs, 4096) == 0;
+	if (ok)
+		free(jobs);
+	ok = ok && journal_write(ID_DONE, record);
+	make_record(record, ID_FAILED, "failed", 3, "\"step 1 exited with code 3\"");
+	ok = ok && journal_write(ID_FAILED, record) &&
+		journal_write(ID_MARKER, "{\"request_id\":\"" ID_MARKER "\",\"unreadable\":true}");
+	journal_close();
+	quiet(false);
+	assert_true(ok);
+}
+
 /* Stop the job table and the HTTP server, once. */
 static void
 stop_agent(void)
@@ -585,14 +730,66 @@ test_journal_reads_back(void **state)
 	journal_close();
 }
 
-/* Remove one file or directory of the test's tree, for nftw. */
-static int
-remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+
+/*
+ * Runs after the agent has stopped.  Loading a journal, as the agent does
+ * at start, whichever allocation fails: the load fails (the agent refuses
+ * to start, and a restart loads it whole), or it loads every job as it
+ * was written.  A record that memory ran short for is never taken for a
+ * damaged one: cut off as a torn tail, or kept (and compacted) as
+ * unreadable, it would be lost for good.  The same for the import of the
+ * previous version's record files.
+ */
+static void
+test_journal_load(void **state)
 {
-	(void) st;
-	(void) flag;
-	(void) ftw;
-	return remove(path);
+	char		bad[4096] = "";
+	char		state_dir[128];
+	bool		failed;
+	int			made;
+	int			n;
+
+	(void) state;
+	stop_agent();
+	snprintf(state_dir, sizeof(state_dir), "%s/loaded", dir);
+	make_state(state_dir, false);
+	quiet(true);
+	for (n = 0; bad[0] == '\0' && n <= NOMEM_MAX_RUNS; n++)
+	{
+		made = load_and_check(state_dir, false, n, &failed, bad, sizeof(bad));
+		if (bad[0] == '\0' && failed && n == 0)
+			snprintf(bad, sizeof(bad), "with no allocation failing, the load failed");
+		if (n > 0 && made < n)
+			break;
+	}
+	quiet(false);
+	if (bad[0] != '\0')
+		fail_msg("%s (the agent's log is in %s/agent.log)", bad, dir);
+	if (n < 10 || n > NOMEM_MAX_RUNS)
+		fail_msg("a load made %d allocations or more: are they wrapped?", n - 1);
+
+	for (n = 0; bad[0] == '\0' && n <= NOMEM_MAX_RUNS; n++)
+	{
+		snprintf(state_dir, sizeof(state_dir), "%s/legacy%d", dir, n);
+		make_state(state_dir, true);
+		quiet(true);
+		made = load_and_check(state_dir, true, n, &failed, bad, sizeof(bad));
+		if (bad[0] == '\0' && failed)
+		{
+			/* the next start imports the records whole */
+			load_and_check(state_dir, true, 0, &failed, bad, sizeof(bad));
+			if (bad[0] == '\0' && failed)
+				snprintf(bad, sizeof(bad), "allocation %d failed: the import failed, and then a load with none failing",
+						 n);
+		}
+		quiet(false);
+		if (n > 0 && made < n)
+			break;
+	}
+	if (bad[0] != '\0')
+		fail_msg("import of the previous version's records: %s (the agent's log is in %s/agent.log)", bad, dir);
+	if (n < 10 || n > NOMEM_MAX_RUNS)
+		fail_msg("an import made %d allocations or more: are they wrapped?", n - 1);
 }
 
 /*
@@ -682,6 +879,7 @@ main(void)
 		cmocka_unit_test(test_get_job),
 		cmocka_unit_test(test_post_job),
 		cmocka_unit_test(test_journal_reads_back),
+		cmocka_unit_test(test_journal_load),
 	};
 
 	if (!CRYPTO_set_mem_functions(nomem_crypto_malloc, nomem_crypto_realloc, nomem_crypto_free))
