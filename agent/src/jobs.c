@@ -49,7 +49,11 @@
  * the wait has passed, after which what remains of it (a step still
  * running, the next steps, writing its end) is handed to a runner
  * (jobs_run_here()).  Quick jobs thus never change threads, which
- * spares a busy agent two thread switches a job.  Runner threads are kept
+ * spares a busy agent two thread switches a job.  When no runner thread
+ * can be started (the agent's threads or processes are at their limit),
+ * the job goes on to its end in the thread of its request, whose answer
+ * waits meanwhile: a job is never failed for want of a thread, nor its
+ * end kept from the journal's rules below.  Runner threads are kept
  * for the next job: a runner whose job ended waits up to
  * JOBS_RUNNER_IDLE_SEC for another one (handed over through jobs_handoff)
  * before it exits, so that a busy agent does not create, and tear down
@@ -304,7 +308,7 @@ jobs_render(const job *j, job_status status)
 
 /*
  * Render a job and write it to the journal; caller holds the lock (only
- * at start-up and on rare failure paths: the journal write is slow).
+ * at start-up: the journal write is slow).
  */
 static bool
 jobs_journal(const job *j, job_status status)
@@ -871,14 +875,15 @@ jobs_unreserve(job *j)
 
 /*
  * Hand job j to a runner thread, an idle one if one is free, else a new
- * one; caller holds the lock.  Returns false if no thread could be started.
+ * one; caller holds the lock.  Returns false (logged) if no thread could
+ * be started: the caller then goes on with the job itself.
  */
 static bool
 jobs_hand_over(job *j)
 {
 	pthread_attr_t attr;
 	pthread_t	tid;
-	bool		ok;
+	int			rc;
 
 	if (jobs_idle_runners > jobs_handoff_n)
 	{
@@ -894,45 +899,30 @@ jobs_hand_over(job *j)
 	}
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	ok = pthread_create(&tid, &attr, jobs_runner, j) == 0;
+	rc = pthread_create(&tid, &attr, jobs_runner, j);
 	pthread_attr_destroy(&attr);
-	return ok;
+	if (rc != 0)
+		log_msg("ERROR: job %s: no runner thread could be started (%s); the job goes on in the thread of its request",
+				j->id, strerror(rc));
+	return rc == 0;
 }
 
 /*
- * Start a job whose accept record is on disk in a runner thread; caller
- * holds the lock.  If no thread can be started the job fails at once.
- */
-static void
-jobs_start(job *j)
-{
-	if (jobs_hand_over(j))
-		return;
-	j->error = strdup("agent could not start a runner thread");
-	j->finished_at = util_now_usec();
-	jobs_journal(j, JOB_FAILED);
-	j->status = JOB_FAILED;
-	jobs_running--;
-	jobs_retire(j);
-}
-
-/*
- * Run job j, whose accept record is on disk, in this thread (that of a
- * POST waiting for the job's end) until it is over or the monotonic time
- * until has passed; then hand what remains to a runner thread, or if none
- * can be started, go on with it here to the end.  A busy agent
- * thus spares, for every quick job, its hand-over to a runner and the
- * wake-up of the waiting request at its end: thread switches, which took
- * most of its time.  The job is pinned meanwhile (see jobs_prune()) so
- * that it is still there to be reported; jobs_unpin() lets it go.  Called
- * with the lock held, which is released meanwhile.
+ * Run job j, whose accept record is on disk, in this thread (that of its
+ * POST) until it is over or the monotonic time until has passed; then
+ * hand what remains to a runner thread, or if none can be started, go on
+ * with it here to the end.  A busy agent thus spares, for every quick job
+ * of a POST ?wait, its hand-over to a runner and the wake-up of the
+ * waiting request at its end: thread switches, which took most of its
+ * time.  The caller has pinned the job (see jobs_prune()), so that it is
+ * still there to be reported.  Called with the lock held, which is
+ * released meanwhile.
  */
 static void
 jobs_run_here(job *j, int64_t until)
 {
 	bool		over;
 
-	j->waiters++;
 	pthread_mutex_unlock(&jobs_lock);
 	over = jobs_advance(j, until);
 	pthread_mutex_lock(&jobs_lock);
@@ -944,9 +934,9 @@ jobs_run_here(job *j, int64_t until)
 }
 
 /*
- * Let go of a job pinned by jobs_run_here() or a long poll; the last one
- * to let go of a job that ended prunes what its pin held back.  Caller
- * holds the lock.
+ * Let go of a job pinned by jobs_create() or a long poll; the last one to
+ * let go of a job that ended prunes what its pin held back.  Caller holds
+ * the lock.
  */
 static void
 jobs_unpin(job *j)
@@ -958,10 +948,13 @@ jobs_unpin(job *j)
 /*
  * Create, journal and start a job for a new request: in a runner thread,
  * or with wait_ms > 0 in this one for that long once the job is on disk
- * (jobs_run_here(); the job is then pinned).  Called with the lock held,
- * which it releases while the accept record is written (the job is
- * reserved meanwhile, see jobs_reserve) and holds again on return.
- * Returns NULL if the journal write failed (nothing runs then).
+ * (jobs_run_here()); if no runner thread can be started, in this one to
+ * its end.  The job is returned pinned (jobs_unpin() lets it go), so that
+ * it is still there to be reported.  Called with the lock held, which it
+ * releases while the accept record is written (the job is reserved
+ * meanwhile, see jobs_reserve) and while the job runs here, and holds
+ * again on return.  Returns NULL if the journal write failed (nothing
+ * runs then).
  */
 static job *
 jobs_create(const restart_request *req, const config_service *svc, int wait_ms)
@@ -986,10 +979,11 @@ jobs_create(const restart_request *req, const config_service *svc, int wait_ms)
 		return NULL;
 	}
 	log_msg("job %s: accepted for service %s", j->id, j->service);
+	j->waiters++;
 	if (wait_ms > 0)
 		jobs_run_here(j, util_monotonic_msec() + wait_ms);
-	else
-		jobs_start(j);
+	else if (!jobs_hand_over(j))
+		jobs_run_here(j, SPAWN_FOREVER);
 	return j;
 }
 
@@ -1029,7 +1023,8 @@ jobs_report_after_wait(job *j, int wait_ms)
  * id or same service) waits for that first.  *report receives the job
  * object when there is one: with wait_ms > 0 (POST ?wait), its state once
  * it has ended or wait_ms have passed (for a new job, from when it is on
- * disk; it runs in this thread meanwhile).  The wait follows without
+ * disk; it runs in this thread meanwhile); for a new job that no runner
+ * thread could be started for, its final state.  The wait follows without
  * letting go of the job (the lock is released only while waiting, the job
  * pinned), so that it cannot be pruned unseen in between.
  */
@@ -1061,7 +1056,7 @@ jobs_submit(const restart_request *req, int wait_ms, json_t **report)
 	/* a new job has had its wait in jobs_create() */
 	if (j != NULL && res != JOBS_CONFLICT)
 		*report = jobs_report_after_wait(j, res == JOBS_ACCEPTED ? 0 : wait_ms);
-	if (res == JOBS_ACCEPTED && wait_ms > 0)
+	if (res == JOBS_ACCEPTED)
 		jobs_unpin(j);
 	pthread_mutex_unlock(&jobs_lock);
 	return res;

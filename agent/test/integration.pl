@@ -18,6 +18,7 @@ use POSIX qw(:sys_wait_h);
 use Time::HiRes qw(time sleep);
 use IO::Socket::INET;
 use Fcntl qw(F_SETFD);
+use File::Find qw(find);
 
 my $root = abs_path(File::Spec->catdir((File::Spec->splitpath(abs_path($0)))[1], '..'));
 my $bin = abs_path($ARGV[0] // "$root/restart-agent");
@@ -141,6 +142,8 @@ $o{services}
 };
 CONF
 	my $log = "$dir/agent.log";
+	# an agent run as another user ($o{uid}, also its group) owns its directory
+	find(sub { chown $o{uid}, $o{uid}, $_ }, $dir) if defined $o{uid};
 	# An earlier agent's log is kept (agent.log.1, .2, ...): the final check reads them all.
 	if (-e $log)
 	{
@@ -162,6 +165,13 @@ CONF
 		}
 		close(STDIN) if $o{close_stdin};
 		$SIG{$_} = 'IGNORE' for @{ $o{ignore_signals} // [] };
+		if (defined $o{uid})
+		{
+			$) = "$o{uid} $o{uid}";
+			POSIX::setgid($o{uid}) or die "setgid: $!";
+			POSIX::setuid($o{uid}) or die "setuid: $!";
+			die "still uid $<" unless $< == $o{uid} && $> == $o{uid};
+		}
 		exec $bin, '--config', '/dev/fd/' . fileno($cf) or die "exec: $!" if $cf;
 		# a limit on open descriptors, set by sh (Perl has no setrlimit of its own)
 		exec 'sh', '-c', "ulimit -n $o{nofile} && exec \"\$0\" \"\$@\"", $bin, '--config', "$dir/agent.conf"
@@ -1533,6 +1543,79 @@ SKIP: {
 	ok($up && $trace =~ /mkdir\("\Q$d\E\/new\/state", 0700\) = 0.*fsync\(\d+<\Q$d\E\/new>\) = 0/s
 		&& $trace =~ /openat\(\d+<\Q$d\E\/new\/state>, "journal", O_RDWR\|O_CREAT[^)]*\) = \d+.*fsync\(\d+<\Q$d\E\/new\/state>\) = 0/s,
 		'a new state_dir and its journal file are flushed (parent directories fsynced) before use', $trace);
+}
+
+# --- no runner thread can be started: the job goes on in its request's thread ------------------
+# The agent runs as a user of its own (a uid that no other process has), and its user's
+# tasks (RLIMIT_NPROC counts a user's threads and processes; root is exempt) are then
+# capped at the agent's own once it is idle, plus one: the thread of the next connection
+# can start, but no runner thread, nor the job's step (a process).  The limit is the
+# agent's soft one, set by prlimit run as the agent's user (that needs no capability, and
+# the soft limit can be raised back up to the hard one in the same way).  The job must not be
+# failed for want of a thread ("agent could not start a runner thread", as before), but
+# run in the thread of its POST: its step could not start, for the same reason, so it
+# fails with that reason, the answer to the POST (no wait) comes with its end, and that
+# end is journaled before it is shown: it is the same after a restart.
+SKIP: {
+	my ($prlimit) = grep { -x $_ } map { "$_/prlimit" } split /:/, $ENV{PATH} // '/usr/bin';
+	unless ($prlimit && $> == 0)
+	{
+		print "ok - # SKIP prlimit is not installed, or not root: no runner thread not checked\n";
+		last SKIP;
+	}
+	# Tasks (threads) whose real uid is uid, as RLIMIT_NPROC counts them.
+	my $tasks_of = sub {
+		my ($uid) = @_;
+		return scalar grep { slurp($_) =~ /^Uid:\s+(\d+)/m && $1 == $uid } glob('/proc/[0-9]*/task/[0-9]*/status');
+	};
+	my ($uid) = grep { !getpwuid($_) && $tasks_of->($_) == 0 } 64100 .. 64199;
+	# Set the soft RLIMIT_NPROC of pid, as the user uid; true if done.
+	my $set_nproc = sub {
+		my ($pid, $soft) = @_;
+		my $child = fork;
+		if ($child == 0)
+		{
+			$) = "$uid $uid";
+			POSIX::setgid($uid) && POSIX::setuid($uid) or POSIX::_exit(126);
+			exec $prlimit, "--pid=$pid", "--nproc=$soft:" or POSIX::_exit(127);
+		}
+		waitpid($child, 0);
+		return $? == 0;
+	};
+	my $svc = qq{  quick = ( { argv = ["/bin/true"]; } );\n};
+	my $c = start_agent(services => $svc, uid => $uid);
+	my $started = $c->{port} && wait_until(sub { slurp($c->{log}) =~ /restart-agent \S+ started/ }, 10);
+	my $own = () = glob("/proc/$c->{pid}/task/*");
+	my $tasks = $tasks_of->($uid);
+	ok($started && $tasks == $own, "an agent runs as uid $uid, with no other task of that user ($tasks, $own)",
+		slurp($c->{log}));
+	my ($soft) = slurp("/proc/$c->{pid}/limits") =~ /^Max processes\s+(\S+)/m;
+	my $limited = $set_nproc->($c->{pid}, $tasks + 1);
+	my $id = uuid();
+	my ($s, $j) = post_restart($c, $id, 'quick');
+	my $restored = $set_nproc->($c->{pid}, $soft // 'unlimited');
+	my $error = $j->{error} // '';
+	ok($limited && $restored && $s == 202 && $j->{status} eq 'failed' && defined $j->{finished_at}
+		&& $error eq 'step 1 could not start /bin/true: Resource temporarily unavailable',
+		'no runner thread could be started: the POST answers with the job\'s end, run in its own thread',
+		$json->encode($j // {}) . "\n" . slurp($c->{log}));
+	ok(slurp($c->{log}) =~ /^ERROR: job \Q$id\E: no runner thread could be started \(Resource temporarily unavailable\); the job goes on in the thread of its request$/m,
+		'and the agent logs why', slurp($c->{log}));
+	my $rec = journal_last("$c->{dir}/state", $id) // {};
+	ok(($rec->{status} // '') eq 'failed' && ($rec->{error} // '') eq $error,
+		'the end was journaled before the answer', $json->encode($rec));
+	my $next = uuid();
+	post_restart($c, $next, 'quick');
+	my $nj = wait_job($c, $next);
+	ok($nj && $nj->{status} eq 'completed', 'with threads to be had again, the next job completes in a runner',
+		$json->encode($nj // {}));
+	ok(stop_agent($c) && $c->{status} == 0, 'the agent stops cleanly', slurp($c->{log}));
+	my $d = start_agent(services => $svc, uid => $uid, dir => $c->{dir});
+	my ($gs, $gj) = get_job($d, $id);
+	ok($gs == 200 && $gj->{status} eq 'failed' && $gj->{error} eq $error
+		&& $gj->{finished_at} eq ($j->{finished_at} // ''),
+		'after a restart the job reports the same end', $json->encode($gj // {}));
+	stop_agent($d);
 }
 
 # --- unix socket ------------------------------------------------------------------------
