@@ -367,8 +367,11 @@ ok($a->{port}, 'agent starts and listens on loopback', slurp($a->{log})) or exit
 	my $body = restart_body($id, 'ok');
 	($s, $j) = post_restart($a, $id, 'ok', body => $body . ' ', sig => sign($SECRET, $id, int(time), $body));
 	ok($s == 401, 'tampered body (signature of another body): 401');
+	# Refused, so unknown: a request accepted in spite of its 401 would be a job of that id.
+	# (That none of their steps ran is checked once a job of the service has run, below.)
 	($s, $j) = get_job($a, $id);
-	ok(!-e "$count", 'no step ran for any refused request');
+	ok($s == 404 && ($j->{error} // '') eq 'unknown_job', 'the refused id is unknown: 404 unknown_job',
+		"$s " . $json->encode($j // {}));
 }
 
 # --- 413 and 400 ---------------------------------------------------------
@@ -509,7 +512,9 @@ my $okid = uuid();
 	ok($s == 200 && $j->{status} eq 'completed', 'replay of the same signed request: 200 with the job');
 	($s, $j) = post_restart($a, $okid, 'ok', by => undef);
 	ok($s == 200 && $j->{request_id} eq $okid, 'same id, same body, new signature: 200');
-	ok(lines($count) == 1, 'the job ran exactly once');
+	# Its step is the only one of the service that ran: none ran for the requests refused
+	# above (401, 413, 400), which the job could not have been accepted beside (409).
+	ok(slurp($count) eq "run $okid\n", 'the job ran exactly once, and no refused request\'s step ran', slurp($count));
 	($s, $j) = post_restart($a, $okid, 'ok', at => '2026-11-26T06:00:00Z', by => undef);
 	ok($s == 422 && $j->{error} eq 'id_conflict', 'same id, different body: 422 id_conflict');
 	($s, $j) = post_restart($a, $okid, 'fail', by => undef);
@@ -1725,10 +1730,17 @@ SKIP: {
 	ok($s == 202, 'TLS: signed POST over HTTPS: 202');
 	($s, $j) = get_job($b, $id, 10);
 	ok($s == 200 && $j->{status} eq 'completed', 'TLS: long poll over HTTPS: completed');
+	# Refused means the connection closed with no HTTP answer: not an answer in plain text,
+	# nor a time-out (an agent that hangs).
 	my $plain = HTTP::Tiny->new(timeout => 5)->get("http://127.0.0.1:$b->{port}/healthz");
-	ok(!$plain->{success}, 'TLS: plain HTTP is refused');
+	ok($plain->{status} == 599 && $plain->{content} =~ /Unexpected end of stream|Connection reset by peer|Malformed Status-Line/,
+		'TLS: plain HTTP is refused (the connection closes, no answer)', "$plain->{status} $plain->{content}");
 	my $untrusted = HTTP::Tiny->new(timeout => 5, verify_SSL => 1)->get("https://127.0.0.1:$b->{port}/healthz");
-	ok(!$untrusted->{success}, 'TLS: a client not trusting the CA fails');
+	ok($untrusted->{status} == 599 && $untrusted->{content} =~ /certificate verify failed/,
+		'TLS: a client not trusting the CA fails verifying the certificate', "$untrusted->{status} $untrusted->{content}");
+	delete $b->{http}{handle};
+	($s, $j) = req($b, 'GET', '/healthz', unsigned => 1);
+	ok($s == 200 && $j->{status} eq 'ok', 'TLS: after both, the agent still answers over HTTPS', slurp($b->{log}));
 	stop_agent($b);
 }
 
