@@ -1238,7 +1238,7 @@ SKIP: {
 	my $probe = syswrite($fh, "x" x 65536) && $fh->sync;
 	close $fh;
 	unlink "$d/state/probe";
-	ok($probe, 'the loop device file system takes writes again once the tmpfs has room');
+	$probe or die "setup: the loop device file system does not take writes again once the tmpfs has room";
 	stop_agent($b);
 	my $c = start_agent(services => $svc, dir => $d, limits => { output_tail => 65536 });
 	my ($r1, $j1) = get_job($c, $id1);
@@ -1662,8 +1662,8 @@ SKIP: {
 	stop_agent($b);
 	# A socket file nobody listens on (left by an agent that was killed) is replaced.
 	unlink $sock;
-	IO::Socket::UNIX->new(Local => $sock, Listen => 1) or die "stale socket: $!";
-	ok(-S $sock, 'a stale socket file is there');
+	IO::Socket::UNIX->new(Local => $sock, Listen => 1) or die "setup: cannot make a stale socket file $sock: $!";
+	-S $sock or die "setup: the stale socket file $sock is not there";
 	$c = start_agent(services => $services, listen => "unix:$sock");
 	$out = `curl -s --unix-socket $sock http://localhost/healthz`;
 	ok($c->{port} && $out =~ /"status":"ok"/, 'a stale socket file is replaced', slurp($c->{log}));
