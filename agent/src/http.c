@@ -635,7 +635,7 @@ http_collect(http_req *r, const char *data, size_t size)
 	r->received += size;
 	if (r->received > (size_t) http_cfg->max_body + HTTP_DISCARD_MAX)
 		return false;
-	if (r->too_large || r->len + size > (size_t) http_cfg->max_body)
+	if (r->too_large || r->received > (size_t) http_cfg->max_body)
 	{
 		r->too_large = true;
 		return true;

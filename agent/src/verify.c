@@ -106,15 +106,22 @@ verify_parse_secret(const char *text, verify_secret *secret, const char **reason
 }
 
 /*
- * Create, once per process, the HMAC-SHA256 context that every computation
- * copies.  Looking the algorithm and its digest up by name took as long as
- * the rest of a request's verification; a copy of a context that already
- * has them needs no look-up.  The template is never changed afterwards, so
- * threads may copy it at once.
+ * The HMAC-SHA256 context that every computation copies.  Looking the
+ * algorithm and its digest up by name took as long as the rest of a
+ * request's verification; a copy of a context that already has them needs
+ * no look-up.  Made by the first request that needs it (verify_template_get()),
+ * never changed afterwards, so threads may copy it at once.  If it cannot
+ * be made (memory ran out), the next request tries again: made once for
+ * good with pthread_once(), a failure left every later request refused
+ * until the agent restarted.
  */
 static EVP_MAC_CTX *verify_template;
+static pthread_mutex_t verify_template_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void
+/*
+ * Make the template context; NULL if OpenSSL cannot.
+ */
+static EVP_MAC_CTX *
 verify_make_template(void)
 {
 	EVP_MAC    *m = EVP_MAC_fetch(NULL, "HMAC", NULL);
@@ -130,7 +137,26 @@ verify_make_template(void)
 		ctx = NULL;
 	}
 	EVP_MAC_free(m);			/* the context keeps its own reference */
-	verify_template = ctx;
+	return ctx;
+}
+
+/*
+ * Return the template context, making it if no request has yet; NULL if
+ * it cannot be made now.  Once made it is read without the lock.
+ */
+static EVP_MAC_CTX *
+verify_template_get(void)
+{
+	EVP_MAC_CTX *ctx = __atomic_load_n(&verify_template, __ATOMIC_ACQUIRE);
+
+	if (ctx != NULL)
+		return ctx;
+	pthread_mutex_lock(&verify_template_lock);
+	ctx = verify_template;
+	if (ctx == NULL && (ctx = verify_make_template()) != NULL)
+		__atomic_store_n(&verify_template, ctx, __ATOMIC_RELEASE);
+	pthread_mutex_unlock(&verify_template_lock);
+	return ctx;
 }
 
 /*
@@ -142,13 +168,12 @@ verify_compute(const verify_secret *secret, const char *id, const char *ts,
 			   const unsigned char *body, size_t bodylen,
 			   unsigned char mac[VERIFY_MAC_LEN])
 {
-	static pthread_once_t once = PTHREAD_ONCE_INIT;
+	EVP_MAC_CTX *template = verify_template_get();
 	EVP_MAC_CTX *ctx;
 	size_t		outlen = 0;
 	bool		ok;
 
-	pthread_once(&once, verify_make_template);
-	ctx = verify_template ? EVP_MAC_CTX_dup(verify_template) : NULL;
+	ctx = template ? EVP_MAC_CTX_dup(template) : NULL;
 	ok = ctx != NULL &&
 		EVP_MAC_init(ctx, secret->key, secret->keylen, NULL) &&
 		EVP_MAC_update(ctx, (const unsigned char *) id, strlen(id)) &&

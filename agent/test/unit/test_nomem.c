@@ -28,10 +28,12 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 
 #include "agent.h"
 
@@ -55,6 +57,8 @@ static char dir[64];
 static char second[128];		/* written by the step that must never run */
 static char envfile[128];		/* where the failing step writes its environment */
 static agent_config *cfg;
+
+static bool warm_up_openssl(void);
 static int	saved_stderr = -1;
 
 /*
@@ -319,6 +323,70 @@ sweep_failed_job(const char *service)
  * A step that exits non-zero fails its job, whichever allocation fails
  * (the copy of its error text included), and the next step never runs.
  */
+/*
+ * Sign with allocation fail_at failing, then with none failing, in a child
+ * process (so that each starts without the HMAC template, which the first
+ * signature of a process makes).  The child exits 0 if the first signature
+ * failed and the second worked, 1 if the second failed too, 2 if fewer
+ * than fail_at allocations were made (none failed), 3 if the first worked.
+ */
+static int
+verify_template_child(const verify_secret *secret, int fail_at)
+{
+	pid_t		pid = fork();
+	int			status;
+
+	if (pid == 0)
+	{
+		char		sig[256];
+		bool		first;
+		bool		second;
+		int			made;
+
+		nomem_arm(fail_at);
+		first = verify_sign(secret, "id-1", "1", (const unsigned char *) "{}", 2, sig, sizeof(sig));
+		made = nomem_disarm();
+		second = verify_sign(secret, "id-2", "2", (const unsigned char *) "{}", 2, sig, sizeof(sig));
+		_exit(!second ? 1 : made < fail_at ? 2 : first ? 3 : 0);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status))
+		return -1;
+	return WEXITSTATUS(status);
+}
+
+/*
+ * The signature check's HMAC template, made by the first request that
+ * needs it: when memory runs out while it is being made, that request is
+ * refused and the next one makes it (made once for good, a failure left
+ * every later request refused until the agent restarted).  Each
+ * allocation of a first signature fails once, in a process of its own.
+ * Runs without setup(): no thread of the agent's is running to fork.
+ */
+static void
+test_verify_template_retried(void **state)
+{
+	verify_secret secret;
+	const char *reason;
+	int			refused = 0;
+	int			n;
+
+	(void) state;
+	assert_true(verify_parse_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", &secret, &reason));
+	assert_true(warm_up_openssl());
+	for (n = 1; n <= NOMEM_MAX_RUNS; n++)
+	{
+		int			rc = verify_template_child(&secret, n);
+
+		if (rc == 2)
+			break;
+		if (rc != 0 && rc != 3)
+			fail_msg("with allocation %d failing, the next signature failed too (%d)", n, rc);
+		refused += rc == 0;
+	}
+	assert_true(n <= NOMEM_MAX_RUNS);
+	assert_true(refused > 0);
+}
+
 static void
 test_step_exit_code(void **state)
 {
@@ -798,12 +866,28 @@ test_journal_load(void **state)
  * sweeps journal hundreds of jobs), and the HTTP server on a unix socket
  * in it.
  */
+/*
+ * Have OpenSSL set up what it does once per process and never again, with
+ * nothing failing: its providers, and the HMAC and SHA-256 methods the
+ * signature check fetches.
+ */
+static bool
+warm_up_openssl(void)
+{
+	EVP_MAC    *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+	EVP_MD	   *md = EVP_MD_fetch(NULL, "SHA256", NULL);
+	bool		ok = mac != NULL && md != NULL;
+
+	EVP_MAC_free(mac);
+	EVP_MD_free(md);
+	return ok;
+}
+
 static int
 setup(void **state)
 {
 	char		path[128];
 	char		err[1024] = "";
-	char		sig[128];
 	FILE	   *f;
 
 	(void) state;
@@ -845,11 +929,11 @@ setup(void **state)
 	cfg = config_load(path, err, sizeof(err));
 
 	/*
-	 * OpenSSL's one-time set-up (its providers, the agent's HMAC template)
-	 * is done here, before anything fails: it is not retried.
+	 * OpenSSL's one-time set-up (its providers, HMAC and SHA-256) is done
+	 * here, before anything fails: it is not retried.  The agent's HMAC
+	 * template is made by the first signature of a test.
 	 */
-	if (cfg == NULL ||
-		!verify_sign(&cfg->secrets[0], "warm-up", "0", (const unsigned char *) "", 0, sig, sizeof(sig)) ||
+	if (cfg == NULL || !warm_up_openssl() ||
 		!spawn_init() || !jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))
 	{
 		quiet(false);
@@ -873,6 +957,9 @@ teardown(void **state)
 int
 main(void)
 {
+	const struct CMUnitTest first[] = {
+		cmocka_unit_test(test_verify_template_retried),
+	};
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_step_exit_code),
 		cmocka_unit_test(test_step_cannot_start),
@@ -887,5 +974,7 @@ main(void)
 		fprintf(stderr, "OpenSSL allocated before its allocator could be set\n");
 		return 1;
 	}
+	if (cmocka_run_group_tests_name("nomem: the HMAC template", first, NULL, NULL) != 0)
+		return 1;
 	return cmocka_run_group_tests_name("nomem", tests, setup, teardown);
 }
