@@ -105,6 +105,17 @@ UPDATE service_restart_requests SET status = 'completed', dispatched_at = now()
 	WHERE service_name = 'nocool';
 SELECT service_name, status FROM request_service_restart('nocool');
 
+-- requested_at is the time of the request, not of the start of its transaction: a
+-- transaction kept open for a while cannot date a request back (the cooldown counts from
+-- it).
+BEGIN;
+UPDATE service_restart_requests SET status = 'completed'
+	WHERE service_name = 'nocool' AND status = 'pending';
+SELECT now() AS xact_start, pg_sleep(0.05) AS slept \gset
+SELECT requested_at >= :'xact_start'::timestamptz + interval '50 ms' AS dated_at_the_request
+	FROM request_service_restart('nocool');
+ROLLBACK;
+
 -- Refused requests wrote nothing; the unique index backs the rule up for any writer.
 SELECT service_name, count(*) FROM service_restart_requests GROUP BY 1 ORDER BY 1;
 SELECT outcome($$INSERT INTO service_restart_requests (service_name, requested_by_role, deadline_at)
