@@ -1,5 +1,6 @@
 # The worker end to end with a real agent: success, a failing step, a service the agent
-# does not know, NOTIFY, status(), and a request dispatched long before the safety-net poll.
+# does not know, NOTIFY, status(), a request dispatched long before the safety-net poll, and
+# proxy settings in the server's environment ignored.
 use strict;
 use warnings;
 
@@ -21,7 +22,13 @@ fail_svc = ( { argv = [ "/bin/sh", "-c", "echo step one" ]; },
 SVC
 
 # The safety-net poll is 10 minutes: anything dispatched within this test was woken at COMMIT.
-my $node = new_node('e2e', conf => "restart_worker.poll_interval = '10min'");
+# The server starts with proxies in its environment that lead nowhere: the worker must
+# ignore them (README), or no call would reach the agent.
+my $node;
+{
+	local @ENV{qw(http_proxy HTTPS_PROXY ALL_PROXY all_proxy)} = ('http://127.0.0.1:9') x 4;
+	$node = new_node('e2e', conf => "restart_worker.poll_interval = '10min'");
+}
 setup_registry($node, 'host1', $agent->{url},
 	ok_svc => '', fail_svc => '', unknown_svc => '');
 
