@@ -940,6 +940,41 @@ my $okid = uuid();
 	stop_agent($c);
 }
 
+# --- retention by age: a job that finished more than retention_days ago is pruned --------
+{
+	# A journal with two finished jobs: one ended ten days ago, one twelve hours ago.
+	my $d = tempdir("retention-XXXXXX", DIR => $tmp);
+	mkdir "$d/state";
+	my $rec = journal_last("$a->{dir}/state", $okid);
+	my ($old, $recent) = (uuid(), uuid());
+	my $stamp = sub {
+		my $t = time - $_[0];
+		return POSIX::strftime('%Y-%m-%dT%H:%M:%S', gmtime $t) . sprintf('.%06dZ', ($t - int $t) * 1e6);
+	};
+	my $lines = '';
+	for ([ $old, 10 * 86400 ], [ $recent, 12 * 3600 ])
+	{
+		my ($id, $ago) = @$_;
+		my %r = (%$rec, request_id => $id, requested_at => $stamp->($ago + 2),
+			accepted_at => $stamp->($ago + 1), started_at => $stamp->($ago + 1),
+			finished_at => $stamp->($ago));
+		$lines .= "$id " . $json->encode(\%r) . "\n";
+	}
+	spew("$d/state/journal", $lines);
+	my $b = start_agent(services => $services, dir => $d, limits => { retention_days => 1 });
+	my $id = uuid();
+	post_restart($b, $id, 'ok');
+	my $done = wait_job($b, $id);
+	my ($s_old, $j_old) = get_job($b, $old);
+	my ($s_recent) = get_job($b, $recent);
+	ok($done->{status} eq 'completed' && $s_old == 404 && ($j_old->{error} // '') eq 'unknown_job'
+		&& $s_recent == 200 && slurp($b->{log}) =~ /job $old: pruned from the journal/
+		&& slurp($b->{log}) !~ /job $recent: pruned/,
+		'retention_days (1): a job that ended ten days ago is pruned, one of twelve hours ago kept',
+		"$s_old $s_recent");
+	stop_agent($b);
+}
+
 # --- retention by count keeps the jobs that finished within retention_min_age -----------
 {
 	my $b = start_agent(services => $services, retention => 2, limits => { retention_min_age => 3600 });
