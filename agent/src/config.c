@@ -407,8 +407,67 @@ config_parse_step(config_ctx *ctx, const config_setting_t *s, const char *svc,
 	return true;
 }
 
+/* The keys of a service written as a group (see config_service_form()). */
+static const char *const service_keys[] = {"name", "steps", NULL};
+
 /*
- * Read the services group: name = ( step, step, ... ).
+ * Whether name is a service name the restart_worker registry accepts: 1
+ * to 63 ASCII letters, digits, '_', '.' and '-', the first a letter or a
+ * digit.
+ */
+static bool
+config_service_name_ok(const char *name)
+{
+	size_t		len = strlen(name);
+
+	if (len < 1 || len > 63)
+		return false;
+	for (size_t i = 0; i < len; i++)
+	{
+		char		c = name[i];
+		bool		alnum = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+
+		if (!alnum && (i == 0 || (c != '_' && c != '.' && c != '-')))
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Find the name and the steps of service setting s, written either as
+ * label = ( steps ) (the label is the name: libconfig allows a letter
+ * first and no '.'), or as label = { name = "..."; steps = ( steps ); }
+ * for any name the registry accepts ("api.v2", "1web").  key names s in
+ * messages.
+ */
+static bool
+config_service_form(config_ctx *ctx, config_setting_t *s, const char *key,
+					const char **name, config_setting_t **steps)
+{
+	char		sub[160];
+
+	*name = config_setting_name(s);
+	*steps = s;
+	if (config_setting_type(s) != CONFIG_TYPE_GROUP)
+		return true;
+	snprintf(sub, sizeof(sub), "%s.", key);
+	if (!config_check_keys(ctx, s, sub, service_keys))
+		return false;
+	snprintf(sub, sizeof(sub), "%s.name", key);
+	if (!config_get_string(ctx, s, "name", sub, name))
+		return false;
+	if (*name == NULL || !config_service_name_ok(*name))
+		return config_fail(ctx, s, sub,
+						   "must be 1..63 letters, digits, '_', '.' or '-', the first a letter or digit");
+	*steps = config_setting_get_member(s, "steps");
+	if (*steps == NULL)
+		return config_fail(ctx, s, key, "must have steps = ( { argv = [...]; }, ... )");
+	return true;
+}
+
+/*
+ * Read the services group: name = ( step, step, ... ), or
+ * label = { name = "..."; steps = ( step, ... ); }.
  */
 static bool
 config_parse_services(config_ctx *ctx, const config_setting_t *root)
@@ -430,15 +489,20 @@ config_parse_services(config_ctx *ctx, const config_setting_t *root)
 	{
 		config_setting_t *s = config_setting_get_elem(g, i);
 		config_service *svc = &cfg->services[i];
-		const char *name = config_setting_name(s);
+		const char *label = config_setting_name(s);
+		const char *name;
+		config_setting_t *steps;
 		char		key[128];
-		int			ns = config_setting_length(s);
+		int			ns;
 
-		snprintf(key, sizeof(key), "services.%s", name);
+		snprintf(key, sizeof(key), "services.%s", label);
+		if (!config_service_form(ctx, s, key, &name, &steps))
+			return false;
 		if (strlen(name) > SERVICE_NAME_MAX)
 			return config_fail(ctx, s, key, "service names are at most %d characters", SERVICE_NAME_MAX);
-		if (config_setting_type(s) != CONFIG_TYPE_LIST || ns < 1 || ns > STEPS_MAX)
-			return config_fail(ctx, s, key, "must be a list of 1..%d steps ( { argv = [...]; }, ... )", STEPS_MAX);
+		ns = config_setting_length(steps);
+		if (config_setting_type(steps) != CONFIG_TYPE_LIST || ns < 1 || ns > STEPS_MAX)
+			return config_fail(ctx, steps, key, "must be a list of 1..%d steps ( { argv = [...]; }, ... )", STEPS_MAX);
 		svc->name = strdup(name);
 		svc->steps = calloc(ns, sizeof(config_step));
 		cfg->nservices++;
@@ -447,7 +511,7 @@ config_parse_services(config_ctx *ctx, const config_setting_t *root)
 		for (int k = 0; k < ns; k++)
 		{
 			svc->nsteps++;
-			if (!config_parse_step(ctx, config_setting_get_elem(s, k), name, k, &svc->steps[k]))
+			if (!config_parse_step(ctx, config_setting_get_elem(steps, k), label, k, &svc->steps[k]))
 				return false;
 		}
 	}
@@ -557,8 +621,10 @@ config_cmp_service_name(const void *key, const void *elem)
 
 /*
  * Build services_by_name, the services sorted by name, so that every
- * request finds its service in O(log n) however many are configured
- * (libconfig refuses duplicate names, so each name appears once).
+ * request finds its service in O(log n) however many are configured.
+ * libconfig refuses duplicate labels, but a name given with name = "..."
+ * may repeat another service's: refused here, as the request would not
+ * know which one it meant.
  */
 static bool
 config_index_services(config_ctx *ctx)
@@ -572,6 +638,10 @@ config_index_services(config_ctx *ctx)
 		cfg->services_by_name[i] = &cfg->services[i];
 	qsort(cfg->services_by_name, cfg->nservices, sizeof(config_service *),
 		  config_cmp_services);
+	for (int i = 1; i < cfg->nservices; i++)
+		if (strcmp(cfg->services_by_name[i - 1]->name, cfg->services_by_name[i]->name) == 0)
+			return config_fail(ctx, NULL, "services", "service \"%s\" is configured twice",
+							   cfg->services_by_name[i]->name);
 	return true;
 }
 

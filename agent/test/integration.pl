@@ -303,6 +303,7 @@ my $services = <<"SVC";
   gate1 = ( { argv = ["$steps/append.sh"]; env = { COUNT_FILE = "$count.gate"; }; },
             { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; timeout = 60; } );
   gate2 = ( { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; } );
+  dotted = { name = "api.v2"; steps = ( { argv = ["/bin/echo", "served api.v2"]; } ); };
   gate3 = ( { argv = ["$steps/gate.sh"]; env = { GATE_FILE = "$gate"; PID_FILE = "$pids.gate"; }; } );
   hang = ( { argv = ["$steps/hang.sh"]; timeout = 1; env = { PID_FILE = "$pids.hang"; }; } );
   flood = ( { argv = ["/bin/sh", "-c", "yes & yes & yes & yes & wait"]; timeout = 1; } );
@@ -938,6 +939,18 @@ my $okid = uuid();
 	@st = map { (get_job($c, $_))[0] } @ids;
 	ok("@st" eq '404 404 200 200', 'after a restart the pruned jobs are still pruned', "@st");
 	stop_agent($c);
+}
+
+# --- a service whose name libconfig cannot have as a label --------------------------------
+{
+	my $id = uuid();
+	my ($s) = post_restart($a, $id, 'api.v2');
+	my $j = wait_job($a, $id);
+	my ($s2, $j2) = post_restart($a, uuid(), 'dotted');
+	ok($s == 202 && $j->{status} eq 'completed' && $j->{service} eq 'api.v2'
+		&& $j->{output} =~ /served api\.v2/ && $s2 == 404 && ($j2->{error} // '') eq 'unknown_service',
+		'a service configured as { name = "api.v2"; steps = ... } is served by that name, not by its label',
+		"$s $s2 " . $json->encode($j // {}));
 }
 
 # --- retention by age: a job that finished more than retention_days ago is pruned --------

@@ -293,6 +293,48 @@ test_services(void **state)
 			":4: services.web[0].argv:", "1..256");
 }
 
+/*
+ * A service written as label = { name = "..."; steps = (...); } takes any
+ * name the registry accepts, also those libconfig cannot have as a label
+ * ("api.v2", "1web"); the label is then only a label.
+ */
+static void
+test_service_names(void **state)
+{
+	agent_config *cfg;
+
+	(void) state;
+	cfg = load(BASE "services = {\n"
+			   "  web = ( { argv = [\"/bin/true\"]; } );\n"
+			   "  dotted = { name = \"api.v2\"; steps = ( { argv = [\"/bin/true\"]; } ); };\n"
+			   "  digit = { name = \"1web\"; steps = ( { argv = [\"/bin/true\"]; }, { argv = [\"/bin/echo\"]; } ); };\n"
+			   "};\n");
+	if (cfg == NULL)
+		fail_msg("%s", err);
+	assert_non_null(config_find_service(cfg, "web"));
+	assert_non_null(config_find_service(cfg, "api.v2"));
+	assert_int_equal(config_find_service(cfg, "1web")->nsteps, 2);
+	assert_null(config_find_service(cfg, "dotted"));
+	assert_null(config_find_service(cfg, "digit"));
+	config_free(cfg);
+
+	refused(BASE "services = {\n x = { name = \"a b\"; steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
+			":5: services.x.name:", "letters, digits");
+	refused(BASE "services = {\n x = { name = \".x\"; steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
+			":5: services.x.name:", "the first a letter or digit");
+	refused(BASE "services = {\n x = { steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
+			"services.x.name:", "letters, digits");
+	refused(BASE "services = {\n x = { name = \"x\"; }; };\n", ":5: services.x:", "must have steps");
+	refused(BASE "services = {\n x = { name = \"x\"; steps = ( ); }; };\n", "services.x:", "1..32 steps");
+	refused(BASE "services = {\n x = { name = \"x\"; steps = ( { argv = [\"/bin/true\"]; } ); other = 1; }; };\n",
+			"services.x.other", NULL);
+	refused(BASE "services = {\n x = { name = \"x\"; steps = ( { argv = [\"bin/true\"]; } ); }; };\n",
+			"services.x[0].argv:", "absolute");
+	refused(BASE "services = {\n web = ( { argv = [\"/bin/true\"]; } );\n"
+			"  also = { name = \"web\"; steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
+			"services:", "service \"web\" is configured twice");
+}
+
 static void
 test_secrets(void **state)
 {
@@ -331,6 +373,7 @@ main(void)
 		cmocka_unit_test(test_missing_listen),
 		cmocka_unit_test(test_bad_listen),
 		cmocka_unit_test(test_unknown_key),
+		cmocka_unit_test(test_service_names),
 		cmocka_unit_test(test_limits),
 		cmocka_unit_test(test_record_bounds),
 		cmocka_unit_test(test_state_dir),
