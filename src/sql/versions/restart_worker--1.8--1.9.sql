@@ -117,9 +117,10 @@ $$;
 -- failed until the deadline), so the claim takes it for a last look, a GET that asks the
 -- agent not to wait, whose record says how it ended, or "timed out" if it still runs
 -- (worker_record_jobs(), worker_record()). A claim takes as many as it may call, the
--- earliest deadlines first; a look for the deadlines alone (p_limit 0, every slot busy, see
--- worker_fail_late()) fails them as before. Rows locked by someone else are skipped,
--- never waited for.
+-- earliest deadlines first, once their lease has run out (so that one whose record keeps
+-- failing is not asked for again and again); the others wait for a later claim. Only a
+-- look for the deadlines alone (p_limit 0, every slot busy, see worker_fail_late()) fails
+-- them unasked, as before. Rows locked by someone else are skipped, never waited for.
 -- maybe_sent says whether an earlier call may have reached the agent (the row was not
 -- pending); accepted (since 1.7) whether the agent accepted it (dispatched_at): the worker
 -- then asks for its job (GET) instead of sending the request again, so that an agent that
@@ -162,6 +163,7 @@ BEGIN
 				  WHERE q.status IN ('dispatching', 'running')
 					AND q.dispatched_at IS NOT NULL
 					AND q.deadline_at <= pg_catalog.now()
+					AND q.next_attempt_at <= v_until
 					AND NOT (q.id = ANY (p_exclude))
 				  ORDER BY q.deadline_at
 				  LIMIT p_limit
@@ -176,6 +178,8 @@ BEGIN
 			WHERE q.status IN ('pending', 'dispatching', 'running')
 			  AND q.deadline_at <= pg_catalog.now()
 			  AND NOT (q.id = ANY (v_exclude))
+			  -- with a slot to call from, accepted ones wait for their look
+			  AND (p_limit = 0 OR q.dispatched_at IS NULL)
 			FOR UPDATE SKIP LOCKED)
 		UPDATE public.service_restart_requests r
 			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
