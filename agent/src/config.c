@@ -456,9 +456,8 @@ config_service_form(config_ctx *ctx, config_setting_t *s, const char *key,
 	snprintf(sub, sizeof(sub), "%s.name", key);
 	if (!config_get_string(ctx, s, "name", sub, name))
 		return false;
-	if (*name == NULL || !config_service_name_ok(*name))
-		return config_fail(ctx, s, sub,
-						   "must be 1..63 letters, digits, '_', '.' or '-', the first a letter or digit");
+	if (*name == NULL)
+		return config_fail(ctx, s, sub, "missing (a service written as a group names itself)");
 	*steps = config_setting_get_member(s, "steps");
 	if (*steps == NULL)
 		return config_fail(ctx, s, key, "must have steps = ( { argv = [...]; }, ... )");
@@ -493,16 +492,25 @@ config_parse_services(config_ctx *ctx, const config_setting_t *root)
 		const char *name;
 		config_setting_t *steps;
 		char		key[128];
+		char		where[140];
 		int			ns;
 
 		snprintf(key, sizeof(key), "services.%s", label);
 		if (!config_service_form(ctx, s, key, &name, &steps))
 			return false;
-		if (strlen(name) > SERVICE_NAME_MAX)
-			return config_fail(ctx, s, key, "service names are at most %d characters", SERVICE_NAME_MAX);
+
+		/*
+		 * A name the registry would refuse could never be asked for: a
+		 * label with a '*', or of 64 characters, say.
+		 */
+		snprintf(where, sizeof(where), "%s%s", key, steps == s ? "" : ".name");
+		if (!config_service_name_ok(name))
+			return config_fail(ctx, s, where,
+							   "a service name is 1..63 letters, digits, '_', '.' or '-', the first a letter or digit");
+		snprintf(where, sizeof(where), "%s%s", key, steps == s ? "" : ".steps");
 		ns = config_setting_length(steps);
 		if (config_setting_type(steps) != CONFIG_TYPE_LIST || ns < 1 || ns > STEPS_MAX)
-			return config_fail(ctx, steps, key, "must be a list of 1..%d steps ( { argv = [...]; }, ... )", STEPS_MAX);
+			return config_fail(ctx, steps, where, "must be a list of 1..%d steps ( { argv = [...]; }, ... )", STEPS_MAX);
 		svc->name = strdup(name);
 		svc->steps = calloc(ns, sizeof(config_step));
 		cfg->nservices++;

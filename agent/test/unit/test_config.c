@@ -323,9 +323,14 @@ test_service_names(void **state)
 	refused(BASE "services = {\n x = { name = \".x\"; steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
 			":5: services.x.name:", "the first a letter or digit");
 	refused(BASE "services = {\n x = { steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
-			"services.x.name:", "letters, digits");
+			":5: services.x.name:", "missing");
 	refused(BASE "services = {\n x = { name = \"x\"; }; };\n", ":5: services.x:", "must have steps");
-	refused(BASE "services = {\n x = { name = \"x\"; steps = ( ); }; };\n", "services.x:", "1..32 steps");
+	refused(BASE "services = {\n x = { name = \"x\"; steps = ( ); }; };\n", "services.x.steps:", "1..32 steps");
+	/* Labels the registry could never ask for. */
+	refused(BASE "services = {\n web* = ( { argv = [\"/bin/true\"]; } ); };\n",
+			":5: services.web*:", "letters, digits");
+	refused(BASE "services = {\n a234567890123456789012345678901234567890123456789012345678901234 = "
+			"( { argv = [\"/bin/true\"]; } ); };\n", "services.a2345", "1..63");
 	refused(BASE "services = {\n x = { name = \"x\"; steps = ( { argv = [\"/bin/true\"]; } ); other = 1; }; };\n",
 			"services.x.other", NULL);
 	refused(BASE "services = {\n x = { name = \"x\"; steps = ( { argv = [\"bin/true\"]; } ); }; };\n",
