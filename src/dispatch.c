@@ -113,6 +113,9 @@ dispatch_release(RwCall *call)
 	memset(call, 0, sizeof(RwCall));
 	dispatch_in_flight--;
 	rw_status_set_in_flight(dispatch_in_flight);
+	/* After a reload lowered max_in_flight, the connections follow. */
+	if (dispatch_in_flight >= rw_max_in_flight)
+		rw_http_configure();
 }
 
 /*

@@ -53,6 +53,8 @@ static int64 http_timer_at = 0;	/* on http_monotonic_us(); 0 = no timer */
 static List *http_failed_starts = NIL;	/* calls that could not start */
 static CURL *http_idle_easy[HTTP_MAX_IDLE_EASY];	/* transfers to reuse */
 static int	http_n_idle_easy = 0;
+static int	http_per_agent = 0;	/* the connection limits given to libcurl */
+static long http_total = 0;
 
 /*
  * The inode of socket fd, or 0 if it cannot be read.
@@ -264,16 +266,32 @@ rw_http_init(void)
 }
 
 /*
- * Apply the connection limits from the settings; called again on SIGHUP.
+ * Apply the connection limits from the settings: on start, on SIGHUP, and
+ * as calls end (src/dispatch.c).  The total is never below the calls in
+ * flight.  A reload that lowers max_in_flight lets the calls it finds in
+ * flight go on (no request is claimed until they are fewer than the new
+ * limit), and a total below them would hold their next long-polls in
+ * libcurl's queue, where their timeout runs: they timed out waiting for a
+ * connection, and were retried, with nothing wrong with the agent.  The
+ * total comes down to max_in_flight as those calls end.
  */
 void
 rw_http_configure(void)
 {
-	curl_multi_setopt(http_multi, CURLMOPT_MAX_HOST_CONNECTIONS,
-					  (long) rw_max_connections_per_agent);
-	curl_multi_setopt(http_multi, CURLMOPT_MAX_TOTAL_CONNECTIONS,
-					  (long) rw_max_in_flight);
-	curl_multi_setopt(http_multi, CURLMOPT_MAXCONNECTS, (long) rw_max_in_flight);
+	long		total = Max(rw_max_in_flight, rw_dispatch_in_flight());
+
+	if (rw_max_connections_per_agent != http_per_agent)
+	{
+		curl_multi_setopt(http_multi, CURLMOPT_MAX_HOST_CONNECTIONS,
+						  (long) rw_max_connections_per_agent);
+		http_per_agent = rw_max_connections_per_agent;
+	}
+	if (total != http_total)
+	{
+		curl_multi_setopt(http_multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, total);
+		curl_multi_setopt(http_multi, CURLMOPT_MAXCONNECTS, total);
+		http_total = total;
+	}
 }
 
 /*
