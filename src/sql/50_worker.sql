@@ -217,13 +217,18 @@ END;
 -- earliest deadlines first, once their lease has run out (so that one whose record keeps
 -- failing is not asked for again and again); the others wait for a later claim. Only a
 -- look for the deadlines alone (p_limit 0, every slot busy, see worker_fail_late()) fails
--- them unasked, as before. Rows locked by someone else are skipped, never waited for.
--- maybe_sent says whether an earlier call may have reached the agent (the row was not
--- pending); accepted (since 1.7) whether the agent accepted it (dispatched_at): the worker
--- then asks for its job (GET) instead of sending the request again, so that an agent that
--- no longer knows the id (its journal lost, the job pruned) answers 404 instead of running
--- the steps again. The worker keeps what it has in flight in memory; the lease only
--- matters if it forgets a request.
+-- them unasked, as before. Rows locked by someone else are skipped, never waited for; a
+-- claim never takes one past its deadline other than for that last look (since 1.10: one
+-- that was locked while the claim failed the late ones, by a cancel or register_service()
+-- say, could be free by the time it took the due ones, and was sent with no time left).
+-- The next claim after its lock is gone fails it (the worker looks again a second after a
+-- claim that found a due row it could not take, see src/worker.c). maybe_sent says
+-- whether an earlier call may have reached the agent (the row was not pending); accepted
+-- (since 1.7) whether the agent accepted it (dispatched_at): the worker then asks for its
+-- job (GET) instead of sending the request again, so that an agent that no longer knows
+-- the id (its journal lost, the job pruned) answers 404 instead of running the steps
+-- again. The worker keeps what it has in flight in memory; the lease only matters if it
+-- forgets a request.
 --
 -- Its plans are made once (plan_cache_mode), as a plan for any arguments: planning at
 -- every call costs more than a claim of a few requests, and a plan kept by default after
@@ -299,6 +304,9 @@ BEGIN
 		  AND (q.status <> 'pending' OR q.next_attempt_at <= pg_catalog.now())
 		  -- what the worker has in flight (or looks at, above) is never pending
 		  AND (q.status = 'pending' OR NOT (q.id = ANY (v_exclude)))
+		  -- none past its deadline: one that late skipped (see above) waits for the next
+		  -- claim to fail it
+		  AND q.deadline_at > pg_catalog.now()
 		ORDER BY q.next_attempt_at
 		LIMIT p_limit - pg_catalog.cardinality(v_look)
 		FOR UPDATE SKIP LOCKED),

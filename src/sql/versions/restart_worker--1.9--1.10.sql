@@ -1,0 +1,148 @@
+-- restart_worker 1.9 -> 1.10.
+--
+-- 1.10 mends worker_claim(): a request past its deadline that the claim could not fail
+-- because someone held its row (a cancel, register_service()) could be free again a
+-- moment later, when the same claim took the due requests, which had no deadline
+-- condition: it was sent to its agent with no time left (a call of about a millisecond).
+-- Now only the requests the agent accepted are taken past their deadline, for their last
+-- look; the next claim fails the others. The tables and their rows are unchanged. The
+-- definitions below are those of src/sql/50_worker.sql.
+
+\echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.10'" to load this file. \quit
+
+-- Claim up to p_limit due requests for the worker, except those it has in flight
+-- (p_exclude): pending ones become dispatching, dispatching ones due for another attempt
+-- and running ones due again (a call following the job failed, or their lease expired)
+-- are taken again; each counts one attempt more. After a
+-- restart (p_recover) every dispatching or running request is taken over at once: it is
+-- driven on with the same id, and the agent answers with the existing job. Requests past
+-- their deadline fail, but for those their agent accepted (since 1.9): such a job may have
+-- ended in time while nobody followed it (the server was down, or the calls following it
+-- failed until the deadline), so the claim takes it for a last look, a GET that asks the
+-- agent not to wait, whose record says how it ended, or "timed out" if it still runs
+-- (worker_record_jobs(), worker_record()). A claim takes as many as it may call, the
+-- earliest deadlines first, once their lease has run out (so that one whose record keeps
+-- failing is not asked for again and again); the others wait for a later claim. Only a
+-- look for the deadlines alone (p_limit 0, every slot busy, see worker_fail_late()) fails
+-- them unasked, as before. Rows locked by someone else are skipped, never waited for; a
+-- claim never takes one past its deadline other than for that last look (since 1.10: one
+-- that was locked while the claim failed the late ones, by a cancel or register_service()
+-- say, could be free by the time it took the due ones, and was sent with no time left).
+-- The next claim after its lock is gone fails it (the worker looks again a second after a
+-- claim that found a due row it could not take, see src/worker.c). maybe_sent says
+-- whether an earlier call may have reached the agent (the row was not pending); accepted
+-- (since 1.7) whether the agent accepted it (dispatched_at): the worker then asks for its
+-- job (GET) instead of sending the request again, so that an agent that no longer knows
+-- the id (its journal lost, the job pruned) answers 404 instead of running the steps
+-- again. The worker keeps what it has in flight in memory; the lease only matters if it
+-- forgets a request.
+--
+-- Its plans are made once (plan_cache_mode), as a plan for any arguments: planning at
+-- every call costs more than a claim of a few requests, and a plan kept by default after
+-- a few calls must not depend on them either. So the due requests are read through their
+-- partial index up to a time (now, or after a restart the end of time; with the restart's
+-- case OR-ed into the condition, as before 1.4, the kept plan had no range on that index and
+-- read every active request), and the rows claimed or failed are updated through the
+-- primary key, by their ids as an array (joined to the rows found, the planner may scan the
+-- whole table for a few rows in a session that allows it; the worker's does not, see
+-- src/worker.c).
+CREATE OR REPLACE FUNCTION restart_worker.worker_claim(
+	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
+RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
+			   maybe_sent boolean, accepted boolean)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+	v_until		pg_catalog.timestamptz := CASE WHEN p_recover THEN 'infinity' ELSE pg_catalog.now() END;
+	v_ids		pg_catalog.uuid[];
+	v_sent		pg_catalog.bool[];
+	v_look		pg_catalog.uuid[] := '{}';
+	v_exclude	pg_catalog.uuid[] := p_exclude;
+BEGIN
+	-- Requests past their deadline are rare: look for one before running the update.
+	IF EXISTS (SELECT FROM public.service_restart_requests q
+			   WHERE q.status IN ('pending', 'dispatching', 'running')
+				 AND q.deadline_at <= pg_catalog.now()) THEN
+		-- Accepted ones, for a last look (see above).
+		IF p_limit > 0 THEN
+			SELECT coalesce(pg_catalog.array_agg(l.id), '{}') INTO v_look
+			FROM (SELECT q.id FROM public.service_restart_requests q
+				  WHERE q.status IN ('dispatching', 'running')
+					AND q.dispatched_at IS NOT NULL
+					AND q.deadline_at <= pg_catalog.now()
+					AND q.next_attempt_at <= v_until
+					AND NOT (q.id = ANY (p_exclude))
+				  ORDER BY q.deadline_at
+				  LIMIT p_limit
+				  FOR UPDATE SKIP LOCKED) l;
+			v_exclude := p_exclude || v_look;
+		END IF;
+		-- Claims commit asynchronously (src/settle.c); an end the agent's journal does not
+		-- hold must not be lost in a crash, or the request could come back and run after
+		-- it was announced failed: a claim that failed a request commits synchronously.
+		WITH late AS (
+			SELECT q.id FROM public.service_restart_requests q
+			WHERE q.status IN ('pending', 'dispatching', 'running')
+			  AND q.deadline_at <= pg_catalog.now()
+			  AND NOT (q.id = ANY (v_exclude))
+			  -- with a slot to call from, accepted ones wait for their look
+			  AND (p_limit = 0 OR q.dispatched_at IS NULL)
+			FOR UPDATE SKIP LOCKED)
+		UPDATE public.service_restart_requests r
+			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
+				error = restart_worker.timeout_error(r.status, r.error),
+				-- A dispatching row may have reached its agent: it holds the cooldown.
+				uncertain_at = CASE WHEN r.status = 'dispatching'
+									THEN coalesce(r.uncertain_at, pg_catalog.now())
+									ELSE r.uncertain_at END
+			WHERE r.id = ANY (ARRAY(SELECT late.id FROM late));
+		IF FOUND THEN
+			PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
+		END IF;
+	END IF;
+
+	WITH due AS (
+		SELECT q.id, q.status AS old_status FROM public.service_restart_requests q
+		WHERE q.status IN ('pending', 'dispatching', 'running')
+		  AND q.next_attempt_at <= v_until
+		  -- pending ones once due, also after a restart
+		  AND (q.status <> 'pending' OR q.next_attempt_at <= pg_catalog.now())
+		  -- what the worker has in flight (or looks at, above) is never pending
+		  AND (q.status = 'pending' OR NOT (q.id = ANY (v_exclude)))
+		  -- none past its deadline: one that late skipped (see above) waits for the next
+		  -- claim to fail it
+		  AND q.deadline_at > pg_catalog.now()
+		ORDER BY q.next_attempt_at
+		LIMIT p_limit - pg_catalog.cardinality(v_look)
+		FOR UPDATE SKIP LOCKED),
+	claimed AS (
+		UPDATE public.service_restart_requests q
+			SET status = CASE WHEN q.status = 'pending' THEN 'dispatching' ELSE q.status END,
+				-- every call made again counts, also one following a running job after
+				-- a failure, so that the delay before the next grows (worker_record())
+				attempts = q.attempts + 1,
+				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
+				updated_at = pg_catalog.now()
+			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due) || v_look)
+			RETURNING q.id)
+	SELECT pg_catalog.array_agg(c.id), pg_catalog.array_agg(coalesce(d.old_status <> 'pending', true))
+		INTO v_ids, v_sent
+	FROM claimed c
+	LEFT JOIN due d ON d.id = c.id;
+
+	-- Where to send them, read by a statement of its own: under READ COMMITTED it sees a
+	-- change of a service's agent that committed before the claim locked the request
+	-- (register_service() refuses one after that), which the claim's own snapshot, taken
+	-- when it began, may not.
+	RETURN QUERY
+	SELECT c.id, a.url, pg_catalog.decode(pg_catalog.substr(a.secret, 7), 'base64'),
+		   restart_worker.call_body(c::public.service_restart_requests), c.deadline_at,
+		   m.maybe_sent, c.dispatched_at IS NOT NULL
+	FROM ROWS FROM (pg_catalog.unnest(v_ids), pg_catalog.unnest(v_sent)) AS m(id, maybe_sent)
+	JOIN public.service_restart_requests c ON c.id = m.id
+	LEFT JOIN restart_worker.services s ON s.name = c.service_name
+	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
+END;
+$$;
