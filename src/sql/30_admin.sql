@@ -98,7 +98,10 @@ BEGIN
 END;
 $$;
 
--- Remove an agent that no service uses any more.
+-- Remove an agent that no service uses any more. The agent's row is locked before the
+-- services are looked at (since 1.10), against register_service(), which locks it too:
+-- one that gave the agent a service and has not committed yet is waited for, and its
+-- service seen (2BP01), where the delete found it only in the foreign key's check (23503).
 CREATE FUNCTION restart_worker.remove_agent(p_name text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -108,6 +111,10 @@ DECLARE
 	v_services	pg_catalog.text;
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'agent name');
+	PERFORM 1 FROM restart_worker.agents WHERE name = p_name FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown agent "%"', p_name USING ERRCODE = 'invalid_parameter_value';
+	END IF;
 	SELECT string_agg(name, ', ' ORDER BY name) INTO v_services
 		FROM restart_worker.services WHERE agent = p_name;
 	IF v_services IS NOT NULL THEN
@@ -116,9 +123,6 @@ BEGIN
 				  HINT = 'Remove those services or register them with another agent first.';
 	END IF;
 	DELETE FROM restart_worker.agents WHERE name = p_name;
-	IF NOT FOUND THEN
-		RAISE EXCEPTION 'unknown agent "%"', p_name USING ERRCODE = 'invalid_parameter_value';
-	END IF;
 END;
 $$;
 
@@ -154,7 +158,10 @@ BEGIN
 	IF p_max_attempts NOT BETWEEN 1 AND 100 THEN
 		RAISE EXCEPTION 'max_attempts must be between 1 and 100' USING ERRCODE = 'invalid_parameter_value';
 	END IF;
-	PERFORM 1 FROM restart_worker.agents WHERE name = p_agent;
+	-- Locked until the end (since 1.10), against remove_agent(): one that is removing the
+	-- agent is waited for, and the agent then is unknown (22023), where the insert found it
+	-- gone only in the foreign key's check (23503); see remove_agent() for the other order.
+	PERFORM 1 FROM restart_worker.agents WHERE name = p_agent FOR KEY SHARE;
 	IF NOT FOUND THEN
 		RAISE EXCEPTION 'unknown agent "%"', p_agent
 			USING ERRCODE = 'invalid_parameter_value',

@@ -150,5 +150,62 @@ like($e, qr/DETAIL:\s+Another request for service "svc" was made at the same tim
 is($node->safe_psql('conc', "SELECT count(*) FROM service_restart_requests"), '1',
 	'and writes nothing');
 
+# Start psql running $sql in the background; returns its handle and a reference to its
+# standard error.
+sub start_psql
+{
+	my ($sql) = @_;
+	my ($o, $e) = ('', '');
+	my $h = IPC::Run::start(
+		[ 'psql', '-X', '-A', '-t', '-v', 'VERBOSITY=verbose', '-d', $node->connstr('conc'), '-c', $sql ],
+		'>', \$o, '2>', \$e);
+	return ($h, \$e);
+}
+
+# remove_agent() and register_service() for the same agent at the same time end in the
+# documented errors, never in a foreign key violation (23503, before 1.10), whichever
+# comes first; each waits for the other's transaction.
+$node->safe_psql('conc', q{
+	SELECT restart_worker.register_agent('h-new', 'http://127.0.0.1:9', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+	SELECT restart_worker.register_agent('h-gone', 'http://127.0.0.1:9', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+});
+
+# A service given to the agent, not committed yet, while the agent is removed: the removal
+# waits, then sees the service and refuses (2BP01).
+my $reg = $node->background_psql('conc');
+$reg->query_safe('BEGIN');
+$reg->query_safe("SELECT restart_worker.register_service('svc-new', 'h-new', '0')");
+my ($rh, $re) = start_psql("SELECT restart_worker.remove_agent('h-new')");
+ok( $node->poll_query_until('conc',
+		"SELECT count(*) = 1 FROM pg_stat_activity "
+		  . "WHERE wait_event_type = 'Lock' AND query LIKE '%remove_agent%'"),
+	'remove_agent() waits for a register_service() of the agent not yet committed');
+$reg->query_safe('COMMIT');
+$reg->quit;
+$rh->finish;
+like($$re, qr/ERROR:\s+2BP01: agent "h-new" still serves services: svc-new/,
+	'then it refuses with 2BP01, naming the new service');
+is($node->safe_psql('conc', "SELECT agent FROM restart_worker.services WHERE name = 'svc-new'"),
+	'h-new', 'the agent and its new service stay');
+
+# The agent removed, not committed yet, while a service is given to it: the registration
+# waits, then finds the agent unknown (22023).
+my $rem = $node->background_psql('conc');
+$rem->query_safe('BEGIN');
+$rem->query_safe("SELECT restart_worker.remove_agent('h-gone')");
+($rh, $re) = start_psql("SELECT restart_worker.register_service('svc-gone', 'h-gone', '0')");
+ok( $node->poll_query_until('conc',
+		"SELECT count(*) = 1 FROM pg_stat_activity "
+		  . "WHERE wait_event_type = 'Lock' AND query LIKE '%register_service%'"),
+	'register_service() waits for a remove_agent() of its agent not yet committed');
+$rem->query_safe('COMMIT');
+$rem->quit;
+$rh->finish;
+like($$re, qr/ERROR:\s+22023: unknown agent "h-gone"/, 'then it finds the agent unknown (22023)');
+is($node->safe_psql('conc',
+	"SELECT count(*) FROM restart_worker.agents a FULL JOIN restart_worker.services s ON s.agent = a.name "
+	  . "WHERE a.name = 'h-gone' OR s.name = 'svc-gone'"),
+	'0', 'the agent is gone and no service was made');
+
 $node->stop;
 done_testing();

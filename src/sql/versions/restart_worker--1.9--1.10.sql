@@ -1,14 +1,125 @@
 -- restart_worker 1.9 -> 1.10.
 --
--- 1.10 mends worker_claim(): a request past its deadline that the claim could not fail
--- because someone held its row (a cancel, register_service()) could be free again a
--- moment later, when the same claim took the due requests, which had no deadline
+-- 1.10 mends two things. worker_claim(): a request past its deadline that the claim could
+-- not fail because someone held its row (a cancel, register_service()) could be free again
+-- a moment later, when the same claim took the due requests, which had no deadline
 -- condition: it was sent to its agent with no time left (a call of about a millisecond).
 -- Now only the requests the agent accepted are taken past their deadline, for their last
--- look; the next claim fails the others. The tables and their rows are unchanged. The
--- definitions below are those of src/sql/50_worker.sql.
+-- look; the next claim fails the others. remove_agent() and register_service() at the same
+-- time for the same agent could end in a foreign key violation (23503) instead of the
+-- documented errors: each now locks the agent's row before looking at it (remove_agent()
+-- then sees the new service, 2BP01; register_service() the agent gone, 22023). The tables
+-- and their rows are unchanged. The definitions below are those of src/sql/30_admin.sql
+-- and src/sql/50_worker.sql.
 
 \echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.10'" to load this file. \quit
+
+-- Remove an agent that no service uses any more. The agent's row is locked before the
+-- services are looked at (since 1.10), against register_service(), which locks it too:
+-- one that gave the agent a service and has not committed yet is waited for, and its
+-- service seen (2BP01), where the delete found it only in the foreign key's check (23503).
+CREATE OR REPLACE FUNCTION restart_worker.remove_agent(p_name text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_services	pg_catalog.text;
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'agent name');
+	PERFORM 1 FROM restart_worker.agents WHERE name = p_name FOR UPDATE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown agent "%"', p_name USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	SELECT string_agg(name, ', ' ORDER BY name) INTO v_services
+		FROM restart_worker.services WHERE agent = p_name;
+	IF v_services IS NOT NULL THEN
+		RAISE EXCEPTION 'agent "%" still serves services: %', p_name, v_services
+			USING ERRCODE = 'dependent_objects_still_exist',
+				  HINT = 'Remove those services or register them with another agent first.';
+	END IF;
+	DELETE FROM restart_worker.agents WHERE name = p_name;
+END;
+$$;
+
+-- Add a service, or change an existing one. Optional arguments left NULL keep the current
+-- value (or take the default for a new service).
+CREATE OR REPLACE FUNCTION restart_worker.register_service(
+	p_name text,
+	p_agent text,
+	p_cooldown interval DEFAULT '5 minutes',
+	p_description text DEFAULT NULL,
+	p_deadline interval DEFAULT NULL,
+	p_max_attempts integer DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_status	pg_catalog.text;
+	v_due		pg_catalog.timestamptz;
+BEGIN
+	PERFORM restart_worker.check_name(p_name, 'service name');
+	PERFORM restart_worker.check_name(p_agent, 'agent name');
+	PERFORM restart_worker.require(p_cooldown, 'cooldown');
+	-- On the times they reach from now, not as intervals: an interval comparison counts a
+	-- month as 30 days and a year as 360, so '-1 year 360 days 1 second' compared as
+	-- positive, and every request was born past its deadline (before 1.9).
+	IF pg_catalog.now() + p_cooldown < pg_catalog.now() THEN
+		RAISE EXCEPTION 'cooldown must not be negative' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF pg_catalog.now() + p_deadline <= pg_catalog.now() THEN
+		RAISE EXCEPTION 'deadline must be positive' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF p_max_attempts NOT BETWEEN 1 AND 100 THEN
+		RAISE EXCEPTION 'max_attempts must be between 1 and 100' USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	-- Locked until the end (since 1.10), against remove_agent(): one that is removing the
+	-- agent is waited for, and the agent then is unknown (22023), where the insert found it
+	-- gone only in the foreign key's check (23503); see remove_agent() for the other order.
+	PERFORM 1 FROM restart_worker.agents WHERE name = p_agent FOR KEY SHARE;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION 'unknown agent "%"', p_agent
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'Register it first with restart_worker.register_agent().';
+	END IF;
+	-- A request that may have reached the service's agent goes on with the same id at
+	-- whatever agent the service has then, which would not know it: sent again, it would run
+	-- again; asked for, it would fail. So the agent does not change while a request is
+	-- dispatching or running, or pending but due before the worker settled what a crash
+	-- may have lost of its claims (see cancel()). The service's row lock orders this
+	-- against new requests, the locks on the active requests against claims: a claim
+	-- skips a row locked here, and one that holds a row makes this wait and see it
+	-- dispatching.
+	PERFORM 1 FROM restart_worker.services s
+		WHERE s.name = p_name AND s.agent <> p_agent
+		FOR UPDATE;
+	IF FOUND THEN
+		FOR v_status, v_due IN
+			SELECT q.status, q.next_attempt_at FROM public.service_restart_requests q
+			WHERE q.service_name = p_name AND q.status IN ('pending', 'dispatching', 'running')
+			FOR UPDATE
+		LOOP
+			IF v_status <> 'pending' OR v_due <= restart_worker.worker_unsettled_before() THEN
+				RAISE EXCEPTION 'service "%" has a request its agent may be running', p_name
+					USING ERRCODE = 'object_not_in_prerequisite_state',
+						  HINT = 'Change its agent once the request has ended.';
+			END IF;
+		END LOOP;
+	END IF;
+	INSERT INTO restart_worker.services AS s
+		(name, agent, cooldown, description, deadline, max_attempts)
+	VALUES (p_name, p_agent, p_cooldown, coalesce(p_description, ''),
+			coalesce(p_deadline, interval '15 minutes'), p_max_attempts)
+	ON CONFLICT (name) DO UPDATE
+		SET agent = excluded.agent,
+			cooldown = excluded.cooldown,
+			description = coalesce(p_description, s.description),
+			deadline = coalesce(p_deadline, s.deadline),
+			max_attempts = coalesce(p_max_attempts, s.max_attempts),
+			updated_at = now();
+END;
+$$;
 
 -- Claim up to p_limit due requests for the worker, except those it has in flight
 -- (p_exclude): pending ones become dispatching, dispatching ones due for another attempt
