@@ -771,6 +771,8 @@ rw_http_kind_name(RwCallKind kind)
 			return "protocol";
 		case RW_CALL_UNREGISTERED:
 			return "unregistered";
+		case RW_CALL_URL:
+			return "url";
 	}
 	return "protocol";
 }
@@ -778,7 +780,10 @@ rw_http_kind_name(RwCallKind kind)
 /*
  * Sort a transfer that ended without an answer by what may help: only a
  * failure to connect, a timeout or a lost connection may succeed later;
- * TLS failures, oversized and malformed answers will not.
+ * TLS failures, oversized and malformed answers will not, nor an agent's
+ * URL that libcurl refuses (one registered before 1.9 may have a port
+ * above 65535): that one is told apart, so that the request's error says
+ * what to do.
  */
 static RwCallKind
 http_classify(CURLcode rc, bool too_big)
@@ -787,6 +792,8 @@ http_classify(CURLcode rc, bool too_big)
 		return RW_CALL_TOO_LARGE;
 	switch (rc)
 	{
+		case CURLE_URL_MALFORMAT:
+			return RW_CALL_URL;
 		case CURLE_COULDNT_RESOLVE_HOST:
 		case CURLE_COULDNT_RESOLVE_PROXY:
 		case CURLE_COULDNT_CONNECT:

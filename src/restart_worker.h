@@ -149,7 +149,8 @@ typedef enum RwCallKind
 	RW_CALL_TLS,				/* TLS handshake or verification failed */
 	RW_CALL_TOO_LARGE,			/* answer over restart_worker.max_response_size */
 	RW_CALL_PROTOCOL,			/* anything else: not an HTTP answer we take */
-	RW_CALL_UNREGISTERED		/* the service or its agent is gone */
+	RW_CALL_UNREGISTERED,		/* the service or its agent is gone */
+	RW_CALL_URL					/* the agent's URL cannot be called: nothing sent */
 } RwCallKind;
 
 /*

@@ -432,7 +432,9 @@ $$;
 -- How a call without a usable answer went, from the worker's kind of failure (src/http.c)
 -- or the HTTP status and body of the answer: the text for error, whether it may succeed
 -- later (retry), and whether this call may have made the agent run something
--- (maybe_sent; p_sent says whether any byte of the request was sent).
+-- (maybe_sent; p_sent says whether any byte of the request was sent). An agent's URL that
+-- cannot be called (kind url: a port outside 1-65535, which register_agent() took before
+-- 1.9) fails the request at once, saying to register the agent again.
 CREATE FUNCTION restart_worker.classify(p_kind text, p_http integer, p_answer jsonb,
 	p_sent boolean, OUT reason text, OUT retry boolean, OUT maybe_sent boolean)
 LANGUAGE plpgsql IMMUTABLE
@@ -481,6 +483,11 @@ BEGIN
 			reason := 'invalid answer from the agent (larger than restart_worker.max_response_size)';
 		WHEN 'unregistered' THEN
 			reason := 'the service or its agent is no longer registered';
+			maybe_sent := false;
+		WHEN 'url' THEN
+			-- Since 1.10: before, such a call failed as an invalid answer, or for port 0 as
+			-- an agent that cannot be reached, tried again until the attempts ran out.
+			reason := 'the agent''s URL is not usable: register the agent again (restart_worker.register_agent())';
 			maybe_sent := false;
 		ELSE
 			reason := 'invalid answer from the agent';

@@ -1,16 +1,20 @@
 -- restart_worker 1.9 -> 1.10.
 --
--- 1.10 mends two things. worker_claim(): a request past its deadline that the claim could
--- not fail because someone held its row (a cancel, register_service()) could be free again
--- a moment later, when the same claim took the due requests, which had no deadline
--- condition: it was sent to its agent with no time left (a call of about a millisecond).
--- Now only the requests the agent accepted are taken past their deadline, for their last
--- look; the next claim fails the others. remove_agent() and register_service() at the same
--- time for the same agent could end in a foreign key violation (23503) instead of the
--- documented errors: each now locks the agent's row before looking at it (remove_agent()
--- then sees the new service, 2BP01; register_service() the agent gone, 22023). The tables
--- and their rows are unchanged. The definitions below are those of src/sql/30_admin.sql
--- and src/sql/50_worker.sql.
+-- 1.10 mends three things. worker_claim(): a request past its deadline that the claim
+-- could not fail because someone held its row (a cancel, register_service()) could be
+-- free again a moment later, when the same claim took the due requests, which had no
+-- deadline condition: it was sent to its agent with no time left (a call of about a
+-- millisecond). Now only the requests the agent accepted are taken past their deadline,
+-- for their last look; the next claim fails the others. remove_agent() and
+-- register_service() at the same time for the same agent could end in a foreign key
+-- violation (23503) instead of the documented errors: each now locks the agent's row
+-- before looking at it (remove_agent() then sees the new service, 2BP01;
+-- register_service() the agent gone, 22023). classify() knows the worker's failure kind
+-- url: a call to an agent whose URL cannot be called (a port outside 1-65535, registered
+-- before 1.9) fails at once, saying to register the agent again, where it failed as an
+-- invalid answer (or, for port 0, was tried again as an agent that cannot be reached).
+-- The tables and their rows are unchanged. The definitions below are those of
+-- src/sql/30_admin.sql and src/sql/50_worker.sql.
 
 \echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.10'" to load this file. \quit
 
@@ -255,5 +259,71 @@ BEGIN
 	JOIN public.service_restart_requests c ON c.id = m.id
 	LEFT JOIN restart_worker.services s ON s.name = c.service_name
 	LEFT JOIN restart_worker.agents a ON a.name = s.agent;
+END;
+$$;
+
+-- How a call without a usable answer went, from the worker's kind of failure (src/http.c)
+-- or the HTTP status and body of the answer: the text for error, whether it may succeed
+-- later (retry), and whether this call may have made the agent run something
+-- (maybe_sent; p_sent says whether any byte of the request was sent). An agent's URL that
+-- cannot be called (kind url: a port outside 1-65535, which register_agent() took before
+-- 1.9) fails the request at once, saying to register the agent again.
+CREATE OR REPLACE FUNCTION restart_worker.classify(p_kind text, p_http integer, p_answer jsonb,
+	p_sent boolean, OUT reason text, OUT retry boolean, OUT maybe_sent boolean)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	v_agent		text := restart_worker.agent_reason(p_answer);
+BEGIN
+	retry := false;
+	maybe_sent := p_sent;
+	IF p_kind = 'answer' THEN
+		IF p_http = 429 OR p_http BETWEEN 500 AND 599 THEN
+			reason := pg_catalog.format('the agent could not take the request: HTTP %s%s', p_http, v_agent);
+			retry := true;
+			-- The agent's own answers that say nothing ran.
+			maybe_sent := NOT ((p_http = 429 AND p_answer ->> 'error' = 'too_many_jobs')
+							   OR (p_http = 500 AND p_answer ->> 'error' = 'internal_error'))
+						  OR v_agent = '';
+		ELSIF p_http BETWEEN 400 AND 499 THEN
+			reason := pg_catalog.format('agent refused the request: HTTP %s%s', p_http, v_agent);
+			maybe_sent := false;
+		ELSE
+			reason := pg_catalog.format('invalid answer from the agent (HTTP %s)', p_http);
+		END IF;
+		RETURN;
+	END IF;
+	CASE p_kind
+		WHEN 'connect' THEN
+			reason := 'could not connect to the agent';
+			retry := true;
+			maybe_sent := false;
+		WHEN 'timeout' THEN
+			reason := 'timed out waiting for the agent';
+			retry := true;
+		WHEN 'network' THEN
+			reason := 'the connection to the agent was lost';
+			retry := true;
+		WHEN 'prepare' THEN
+			reason := 'could not prepare the call to the agent';
+			retry := true;
+			maybe_sent := false;
+		WHEN 'tls' THEN
+			reason := 'TLS verification of the agent failed';
+			maybe_sent := false;
+		WHEN 'too_large' THEN
+			reason := 'invalid answer from the agent (larger than restart_worker.max_response_size)';
+		WHEN 'unregistered' THEN
+			reason := 'the service or its agent is no longer registered';
+			maybe_sent := false;
+		WHEN 'url' THEN
+			-- Since 1.10: before, such a call failed as an invalid answer, or for port 0 as
+			-- an agent that cannot be reached, tried again until the attempts ran out.
+			reason := 'the agent''s URL is not usable: register the agent again (restart_worker.register_agent())';
+			maybe_sent := false;
+		ELSE
+			reason := 'invalid answer from the agent';
+	END CASE;
 END;
 $$;
