@@ -153,35 +153,6 @@ dispatch_post_may_wait(const char *url)
 }
 
 /*
- * Whether the port of an agent's URL, if it has one, is from 1 to 65535.
- * register_agent() refuses any other since 1.9, but an agent registered
- * before keeps its row.  libcurl refuses a port above 65535 as a malformed
- * URL (told apart too, see http_classify()), but takes port 0 and fails to
- * connect to it, as to an agent that is down: the call would be tried
- * again in vain until the request's attempts ran out.  Such a call fails
- * before it is set up, as one whose URL is not usable (RW_CALL_URL).  A
- * unix: URL has no port.
- */
-static bool
-dispatch_port_usable(const char *url)
-{
-	const char *p = strstr(url, "://");
-	long		port = 0;
-
-	if (p == NULL)
-		return true;
-	p += 3;
-	if (*p == '[')
-		p += strcspn(p, "]");	/* an IPv6 address has colons of its own */
-	p += strcspn(p, ":/");
-	if (*p != ':' || p[1] < '0' || p[1] > '9')
-		return true;
-	for (p++; *p >= '0' && *p <= '9' && port <= 65535; p++)
-		port = port * 10 + (*p - '0');
-	return port >= 1 && port <= 65535;
-}
-
-/*
  * Take a slot for a claimed request and start the POST to its agent, or,
  * for a request the agent accepted already, queue the long-poll of its job
  * (rw_dispatch_start_follows() starts it): sent again, a request whose id
@@ -227,9 +198,9 @@ rw_dispatch_start(RwClaimed *row)
 	call->body = MemoryContextStrdup(dispatch_cxt, row->body);
 	call->keylen = VARSIZE_ANY_EXHDR(row->key);
 	memcpy(call->key, VARDATA_ANY(row->key), call->keylen);
-	if (!dispatch_port_usable(call->url))
+	if (!rw_http_url_usable(call->url))
 	{
-		rw_http_fail(call, RW_CALL_URL, "the port of the agent's URL is outside 1-65535");
+		rw_http_fail(call, RW_CALL_URL, "libcurl refuses the agent's URL, or its port is 0");
 		return;
 	}
 	if (row->accepted)

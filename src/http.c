@@ -295,6 +295,40 @@ rw_http_configure(void)
 }
 
 /*
+ * Whether libcurl can call an agent at url: one it parses, whose port is
+ * not 0.  register_agent() refuses a port outside 1-65535 since 1.9, but
+ * an agent registered before keeps its row.  libcurl refuses a port above
+ * 65535 (and an IPv4 address in brackets, which register_agent() takes)
+ * as a malformed URL, but takes port 0 and fails to connect to it, as to
+ * an agent that is down: the call would be tried again in vain until the
+ * request's attempts ran out.  Such a call fails before it is set up, as
+ * one whose URL is not usable (RW_CALL_URL).  A unix: URL has no port.
+ * If libcurl runs out of memory here the call goes ahead, and fails or
+ * not on its own.
+ */
+bool
+rw_http_url_usable(const char *url)
+{
+	CURLU	   *u;
+	CURLUcode	rc;
+	char	   *port = NULL;
+	bool		usable;
+
+	if (strncmp(url, "unix:", 5) == 0 || (u = curl_url()) == NULL)
+		return true;
+	rc = curl_url_set(u, CURLUPART_URL, url, 0);
+	if (rc == CURLUE_OK)
+		rc = curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT);
+	if (rc == CURLUE_OK)
+		usable = strcmp(port, "0") != 0;
+	else
+		usable = (rc == CURLUE_OUT_OF_MEMORY);
+	curl_free(port);
+	curl_url_cleanup(u);
+	return usable;
+}
+
+/*
  * How long a long-poll asks the agent to hold the answer, in seconds:
  * restart_worker.follow_wait, but no longer than the request has left
  * before its deadline (rounded up, so that a poll just before the deadline

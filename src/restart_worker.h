@@ -197,6 +197,7 @@ typedef struct RwCall
 /* src/http.c */
 extern void rw_http_init(void);
 extern void rw_http_configure(void);
+extern bool rw_http_url_usable(const char *url);
 extern bool rw_http_start(RwCall *call);
 extern void rw_http_fail(RwCall *call, RwCallKind kind, const char *why);
 extern const char *rw_http_kind_name(RwCallKind kind);
