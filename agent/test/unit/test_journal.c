@@ -1,7 +1,7 @@
 /*
  * Unit tests of journal.c on a real state directory: concurrent writers
  * sharing flushes, compaction at run time (also after pruning, and with
- * pruning while it runs), the zeros
+ * pruning while it runs, held at a gate so that they overlap), the zeros
  * written ahead of appends, and the last record of each id read back after
  * a restart; a failed flush failing the journal for good.
  */
@@ -10,12 +10,12 @@
 #include <limits.h>
 #include <setjmp.h>
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -27,7 +27,6 @@
 #define IDS_PER_WRITER 200
 
 static char state_dir[64];
-static atomic_int records_written;	/* by writer threads, so far */
 
 /* What one writer thread writes: its ids, both records of each, padded. */
 typedef struct writer
@@ -86,7 +85,6 @@ writer_main(void *arg)
 			if (text == NULL || !journal_write(id, text))
 				w->failures++;
 			free(text);
-			atomic_fetch_add(&records_written, 1);
 		}
 	}
 	return NULL;
@@ -202,64 +200,181 @@ test_concurrent_writes_and_compaction(void **state)
 	free_jobs(jobs, n);
 }
 
-/* Writer 300's ids, pruned by the remover thread while others write. */
+/* Writer 300's ids, pruned while a compaction runs. */
 #define REMOVED_WRITER 300
-
-typedef struct remover
-{
-	pthread_t	tid;
-	int			spread;			/* records written by others per removal */
-	int			failures;
-} remover;
+#define GATE_WAIT_MS 60000
+#define WRITE_ROUNDS_MAX 6
 
 /*
- * Remover thread: remove writer 300's ids one by one, spread over the
- * records the writer threads write meanwhile (so that some removals come
- * while a compaction runs), and write a new record of every even id right
- * after its removal, as for a new job of an id the agent forgot.
+ * The compaction gate.  The test is linked with --wrap=fsync (see the
+ * Makefile): a compaction flushes journal.tmp (journal_compact_write())
+ * after it has taken its snapshot of the entries and copied their records,
+ * and before it renames the file over the journal.  While the gate is
+ * armed, the first such flush holds its compaction there until the test
+ * opens the gate: what the test does meanwhile overlaps the compaction for
+ * certain.  Every flush of journal.tmp is counted, so that the test can
+ * also wait for a compaction that began later.
+ */
+static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gate_cond = PTHREAD_COND_INITIALIZER;
+static bool gate_armed;			/* hold the next compaction */
+static bool gate_held;			/* a compaction is held */
+static bool gate_open;			/* let it go on */
+static int	gate_compactions;	/* flushes of journal.tmp so far */
+
+extern int	__real_fsync(int fd);
+extern int	__wrap_fsync(int fd);
+
+/*
+ * Tell whether fd is the journal.tmp of the test's state directory.
+ */
+static bool
+is_journal_tmp(int fd)
+{
+	char		link[64];
+	char		target[PATH_MAX];
+	char		tmp[128];
+	ssize_t		n;
+
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	n = readlink(link, target, sizeof(target) - 1);
+	if (n <= 0)
+		return false;
+	target[n] = '\0';
+	snprintf(tmp, sizeof(tmp), "%s/journal.tmp", state_dir);
+	return strcmp(target, tmp) == 0;
+}
+
+/*
+ * The fsync of the agent's code: count a flush of journal.tmp, and hold it
+ * while the gate is armed, until it is opened; then flush for real.
+ */
+int
+__wrap_fsync(int fd)
+{
+	if (is_journal_tmp(fd))
+	{
+		pthread_mutex_lock(&gate_lock);
+		gate_compactions++;
+		if (gate_armed)
+		{
+			gate_armed = false;
+			gate_held = true;
+			pthread_cond_broadcast(&gate_cond);
+			while (!gate_open)
+				pthread_cond_wait(&gate_cond, &gate_lock);
+		}
+		pthread_mutex_unlock(&gate_lock);
+	}
+	return __real_fsync(fd);
+}
+
+/*
+ * Wait until a compaction is held at the gate, for at most GATE_WAIT_MS;
+ * tell whether one is.
+ */
+static bool
+gate_wait_held(void)
+{
+	struct timespec deadline;
+	bool		held;
+
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += GATE_WAIT_MS / 1000;
+	pthread_mutex_lock(&gate_lock);
+	while (!gate_held &&
+		   pthread_cond_timedwait(&gate_cond, &gate_lock, &deadline) == 0)
+		;
+	held = gate_held;
+	pthread_mutex_unlock(&gate_lock);
+	return held;
+}
+
+/*
+ * Open the gate (also with no compaction held, so that none is held later)
+ * and return how many flushes of journal.tmp there have been.
+ */
+static int
+gate_release(void)
+{
+	int			n;
+
+	pthread_mutex_lock(&gate_lock);
+	gate_armed = false;
+	gate_open = true;
+	n = gate_compactions;
+	pthread_cond_broadcast(&gate_cond);
+	pthread_mutex_unlock(&gate_lock);
+	return n;
+}
+
+/* Return how many flushes of journal.tmp there have been. */
+static int
+gate_count(void)
+{
+	int			n;
+
+	pthread_mutex_lock(&gate_lock);
+	n = gate_compactions;
+	pthread_mutex_unlock(&gate_lock);
+	return n;
+}
+
+/* What the background writer thread of the test does. */
+typedef struct background
+{
+	pthread_t	tid;
+	int			rounds;
+	int			failures;
+} background;
+
+/*
+ * Background writer thread: rounds of writers 1..7 (each 200 ids, two
+ * records of ~8 KB each), until a compaction is held at the gate and the
+ * gate opened again (or WRITE_ROUNDS_MAX rounds): the journal grows past
+ * its compaction threshold, and appends and flushes go on while the
+ * compaction is held.
  */
 static void *
-remover_main(void *arg)
+background_main(void *arg)
 {
-	remover    *r = arg;
-	int			start = atomic_load(&records_written);
+	background *b = arg;
+	bool		done;
 
-	for (int i = 0; i < IDS_PER_WRITER; i++)
+	do
 	{
-		char		id[UUID_TEXT_LEN + 1];
-
-		while (atomic_load(&records_written) < start + i * r->spread)
-			usleep(200);
-		make_id(id, REMOVED_WRITER, i);
-		if (!journal_remove(id))
-			r->failures++;
-		if (i % 2 == 0)
-		{
-			char	   *text = make_record(id, "running", 8);
-
-			if (text == NULL || !journal_write(id, text))
-				r->failures++;
-			free(text);
-		}
-	}
+		b->failures += run_writers(1, 2000 + b->rounds * IDS_PER_WRITER, 8192);
+		b->rounds++;
+		pthread_mutex_lock(&gate_lock);
+		done = gate_open;
+		pthread_mutex_unlock(&gate_lock);
+	} while (!done && b->rounds < WRITE_ROUNDS_MAX);
 	return NULL;
 }
 
 /*
- * Ids removed while other writers make the journal compact in the
- * background: once a compaction has begun after the last removal, a
- * restart loads none of the removed ids, but loads every id written again
- * right after its removal, with its new record (a removal is applied before
- * the next append, so it never drops a later record of the same id).
+ * Ids removed while a compaction runs, beside other writers: the
+ * compaction's snapshot holds their records, so the file it makes still
+ * does, but once a compaction has begun after the removals, a restart loads
+ * none of the removed ids; every id written again right after its removal
+ * (as for a new job of an id the agent forgot) loads with its new record,
+ * appended while the compaction ran (a removal is applied before the next
+ * append, so it never drops a later record of the same id).  The
+ * compaction is held at the gate while the ids are removed, and the test
+ * asserts that it was, and that it had not yet renamed its file: the
+ * removals overlap it whatever the timing.
  */
 static void
 test_removal_during_compaction(void **state)
 {
+	char		tmp[128];
 	job		  **jobs;
 	int			n;
 	int			gone = 0;
 	int			back = 0;
-	remover		r = {.spread = (WRITERS - 1) * IDS_PER_WRITER * 2 / IDS_PER_WRITER};
+	int			after;
+	int			rounds = 0;
+	background	b = {0};
 
 	(void) state;
 	for (int i = 0; i < IDS_PER_WRITER; i++)
@@ -275,13 +390,41 @@ test_removal_during_compaction(void **state)
 			free(text);
 		}
 	}
-	/* 7 writers x 200 ids x 2 records x ~8 KB, compacted on the way */
-	assert_int_equal(pthread_create(&r.tid, NULL, remover_main, &r), 0);
-	assert_int_equal(run_writers(1, 2000, 8192), 0);
-	pthread_join(r.tid, NULL);
-	assert_int_equal(r.failures, 0);
-	/* as much again: compactions that begin after the last removal */
-	assert_int_equal(run_writers(1, 3000, 8192), 0);
+	pthread_mutex_lock(&gate_lock);
+	gate_armed = true;
+	pthread_mutex_unlock(&gate_lock);
+	assert_int_equal(pthread_create(&b.tid, NULL, background_main, &b), 0);
+	if (!gate_wait_held())
+	{
+		gate_release();
+		pthread_join(b.tid, NULL);
+		fail_msg("no compaction began while %d rounds of writers wrote", b.rounds);
+	}
+	for (int i = 0; i < IDS_PER_WRITER; i++)
+	{
+		char		id[UUID_TEXT_LEN + 1];
+
+		make_id(id, REMOVED_WRITER, i);
+		assert_true(journal_remove(id));
+		if (i % 2 == 0)
+		{
+			char	   *text = make_record(id, "running", 8);
+
+			assert_true(text != NULL && journal_write(id, text));
+			free(text);
+		}
+	}
+	/* the compaction is still held before its rename: the removals overlapped it */
+	snprintf(tmp, sizeof(tmp), "%s/journal.tmp", state_dir);
+	assert_int_equal(access(tmp, F_OK), 0);
+	after = gate_release();
+	pthread_join(b.tid, NULL);
+	assert_int_equal(b.failures, 0);
+
+	/* write on until a compaction begins after the removals */
+	while (gate_count() == after && rounds < WRITE_ROUNDS_MAX)
+		assert_int_equal(run_writers(1, 4000 + rounds++ * IDS_PER_WRITER, 8192), 0);
+	assert_true(gate_count() > after);
 	n = reload(&jobs);
 	for (int i = 0; i < IDS_PER_WRITER; i++)
 	{
@@ -295,7 +438,7 @@ test_removal_during_compaction(void **state)
 	assert_int_equal(gone, IDS_PER_WRITER / 2);
 	assert_int_equal(back, IDS_PER_WRITER / 2);
 	assert_non_null(find_job(jobs, n, 1, 2000));
-	assert_non_null(find_job(jobs, n, WRITERS - 1, 3000 + IDS_PER_WRITER - 1));
+	assert_non_null(find_job(jobs, n, WRITERS - 1, 4000 + IDS_PER_WRITER - 1));
 	free_jobs(jobs, n);
 }
 
