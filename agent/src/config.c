@@ -65,9 +65,33 @@ static const config_limit limit_defs[] = {
 };
 
 /*
- * Record an error about a setting as "FILE:LINE: KEY: reason".  A NULL
- * setting reports the file only.  Always returns false so callers can
- * "return config_fail(...)".
+ * Record an error at a line of the file as "FILE:LINE: KEY: reason"; a
+ * line of 0 reports the file only.  Always returns false so callers can
+ * "return config_fail_line(...)".
+ */
+static bool config_fail_line(config_ctx *ctx, int line, const char *key,
+							 const char *fmt,...) __attribute__((format(printf, 4, 5)));
+
+static bool
+config_fail_line(config_ctx *ctx, int line, const char *key, const char *fmt,...)
+{
+	char		reason[512];
+	va_list		ap;
+
+	va_start(ap, fmt);
+	vsnprintf(reason, sizeof(reason), fmt, ap);
+	va_end(ap);
+	if (line > 0)
+		snprintf(ctx->errbuf, ctx->errsize, "%s:%d: %s: %s", ctx->path, line, key, reason);
+	else
+		snprintf(ctx->errbuf, ctx->errsize, "%s: %s: %s", ctx->path, key, reason);
+	return false;
+}
+
+/*
+ * Record an error about a setting as "FILE:LINE: KEY: reason", the line
+ * being the setting's.  A NULL setting reports the file only.  Always
+ * returns false so callers can "return config_fail(...)".
  */
 static bool config_fail(config_ctx *ctx, const config_setting_t *s, const char *key,
 						const char *fmt,...) __attribute__((format(printf, 4, 5)));
@@ -78,16 +102,11 @@ config_fail(config_ctx *ctx, const config_setting_t *s, const char *key,
 {
 	char		reason[512];
 	va_list		ap;
-	int			line = s ? (int) config_setting_source_line(s) : 0;
 
 	va_start(ap, fmt);
 	vsnprintf(reason, sizeof(reason), fmt, ap);
 	va_end(ap);
-	if (line > 0)
-		snprintf(ctx->errbuf, ctx->errsize, "%s:%d: %s: %s", ctx->path, line, key, reason);
-	else
-		snprintf(ctx->errbuf, ctx->errsize, "%s: %s: %s", ctx->path, key, reason);
-	return false;
+	return config_fail_line(ctx, s ? (int) config_setting_source_line(s) : 0, key, "%s", reason);
 }
 
 /*
@@ -604,15 +623,20 @@ config_parse_top(config_ctx *ctx, const config_setting_t *root)
 }
 
 /*
- * Order two entries of services_by_name by service name, for qsort.
+ * Order two entries of services_by_name by service name, and services of
+ * one name in the order of the file (the order of the services array),
+ * for qsort.
  */
 static int
 config_cmp_services(const void *a, const void *b)
 {
 	const config_service *sa = *(const config_service *const *) a;
 	const config_service *sb = *(const config_service *const *) b;
+	int			c = strcmp(sa->name, sb->name);
 
-	return strcmp(sa->name, sb->name);
+	if (c != 0)
+		return c;
+	return (sa > sb) - (sa < sb);
 }
 
 /*
@@ -628,6 +652,43 @@ config_cmp_service_name(const void *key, const void *elem)
 }
 
 /*
+ * Find where service number idx of the services group g names itself: its
+ * name setting when written label = { name = "..."; ... }, else the
+ * setting itself.  Writes its key (services.LABEL or services.LABEL.name)
+ * into key and returns that setting's line.
+ */
+static int
+config_service_name_at(const config_setting_t *g, int idx, char *key, size_t keysize)
+{
+	config_setting_t *s = config_setting_get_elem(g, idx);
+	config_setting_t *name = config_setting_type(s) == CONFIG_TYPE_GROUP ?
+		config_setting_get_member(s, "name") : NULL;
+
+	snprintf(key, keysize, "services.%s%s", config_setting_name(s), name ? ".name" : "");
+	return (int) config_setting_source_line(name ? name : s);
+}
+
+/*
+ * Refuse a name configured twice (a and b, a first in the file): the
+ * message names the second occurrence's line and key, and the first's.
+ */
+static bool
+config_fail_twice(config_ctx *ctx, const config_setting_t *g,
+				  const config_service *a, const config_service *b)
+{
+	char		first[160];
+	char		second[160];
+	int			first_line = config_service_name_at(g, (int) (a - ctx->cfg->services),
+													first, sizeof(first));
+	int			second_line = config_service_name_at(g, (int) (b - ctx->cfg->services),
+													 second, sizeof(second));
+
+	return config_fail_line(ctx, second_line, second,
+							"service \"%s\" is configured twice (first at line %d, %s)",
+							b->name, first_line, first);
+}
+
+/*
  * Build services_by_name, the services sorted by name, so that every
  * request finds its service in O(log n) however many are configured.
  * libconfig refuses duplicate labels, but a name given with name = "..."
@@ -635,7 +696,7 @@ config_cmp_service_name(const void *key, const void *elem)
  * know which one it meant.
  */
 static bool
-config_index_services(config_ctx *ctx)
+config_index_services(config_ctx *ctx, const config_setting_t *root)
 {
 	agent_config *cfg = ctx->cfg;
 
@@ -648,8 +709,8 @@ config_index_services(config_ctx *ctx)
 		  config_cmp_services);
 	for (int i = 1; i < cfg->nservices; i++)
 		if (strcmp(cfg->services_by_name[i - 1]->name, cfg->services_by_name[i]->name) == 0)
-			return config_fail(ctx, NULL, "services", "service \"%s\" is configured twice",
-							   cfg->services_by_name[i]->name);
+			return config_fail_twice(ctx, config_setting_get_member(root, "services"),
+									 cfg->services_by_name[i - 1], cfg->services_by_name[i]);
 	return true;
 }
 
@@ -688,7 +749,7 @@ config_load(const char *path, char *errbuf, size_t errsize)
 		config_parse_top(&ctx, root) &&
 		config_parse_limits(&ctx, root) &&
 		config_parse_services(&ctx, root) &&
-		config_index_services(&ctx);
+		config_index_services(&ctx, root);
 	config_destroy(&lc);
 	if (!ok)
 	{

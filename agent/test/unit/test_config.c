@@ -335,9 +335,15 @@ test_service_names(void **state)
 			"services.x.other", NULL);
 	refused(BASE "services = {\n x = { name = \"x\"; steps = ( { argv = [\"bin/true\"]; } ); }; };\n",
 			"services.x[0].argv:", "absolute");
+	/* a name configured twice: the second occurrence's line and key, and the first's */
 	refused(BASE "services = {\n web = ( { argv = [\"/bin/true\"]; } );\n"
 			"  also = { name = \"web\"; steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
-			"services:", "service \"web\" is configured twice");
+			":6: services.also.name: service \"web\" is configured twice", "(first at line 5, services.web)");
+	refused(BASE "services = {\n b = { name = \"api.v2\";\n steps = ( { argv = [\"/bin/true\"]; } ); };\n"
+			" web = ( { argv = [\"/bin/true\"]; } );\n"
+			" a = {\n  steps = ( { argv = [\"/bin/true\"]; } );\n  name = \"api.v2\"; };\n"
+			" c = { name = \"api.v2\"; steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
+			":10: services.a.name: service \"api.v2\" is configured twice", "(first at line 5, services.b.name)");
 }
 
 static void
