@@ -390,8 +390,12 @@ jobs_write_final(job *j, job_status status, int64_t finished_at, int64_t until)
  * starting it again.  Only the oldest end of the finished FIFO is looked
  * at, so a call costs nothing more than the jobs it drops.  A job that
  * long polls still wait for stops the pruning until they are done (the
- * last of them prunes again): they must be able to read it.  Caller holds
- * the lock.
+ * last of them prunes again): they must be able to read it.  So does a
+ * job whose removal from the journal cannot be queued (memory ran out):
+ * dropped from memory only, its record would be kept by every compaction
+ * (and the job loaded again at every start); it is kept, in memory and
+ * the journal alike, and the next prune tries again.  Caller holds the
+ * lock.
  */
 static void
 jobs_prune(void)
@@ -405,10 +409,16 @@ jobs_prune(void)
 			(jobs_done > jobs_cfg->retention_max_jobs &&
 			 jobs_done_head->finished_at < young)))
 	{
-		job		   *j = jobs_done_pop();
+		job		   *j = jobs_done_head;
 
+		if (!journal_remove(j->id))
+		{
+			log_msg("ERROR: job %s: out of memory to prune it from the journal; kept until the next prune",
+					j->id);
+			return;
+		}
+		jobs_done_pop();
 		jobs_unindex(j);
-		journal_remove(j->id);
 		log_msg("job %s: pruned from the journal", j->id);
 		job_free(j);
 	}

@@ -610,19 +610,30 @@ remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 #define ID_FAILED "00000000-0000-4000-8000-0000000000f1"
 #define ID_MARKER "00000000-0000-4000-8000-0000000000e1"
 
+/*
+ * Render the record of a finished job of one step, accepted and ended on
+ * day (YYYY-MM-DD), into buf (2048 bytes).
+ */
+static void
+make_record_on(char *buf, const char *day, const char *id, const char *status, int code,
+			   const char *error)
+{
+	snprintf(buf, 2048,
+			 "{\"request_id\":\"%s\",\"service\":\"exits\",\"requested_by\":null,"
+			 "\"requested_at\":\"%sT05:00:00Z\",\"status\":\"%s\","
+			 "\"accepted_at\":\"%sT05:00:01.000000Z\",\"started_at\":\"%sT05:00:01.000000Z\","
+			 "\"finished_at\":\"%sT05:00:02.000000Z\",\"exit_code\":%d,\"signal\":null,"
+			 "\"steps\":[{\"argv\":[\"/bin/sh\"],\"exit_code\":%d,\"signal\":null,\"timed_out\":false,"
+			 "\"started_at\":\"%sT05:00:01.000000Z\",\"finished_at\":\"%sT05:00:02.000000Z\"}],"
+			 "\"output\":\"==> step 1: /bin/sh\\nhello\\n\",\"output_truncated\":false,\"error\":%s}",
+			 id, day, status, day, day, day, code, code, day, day, error);
+}
+
 /* Render the record of a finished job of one step (a buffer of 2048). */
 static void
 make_record(char *buf, const char *id, const char *status, int code, const char *error)
 {
-	snprintf(buf, 2048,
-			 "{\"request_id\":\"%s\",\"service\":\"exits\",\"requested_by\":null,"
-			 "\"requested_at\":\"2026-11-26T05:00:00Z\",\"status\":\"%s\","
-			 "\"accepted_at\":\"2026-11-26T05:00:01.000000Z\",\"started_at\":\"2026-11-26T05:00:01.000000Z\","
-			 "\"finished_at\":\"2026-11-26T05:00:02.000000Z\",\"exit_code\":%d,\"signal\":null,"
-			 "\"steps\":[{\"argv\":[\"/bin/sh\"],\"exit_code\":%d,\"signal\":null,\"timed_out\":false,"
-			 "\"started_at\":\"2026-11-26T05:00:01.000000Z\",\"finished_at\":\"2026-11-26T05:00:02.000000Z\"}],"
-			 "\"output\":\"==> step 1: /bin/sh\\nhello\\n\",\"output_truncated\":false,\"error\":%s}",
-			 id, status, code, code, error);
+	make_record_on(buf, "2026-11-26", id, status, code, error);
 }
 
 /*
@@ -860,6 +871,177 @@ test_journal_load(void **state)
 		fail_msg("an import made %d allocations or more: are they wrapped?", n - 1);
 }
 
+#define ID_OLD1 "00000000-0000-4000-8000-0000000000a1"
+#define ID_OLD2 "00000000-0000-4000-8000-0000000000a2"
+#define ID_OLD3 "00000000-0000-4000-8000-0000000000a3"
+#define ID_PAD "00000000-0000-4000-8000-0000000000b1"
+#define PAD_BYTES (4400 * 1024)
+
+static const char *const old_ids[] = {ID_OLD1, ID_OLD2, ID_OLD3};
+
+/*
+ * Write a state directory whose journal holds three jobs that ended in
+ * 2020, past any retention.
+ */
+static void
+make_old_state(const char *state_dir)
+{
+	char		err[256];
+	char		record[2048];
+	job		  **jobs;
+	bool		ok;
+
+	assert_int_equal(mkdir(state_dir, 0700), 0);
+	ok = journal_open(state_dir, err, sizeof(err)) && journal_load(&jobs, 4096) == 0;
+	if (ok)
+		free(jobs);
+	for (int i = 0; ok && i < 3; i++)
+	{
+		make_record_on(record, "2020-01-01", old_ids[i], "completed", 0, "null");
+		ok = journal_write(old_ids[i], record);
+	}
+	journal_close();
+	assert_true(ok);
+}
+
+/*
+ * Write a record of PAD_BYTES into the open journal: past its compaction
+ * threshold (4 MiB), so that the flush of that record begins a compaction
+ * at run time.  It is not a job (it loads as an unreadable record).
+ */
+static bool
+write_padding(void)
+{
+	const char *head = "{\"request_id\":\"" ID_PAD "\",\"padding\":\"";
+	size_t		hlen = strlen(head);
+	char	   *text = malloc(hlen + PAD_BYTES + 3);
+	bool		ok;
+
+	if (text == NULL)
+		return false;
+	memcpy(text, head, hlen);
+	memset(text + hlen, 'x', PAD_BYTES);
+	memcpy(text + hlen + PAD_BYTES, "\"}", 3);
+	ok = journal_write(ID_PAD, text);
+	free(text);
+	return ok;
+}
+
+/*
+ * Check the journal of state_dir after a run of test_prune_keeps_job():
+ * every job of old_ids that the agent no longer knew (known[i] false) must
+ * be gone from it.  Writes what is wrong into bad (empty if nothing).
+ */
+static void
+check_pruned(const char *state_dir, const bool *known, int fail_at, char *bad, size_t size)
+{
+	char		err[256];
+	job		  **jobs;
+	int			n;
+
+	bad[0] = '\0';
+	if (!journal_open(state_dir, err, sizeof(err)) || (n = journal_load(&jobs, 4096)) < 0)
+	{
+		snprintf(bad, size, "allocation %d failed: the journal cannot be read back: %s", fail_at, err);
+		journal_close();
+		return;
+	}
+	for (int i = 0; i < n; i++)
+	{
+		for (int k = 0; k < 3 && bad[0] == '\0'; k++)
+			if (strcmp(jobs[i]->id, old_ids[k]) == 0 && !known[k])
+				snprintf(bad, size, "allocation %d failed: job %s was pruned from memory, "
+						 "yet a compaction after the prune kept it in the journal", fail_at, old_ids[k]);
+		job_free(jobs[i]);
+	}
+	free(jobs);
+	journal_close();
+}
+
+/*
+ * Run the job table on state_dir (a journal of make_old_state()) with the
+ * fail_at-th allocation failing while it starts, as the agent does at
+ * start (retention prunes the three jobs then, as after every job's end),
+ * then, with nothing failing, note which jobs it still knows, make a
+ * compaction run (write_padding()) and stop it.  Returns the allocations
+ * made; *started tells whether it started.
+ */
+static int
+prune_run(agent_config *c, int fail_at, bool *started, bool *known, char *bad, size_t size)
+{
+	char		err[256];
+	int			made;
+
+	bad[0] = '\0';
+	nomem_arm(fail_at);
+	*started = jobs_init(c, err, sizeof(err));
+	made = nomem_disarm();
+	for (int i = 0; i < 3; i++)
+	{
+		json_t	   *report = NULL;
+
+		known[i] = *started && jobs_lookup(old_ids[i], 0, &report);
+		json_decref(report);
+	}
+	if (*started && !write_padding())
+		snprintf(bad, size, "allocation %d failed: the padding record could not be written", fail_at);
+	jobs_cleanup();				/* waits for the compaction */
+	return made;
+}
+
+/*
+ * Runs after the agent has stopped.  Retention when memory runs out: a
+ * job is dropped from memory only once its removal from the journal is
+ * queued; if it cannot be (memory), the job is kept, and the next prune
+ * tries again.  Dropped from memory alone, it stayed in the journal
+ * through every compaction.  Three jobs past retention are pruned at
+ * start, each allocation failing in turn; whatever failed, a job the agent
+ * no longer knows is gone from the journal once a compaction has run, and
+ * with nothing failing all three are.  Some run must have kept a job (an
+ * allocation of the prune failed).
+ */
+static void
+test_prune_keeps_job(void **state)
+{
+	char		bad[4096] = "";
+	char		state_dir[128];
+	agent_config c = *cfg;
+	int			kept_runs = 0;
+	int			n;
+
+	(void) state;
+	stop_agent();
+	c.retention_days = 1;
+	c.retention_max_jobs = 1;
+	c.retention_min_age = 0;
+	c.state_dir = state_dir;
+	for (n = 0; bad[0] == '\0' && n <= NOMEM_MAX_RUNS; n++)
+	{
+		bool		known[3];
+		bool		started;
+		int			made;
+
+		snprintf(state_dir, sizeof(state_dir), "%s/pruned%d", dir, n);
+		quiet(true);
+		make_old_state(state_dir);
+		made = prune_run(&c, n, &started, known, bad, sizeof(bad));
+		if (bad[0] == '\0' && started)
+			check_pruned(state_dir, known, n, bad, sizeof(bad));
+		quiet(false);
+		if (bad[0] == '\0' && n == 0 && (!started || known[0] || known[1] || known[2]))
+			snprintf(bad, sizeof(bad), "with no allocation failing, the jobs were not all pruned at start");
+		kept_runs += started && (known[0] || known[1] || known[2]);
+		if (n > 0 && made < n)
+			break;
+	}
+	if (bad[0] != '\0')
+		fail_msg("%s (the agent's log is in %s/agent.log)", bad, dir);
+	if (n < 10 || n > NOMEM_MAX_RUNS)
+		fail_msg("a start made %d allocations or more: are they wrapped?", n - 1);
+	if (kept_runs == 0)
+		fail_msg("no start kept a job past retention: no allocation of the prune failed");
+}
+
 /*
  * Write the configuration and the secrets, and start the job table on a
  * state directory of a temporary directory (on tmpfs if there is one: the
@@ -967,6 +1149,7 @@ main(void)
 		cmocka_unit_test(test_post_job),
 		cmocka_unit_test(test_journal_reads_back),
 		cmocka_unit_test(test_journal_load),
+		cmocka_unit_test(test_prune_keeps_job),
 	};
 
 	if (!CRYPTO_set_mem_functions(nomem_crypto_malloc, nomem_crypto_realloc, nomem_crypto_free))
