@@ -307,22 +307,6 @@ jobs_render(const job *j, job_status status)
 }
 
 /*
- * Render a job and write it to the journal; caller holds the lock (only
- * at start-up: the journal write is slow).
- */
-static bool
-jobs_journal(const job *j, job_status status)
-{
-	char	   *text = jobs_render(j, status);
-	bool		ok = text != NULL && journal_write(j->id, text);
-
-	if (!ok)
-		log_msg("ERROR: job %s: its state could not be journaled", j->id);
-	free(text);
-	return ok;
-}
-
-/*
  * Tell whether the agent is shutting down.
  */
 static bool
@@ -452,18 +436,41 @@ jobs_cmp_finished(const void *a, const void *b)
 }
 
 /*
- * Mark a job found running at start-up as failed: its agent died, and it
- * must never run again.
+ * Mark a job found running at start-up as failed, and journal that: its
+ * agent died, and it must never run again.  The failed state is on disk
+ * before any client can see it, as every final state is: if it cannot be
+ * written (memory, a full disk), the job would be answered failed while
+ * the journal still said running, and the next start would end it anew.
+ * Returns false then, with why in errbuf: the agent refuses to start, and
+ * the next start tries again.  Caller holds the lock (only at start-up:
+ * the journal write is slow).
  */
-static void
-jobs_fail_interrupted(job *j)
+static bool
+jobs_fail_interrupted(job *j, char *errbuf, size_t errsize)
 {
+	char	   *text = NULL;
+	bool		ok;
+	int			err = ENOMEM;
+
 	j->status = JOB_FAILED;
 	j->finished_at = util_now_usec();
 	free(j->error);
 	j->error = strdup("agent restarted during the job");
-	jobs_journal(j, JOB_FAILED);
+	ok = j->error != NULL && (text = jobs_render(j, JOB_FAILED)) != NULL &&
+		journal_write(j->id, text);
+	if (!ok && text != NULL)
+		err = errno;
+	free(text);
+	if (!ok)
+	{
+		log_msg("ERROR: job %s: its state could not be journaled", j->id);
+		snprintf(errbuf, errsize,
+				 "job %s was running when the agent stopped, and its end (failed: agent restarted during the job) "
+				 "cannot be journaled: %s", j->id, strerror(err));
+		return false;
+	}
 	log_msg("job %s: failed (agent restarted during the job)", j->id);
+	return true;
 }
 
 /*
@@ -471,10 +478,12 @@ jobs_fail_interrupted(job *j)
  * those left running; then file them all, in the order they finished, in
  * the finished FIFO.  A second record of one id (which the journal's file
  * names rule out) is dropped, so the oldest wins.  Caller holds the lock.
- * Returns false when out of memory (the jobs not yet indexed are freed).
+ * Returns false, with why in errbuf, when out of memory or when a job left
+ * running cannot be journaled as failed (the jobs not yet indexed are
+ * freed).
  */
 static bool
-jobs_adopt(job **jobs, int n)
+jobs_adopt(job **jobs, int n, char *errbuf, size_t errsize)
 {
 	int			kept = 0;
 
@@ -482,8 +491,12 @@ jobs_adopt(job **jobs, int n)
 		qsort(jobs, n, sizeof(job *), jobs_cmp_accepted);
 	for (int i = 0; i < n; i++)
 	{
-		if (jobs[i]->status == JOB_RUNNING)
-			jobs_fail_interrupted(jobs[i]);
+		if (jobs[i]->status == JOB_RUNNING && !jobs_fail_interrupted(jobs[i], errbuf, errsize))
+		{
+			while (i < n)
+				job_free(jobs[i++]);
+			return false;
+		}
 		if (jobs_index(jobs[i]))
 			jobs[kept++] = jobs[i];
 		else if (jobs_find(jobs[i]->id) != NULL)
@@ -493,6 +506,7 @@ jobs_adopt(job **jobs, int n)
 		}
 		else
 		{
+			snprintf(errbuf, errsize, "out of memory while loading the journal");
 			while (i < n)
 				job_free(jobs[i++]);
 			return false;
@@ -507,6 +521,7 @@ jobs_adopt(job **jobs, int n)
 
 /*
  * Open the journal, load its jobs (failing those left running), and prune.
+ * Returns false, with why in errbuf, if the agent must not start.
  */
 bool
 jobs_init(const agent_config *cfg, char *errbuf, size_t errsize)
@@ -537,16 +552,13 @@ jobs_init(const agent_config *cfg, char *errbuf, size_t errsize)
 		return false;
 	}
 	pthread_mutex_lock(&jobs_lock);
-	ok = jobs_adopt(jobs, n);
+	ok = jobs_adopt(jobs, n, errbuf, errsize);
 	if (ok)
 		jobs_prune();
 	pthread_mutex_unlock(&jobs_lock);
 	free(jobs);
 	if (!ok)
-	{
-		snprintf(errbuf, errsize, "out of memory while loading the journal");
 		return false;
-	}
 	log_msg("journal: %d job records loaded from %s", n, cfg->state_dir);
 	return true;
 }

@@ -176,7 +176,8 @@ CONF
 		# a limit on open descriptors, set by sh (Perl has no setrlimit of its own)
 		exec 'sh', '-c', "ulimit -n $o{nofile} && exec \"\$0\" \"\$@\"", $bin, '--config', "$dir/agent.conf"
 		  or die "exec: $!" if $o{nofile};
-		exec $bin, '--config', "$dir/agent.conf" or die "exec: $!";
+		# a command that runs the agent ($o{prefix}: prlimit with its options, say)
+		exec @{ $o{prefix} // [] }, $bin, '--config', "$dir/agent.conf" or die "exec: $!";
 	}
 	my $exited;
 	my $port = wait_until(sub {
@@ -1370,6 +1371,48 @@ SKIP: {
 	post_restart($c, $id2, 'gate1');
 	wait_job($c, $id2);
 	ok(lines("$count.gate") == 2, 'the interrupted job was never run again (one run per request id)');
+	stop_agent($c);
+}
+
+# --- a job left running whose end cannot be journaled at start: the agent refuses to start ---
+# A journal as an agent killed during a job leaves it: a finished job, and the accept record
+# of one still running.  The next start fails that job ("agent restarted during the job") and
+# must journal it before anyone can see it.  Under a file size limit that takes the journal's
+# compaction at start but not that record, the agent refuses to start (exit 1, the reason in
+# its log) and the journal still says running; the next start without the limit fails the job,
+# on disk and for clients alike.
+SKIP: {
+	my ($prlimit) = grep { -x $_ } map { "$_/prlimit" } split /:/, $ENV{PATH} // '/usr/bin';
+	unless ($prlimit) { print "ok - # SKIP prlimit is not installed: a failed journal write at start not checked\n"; last SKIP; }
+	my $d = tempdir("left-XXXXXX", DIR => $tmp);
+	mkdir "$d/state";
+	my ($done, $id) = (uuid(), uuid());
+	my $t = '2026-11-26T05:00:01.000000Z';
+	my %job = (service => 'ok', requested_by => undef, requested_at => '2026-11-26T05:00:00Z',
+		accepted_at => $t, started_at => $t, signal => undef, steps => [],
+		output_truncated => JSON::PP::false, error => undef);
+	# the finished job's 20000 bytes of output make the journal much larger than the log
+	spew("$d/state/journal",
+		"$done " . $json->encode({ %job, request_id => $done, status => 'completed', finished_at => $t,
+			exit_code => 0, output => 'x' x 20000 }) . "\n"
+		. "$id " . $json->encode({ %job, request_id => $id, status => 'running', finished_at => undef,
+			exit_code => undef, output => '' }) . "\n");
+	my $size = -s "$d/state/journal";
+	my $b = start_agent(services => $services, dir => $d, prefix => [$prlimit, '--fsize=' . ($size + 64) . ':']);
+	my $rec = journal_last("$d/state", $id) // {};
+	ok(!$b->{port} && defined $b->{status} && ($b->{status} >> 8) == 1
+		&& slurp($b->{log}) =~ /cannot start: job $id was running when the agent stopped, and its end \(failed: agent restarted during the job\) cannot be journaled: File too large/
+		&& ($rec->{status} // '') eq 'running',
+		'a job left running whose failed state cannot be journaled at start: the agent refuses to start (exit 1), the journal still says running',
+		"exit status " . ($b->{status} // 'none') . "\n" . $json->encode($rec) . "\n" . slurp($b->{log}));
+	stop_agent($b);
+	my $c = start_agent(services => $services, dir => $d);
+	my ($s, $j) = get_job($c, $id);
+	$rec = journal_last("$d/state", $id) // {};
+	ok($c->{port} && $s == 200 && $j->{status} eq 'failed' && $j->{error} eq 'agent restarted during the job'
+		&& ($rec->{status} // '') eq 'failed' && ($rec->{finished_at} // '') eq ($j->{finished_at} // '-'),
+		'the next start, the limit lifted, fails the job: on disk and for clients, with the same end',
+		$json->encode($j // {}) . "\n" . $json->encode($rec));
 	stop_agent($c);
 }
 

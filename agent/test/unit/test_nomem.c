@@ -1042,6 +1042,191 @@ test_prune_keeps_job(void **state)
 		fail_msg("no start kept a job past retention: no allocation of the prune failed");
 }
 
+#define ID_LEFT "00000000-0000-4000-8000-0000000000c1"
+#define LEFT_ERROR "agent restarted during the job"
+
+/*
+ * Write a state directory whose journal holds a finished job and one left
+ * running by an agent that died (its accept record only).
+ */
+static void
+make_left_running_state(const char *state_dir)
+{
+	char		err[256];
+	char		record[2048];
+	job		  **jobs;
+	bool		ok;
+
+	assert_int_equal(mkdir(state_dir, 0700), 0);
+	ok = journal_open(state_dir, err, sizeof(err)) && journal_load(&jobs, 4096) == 0;
+	if (ok)
+		free(jobs);
+	make_record(record, ID_DONE, "completed", 0, "null");
+	ok = ok && journal_write(ID_DONE, record);
+	snprintf(record, sizeof(record),
+			 "{\"request_id\":\"%s\",\"service\":\"exits\",\"requested_by\":null,"
+			 "\"requested_at\":\"2026-11-26T06:00:00Z\",\"status\":\"running\","
+			 "\"accepted_at\":\"2026-11-26T06:00:01.000000Z\",\"started_at\":\"2026-11-26T06:00:01.000000Z\","
+			 "\"finished_at\":null,\"exit_code\":null,\"signal\":null,\"steps\":[],"
+			 "\"output\":\"\",\"output_truncated\":false,\"error\":null}", ID_LEFT);
+	ok = ok && journal_write(ID_LEFT, record);
+	journal_close();
+	assert_true(ok);
+}
+
+/*
+ * Start the job table on c (its state_dir from make_left_running_state())
+ * with the fail_at-th allocation failing (0: none), as the agent does at
+ * start, and stop it again.  Returns the allocations made; *started tells
+ * whether it started, *reported receives, if it did, the job left running
+ * as the agent then reported it (a new reference), errbuf why it did not.
+ */
+static int
+left_running_start(agent_config *c, int fail_at, bool *started, json_t **reported,
+				   char *errbuf, size_t errsize)
+{
+	int			made;
+
+	errbuf[0] = '\0';
+	*reported = NULL;
+	nomem_arm(fail_at);
+	*started = jobs_init(c, errbuf, errsize);
+	made = nomem_disarm();
+	if (*started && !jobs_lookup(ID_LEFT, 0, reported))
+		*reported = NULL;
+	jobs_cleanup();
+	return made;
+}
+
+/*
+ * Read back the record of the job left running in the journal of
+ * state_dir, as its last record says (a new reference; NULL if none or if
+ * the journal cannot be read).
+ */
+static json_t *
+left_running_on_disk(const char *state_dir)
+{
+	char		err[256];
+	job		  **jobs;
+	json_t	   *obj = NULL;
+	int			n;
+
+	if (!journal_open(state_dir, err, sizeof(err)))
+		return NULL;
+	n = journal_load(&jobs, 4096);
+	for (int i = 0; i < n; i++)
+	{
+		if (strcmp(jobs[i]->id, ID_LEFT) == 0)
+			obj = report_job(jobs[i], jobs[i]->status);
+		job_free(jobs[i]);
+	}
+	if (n >= 0)
+		free(jobs);
+	journal_close();
+	return obj;
+}
+
+/*
+ * Tell whether a job object is the job left running, failed with the
+ * error of an interrupted job.
+ */
+static bool
+is_left_failed(json_t *obj)
+{
+	const char *status = json_string_value(json_object_get(obj, "status"));
+	const char *error = json_string_value(json_object_get(obj, "error"));
+
+	return status != NULL && strcmp(status, "failed") == 0 && error != NULL &&
+		strcmp(error, LEFT_ERROR) == 0 && json_is_string(json_object_get(obj, "finished_at"));
+}
+
+/*
+ * Check one start of test_interrupted_job_journaled(): write what is wrong
+ * into bad (empty if nothing).
+ */
+static void
+check_left_running(const char *state_dir, int fail_at, bool started, json_t *reported,
+				   const char *why, char *bad, size_t size)
+{
+	json_t	   *disk = left_running_on_disk(state_dir);
+	char	   *rtext = reported ? json_dumps(reported, JSON_COMPACT) : NULL;
+	char	   *dtext = disk ? json_dumps(disk, JSON_COMPACT) : NULL;
+
+	bad[0] = '\0';
+	if (started && !is_left_failed(reported))
+		snprintf(bad, size, "allocation %d failed: the agent started, the job left running is %s",
+				 fail_at, rtext ? rtext : "unknown");
+	else if (started && !(is_left_failed(disk) &&
+						   json_equal(json_object_get(disk, "finished_at"),
+									  json_object_get(reported, "finished_at"))))
+		snprintf(bad, size, "allocation %d failed: the agent reported the job left running as %s, "
+				 "but its journal says %s", fail_at, rtext, dtext ? dtext : "nothing");
+	else if (!started && why[0] == '\0')
+		snprintf(bad, size, "allocation %d failed: the agent did not start, and says not why", fail_at);
+	free(rtext);
+	free(dtext);
+	json_decref(disk);
+}
+
+/*
+ * Runs after the agent has stopped.  A job left running by an agent that
+ * died is failed at the next start ("agent restarted during the job"), and
+ * that is journaled before it is reported: whichever allocation fails
+ * while the agent starts, either it does not start (and says why; the
+ * next start, with nothing failing, fails the job), or it reports the job
+ * failed and its journal says the same, with the same end.  Reported
+ * failed while the journal still said running, the job would end anew at
+ * the next start.
+ */
+static void
+test_interrupted_job_journaled(void **state)
+{
+	char		bad[4096] = "";
+	char		why[512];
+	char		state_dir[128];
+	agent_config c = *cfg;
+	int			refused = 0;
+	int			n;
+
+	(void) state;
+	stop_agent();
+	c.state_dir = state_dir;
+	for (n = 0; bad[0] == '\0' && n <= NOMEM_MAX_RUNS; n++)
+	{
+		json_t	   *reported;
+		bool		started;
+		int			made;
+
+		snprintf(state_dir, sizeof(state_dir), "%s/left%d", dir, n);
+		quiet(true);
+		make_left_running_state(state_dir);
+		made = left_running_start(&c, n, &started, &reported, why, sizeof(why));
+		check_left_running(state_dir, n, started, reported, why, bad, sizeof(bad));
+		json_decref(reported);
+		if (bad[0] == '\0' && !started)
+		{
+			refused++;
+			left_running_start(&c, 0, &started, &reported, why, sizeof(why));
+			check_left_running(state_dir, n, started, reported, why, bad, sizeof(bad));
+			if (bad[0] == '\0' && !started)
+				snprintf(bad, sizeof(bad), "allocation %d failed: the next start, with none failing, "
+						 "did not start either: %s", n, why);
+			json_decref(reported);
+		}
+		quiet(false);
+		if (bad[0] == '\0' && n == 0 && !started)
+			snprintf(bad, sizeof(bad), "with no allocation failing, the agent did not start: %s", why);
+		if (n > 0 && made < n)
+			break;
+	}
+	if (bad[0] != '\0')
+		fail_msg("%s (the agent's log is in %s/agent.log)", bad, dir);
+	if (n < 10 || n > NOMEM_MAX_RUNS)
+		fail_msg("a start made %d allocations or more: are they wrapped?", n - 1);
+	if (refused == 0)
+		fail_msg("no start was refused: did no allocation fail?");
+}
+
 /*
  * Write the configuration and the secrets, and start the job table on a
  * state directory of a temporary directory (on tmpfs if there is one: the
@@ -1150,6 +1335,7 @@ main(void)
 		cmocka_unit_test(test_journal_reads_back),
 		cmocka_unit_test(test_journal_load),
 		cmocka_unit_test(test_prune_keeps_job),
+		cmocka_unit_test(test_interrupted_job_journaled),
 	};
 
 	if (!CRYPTO_set_mem_functions(nomem_crypto_malloc, nomem_crypto_realloc, nomem_crypto_free))
