@@ -94,6 +94,8 @@ extern verify_result verify_request(const char *id, const char *timestamp,
 									time_t now,
 									const verify_secret *secrets,
 									int nsecrets);
+extern bool verify_check_secrets(const verify_secret *secrets, int nsecrets,
+								 char *errbuf, size_t errsize);
 extern const char *verify_result_text(verify_result res);
 extern bool verify_sign(const verify_secret *secret, const char *id,
 						const char *timestamp, const unsigned char *body,

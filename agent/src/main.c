@@ -212,6 +212,12 @@ main(int argc, char **argv)
 		log_msg("configuration error: %s", err);
 		return 1;
 	}
+	if (!verify_check_secrets(cfg->secrets, cfg->nsecrets, err, sizeof(err)))
+	{
+		log_msg("cannot start: %s", err);
+		config_free(cfg);
+		return 1;
+	}
 	if (check_only)
 	{
 		printf("%s: configuration ok (%d service(s), %d secret(s))\n",

@@ -12,10 +12,12 @@
  *-------------------------------------------------------------------------
  */
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
@@ -185,6 +187,40 @@ verify_compute(const verify_secret *secret, const char *id, const char *ts,
 		outlen == VERIFY_MAC_LEN;
 	EVP_MAC_CTX_free(ctx);
 	return ok;
+}
+
+/*
+ * Check, once at start, that a MAC can be computed with each configured
+ * secret, making the template meanwhile.  A failure that is not about
+ * memory (OpenSSL without the HMAC or SHA-256 of a provider: a provider
+ * left out by its configuration, OPENSSL_CONF, or one that fails to load)
+ * would otherwise show only in requests, every one answered 500 until the
+ * worker gave up: the agent refuses to start instead, with why in errbuf
+ * (OpenSSL's reason, when it gives one).
+ */
+bool
+verify_check_secrets(const verify_secret *secrets, int nsecrets, char *errbuf, size_t errsize)
+{
+	unsigned char mac[VERIFY_MAC_LEN];
+
+	for (int s = 0; s < nsecrets; s++)
+	{
+		char		reason[256] = "OpenSSL gives no reason";
+		unsigned long e;
+
+		ERR_clear_error();
+		if (verify_compute(&secrets[s], "check", "0", (const unsigned char *) "", 0, mac))
+			continue;
+		if ((e = ERR_peek_last_error()) != 0)
+			ERR_error_string_n(e, reason, sizeof(reason));
+		ERR_clear_error();
+		snprintf(errbuf, errsize,
+				 "HMAC-SHA256 cannot be computed with secret %d of %d, so no request signature could be checked "
+				 "(is OpenSSL's default provider available? see OPENSSL_CONF): %s", s + 1, nsecrets, reason);
+		return false;
+	}
+	OPENSSL_cleanse(mac, sizeof(mac));
+	return true;
 }
 
 /*

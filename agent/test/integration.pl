@@ -1800,6 +1800,32 @@ SKIP: {
 	ok($? == 0 && $out =~ /configuration ok \(1 service\(s\), 1 secret\(s\)\)/, '--check-config accepts the shipped example (with a secrets file)', $out);
 }
 
+# --- an OpenSSL that cannot compute HMAC-SHA256: refused at start, not at every request ------
+# OpenSSL configured (OPENSSL_CONF) with only its base provider, or with default properties
+# that no loaded provider meets, has no HMAC: no signature could ever be checked, and the agent
+# answered every request 500 until the worker gave up.  It checks each secret at start instead.
+{
+	my $d = tempdir("nohmac-XXXXXX", DIR => $tmp);
+	spew("$d/base-only.cnf", "openssl_conf = openssl_init\n[openssl_init]\nproviders = provider_sect\n"
+		. "[provider_sect]\nbase = base_sect\n[base_sect]\nactivate = 1\n");
+	spew("$d/fips-only.cnf", "openssl_conf = openssl_init\n[openssl_init]\nalg_section = algorithm_sect\n"
+		. "[algorithm_sect]\ndefault_properties = fips=yes\n");
+	my $refused = qr/cannot start: HMAC-SHA256 cannot be computed with secret 1 of 2, so no request signature could be checked .*: error:[0-9A-F]+:.*unsupported/;
+	my $b;
+	{
+		local $ENV{OPENSSL_CONF} = "$d/base-only.cnf";
+		$b = start_agent(services => $services, secrets => "$SECRET\n$SECRET2\n");
+	}
+	ok(!$b->{port} && defined $b->{status} && ($b->{status} >> 8) == 1 && slurp($b->{log}) =~ $refused,
+		'with an OpenSSL without HMAC (base provider only) the agent refuses to start, exit 1, saying why',
+		"exit status " . ($b->{status} // 'none') . "\n" . slurp($b->{log}));
+	stop_agent($b);
+	my $out = `OPENSSL_CONF=$d/fips-only.cnf $bin --check-config --config $b->{dir}/agent.conf 2>&1`;
+	ok($? >> 8 == 1 && $out =~ $refused, '--check-config refuses it too (properties no provider meets)', $out);
+	$out = `$bin --check-config --config $b->{dir}/agent.conf 2>&1`;
+	ok($? == 0 && $out =~ /configuration ok/, 'and accepts the same configuration with OpenSSL as installed', $out);
+}
+
 # --- TLS with a throwaway CA --------------------------------------------------------------
 {
 	my $d = tempdir("tls-XXXXXX", DIR => $tmp);
