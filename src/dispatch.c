@@ -205,6 +205,18 @@ rw_dispatch_start(RwClaimed *row)
 	}
 	if (row->accepted)
 		dispatch_follow(call);
+	else if (call->deadline <= GetCurrentTimestamp())
+	{
+		/*
+		 * The claim took the request before its deadline, judged when its
+		 * transaction began; its commit can take long (a synchronous one
+		 * waits for the synchronous standbys), and the deadline passed
+		 * meanwhile.  Sent now, with no time left, the agent would accept it
+		 * and run its steps after the deadline.  It times out unsent.
+		 */
+		rw_http_fail(call, RW_CALL_TIMEOUT,
+					 "the request's deadline passed before its call could be sent");
+	}
 	else
 	{
 		call->post_wait = dispatch_post_may_wait(call->url);
