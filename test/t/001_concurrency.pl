@@ -207,5 +207,44 @@ is($node->safe_psql('conc',
 	  . "WHERE a.name = 'h-gone' OR s.name = 'svc-gone'"),
 	'0', 'the agent is gone and no service was made');
 
+# With a transaction-wide snapshot (REPEATABLE READ, SERIALIZABLE) the one that waited
+# cannot see what the other committed: it fails to serialise (40001; retried, it gives the
+# error above), never with a foreign key violation (23503).
+$node->safe_psql('conc', q{
+	SELECT restart_worker.register_agent('h-rr', 'http://127.0.0.1:9', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+	SELECT restart_worker.register_agent('h-rr-gone', 'http://127.0.0.1:9', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw');
+});
+$reg = $node->background_psql('conc');
+$reg->query_safe('BEGIN');
+$reg->query_safe("SELECT restart_worker.register_service('svc-rr', 'h-rr', '0')");
+($rh, $re) = start_psql('BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM restart_worker.agents; '
+	  . "SELECT restart_worker.remove_agent('h-rr'); COMMIT");
+ok( $node->poll_query_until('conc',
+		"SELECT count(*) = 1 FROM pg_stat_activity "
+		  . "WHERE wait_event_type = 'Lock' AND query LIKE '%remove_agent%'"),
+	'REPEATABLE READ: remove_agent() waits for a register_service() of the agent');
+$reg->query_safe('COMMIT');
+$reg->quit;
+$rh->finish;
+like($$re, qr/ERROR:\s+40001: /, 'REPEATABLE READ: then it fails to serialise (40001)');
+is($node->safe_psql('conc', "SELECT agent FROM restart_worker.services WHERE name = 'svc-rr'"),
+	'h-rr', 'REPEATABLE READ: the agent and its new service stay');
+
+$rem = $node->background_psql('conc');
+$rem->query_safe('BEGIN');
+$rem->query_safe("SELECT restart_worker.remove_agent('h-rr-gone')");
+($rh, $re) = start_psql('BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM restart_worker.agents; '
+	  . "SELECT restart_worker.register_service('svc-rr-gone', 'h-rr-gone', '0'); COMMIT");
+ok( $node->poll_query_until('conc',
+		"SELECT count(*) = 1 FROM pg_stat_activity "
+		  . "WHERE wait_event_type = 'Lock' AND query LIKE '%register_service%'"),
+	'REPEATABLE READ: register_service() waits for a remove_agent() of its agent');
+$rem->query_safe('COMMIT');
+$rem->quit;
+$rh->finish;
+like($$re, qr/ERROR:\s+40001: /, 'REPEATABLE READ: then it fails to serialise (40001)');
+is($node->safe_psql('conc', "SELECT count(*) FROM restart_worker.services WHERE name = 'svc-rr-gone'"),
+	'0', 'REPEATABLE READ: no service was made');
+
 $node->stop;
 done_testing();

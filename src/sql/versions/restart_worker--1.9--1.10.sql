@@ -21,7 +21,9 @@
 -- Remove an agent that no service uses any more. The agent's row is locked before the
 -- services are looked at (since 1.10), against register_service(), which locks it too:
 -- one that gave the agent a service and has not committed yet is waited for, and its
--- service seen (2BP01), where the delete found it only in the foreign key's check (23503).
+-- service seen (2BP01), where the delete found it only in the foreign key's check (23503);
+-- with a transaction-wide snapshot, which cannot see that service, it fails to serialise
+-- (40001).
 CREATE OR REPLACE FUNCTION restart_worker.remove_agent(p_name text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -42,7 +44,17 @@ BEGIN
 			USING ERRCODE = 'dependent_objects_still_exist',
 				  HINT = 'Remove those services or register them with another agent first.';
 	END IF;
-	DELETE FROM restart_worker.agents WHERE name = p_name;
+	-- With a transaction-wide snapshot (REPEATABLE READ, SERIALIZABLE) the look above
+	-- cannot see a service that a register_service() this removal waited for committed;
+	-- the delete's foreign key check finds it: that is a failure to serialise.
+	BEGIN
+		DELETE FROM restart_worker.agents WHERE name = p_name;
+	EXCEPTION
+		WHEN foreign_key_violation THEN
+			RAISE EXCEPTION 'could not serialize access: agent "%" was given a service after this transaction began', p_name
+				USING ERRCODE = 'serialization_failure',
+					  HINT = 'Retry the transaction.';
+	END;
 END;
 $$;
 
