@@ -198,6 +198,35 @@ SELECT q.service_name, c.maybe_sent, c.accepted, c.url
 UPDATE service_restart_requests SET status = 'cancelled'
 	WHERE service_name IN ('cl115', 'cl116');
 
+-- When the worker next has something to do (worker_next_due()), for requests it does not
+-- have in flight: cl117, accepted by its agent, past its deadline, its lease running for an
+-- hour, is claimed (for a last look) only once its lease has run out: its deadline does not
+-- count (1.10; before, the worker woke at once, found nothing to claim, and claimed again
+-- once a second until the lease ended). cl118, never accepted, in the same state, is failed
+-- by the next claim: its deadline counts. Other active requests are left out.
+INSERT INTO service_restart_requests (service_name, status, requested_by_role, attempts,
+									  requested_at, next_attempt_at, deadline_at, dispatched_at)
+	VALUES ('cl117', 'running', 'postgres', 1, '2026-01-01 00:00:00+00',
+			now() + interval '1 hour', '2026-01-01 00:01:00+00', '2026-01-01 00:00:01+00'),
+		   ('cl118', 'dispatching', 'postgres', 1, '2026-01-01 00:00:00+00',
+			now() + interval '1 hour', '2026-01-01 00:02:00+00', NULL);
+CREATE FUNCTION pg_temp.next_due_of(p_services text[]) RETURNS text
+LANGUAGE sql AS $$
+	SELECT CASE restart_worker.worker_next_due(ARRAY(
+				SELECT id FROM service_restart_requests
+				WHERE status IN ('pending', 'dispatching', 'running')
+				  AND NOT (service_name = ANY (p_services))))
+		   WHEN (SELECT next_attempt_at FROM service_restart_requests
+				 WHERE service_name = 'cl117' AND status = 'running') THEN 'at the lease''s end'
+		   WHEN '2026-01-01 00:01:00+00' THEN 'at cl117''s deadline, past'
+		   WHEN '2026-01-01 00:02:00+00' THEN 'at cl118''s deadline, past'
+		   ELSE 'elsewhen' END
+$$;
+SELECT pg_temp.next_due_of('{cl117}') AS accepted_alone,
+	   pg_temp.next_due_of('{cl117,cl118}') AS with_one_never_accepted;
+UPDATE service_restart_requests SET status = 'cancelled'
+	WHERE service_name IN ('cl117', 'cl118');
+
 DELETE FROM service_restart_requests WHERE service_name LIKE 'cl%';
 DELETE FROM restart_worker.services WHERE name LIKE 'cl%';
 DELETE FROM restart_worker.agents WHERE name = 'clhost';

@@ -408,9 +408,13 @@ END;
 $$;
 
 -- When the worker next has something to do for requests it does not have in flight:
--- the earliest due attempt or deadline, or NULL if there is none. PL/pgSQL rather than a
--- SQL-standard body: its subqueries keep such a function from being inlined, and a
--- function that is not inlined is planned again at every call; PL/pgSQL keeps the plan.
+-- the earliest due attempt or deadline, or NULL if there is none. The deadline of a
+-- request its agent accepted does not count (since 1.10): a claim takes such a request
+-- only once its lease has run out, also past its deadline (for a last look), so waking at
+-- the deadline found nothing to do, and the worker claimed again once a second until the
+-- lease ended. PL/pgSQL rather than a SQL-standard body: its subqueries keep such a
+-- function from being inlined, and a function that is not inlined is planned again at
+-- every call; PL/pgSQL keeps the plan.
 CREATE FUNCTION restart_worker.worker_next_due(p_exclude uuid[])
 RETURNS timestamptz
 LANGUAGE plpgsql STABLE
@@ -424,6 +428,7 @@ BEGIN
 		 ORDER BY q.next_attempt_at LIMIT 1),
 		(SELECT q.deadline_at FROM public.service_restart_requests q
 		 WHERE q.status IN ('pending', 'dispatching', 'running')
+		   AND q.dispatched_at IS NULL
 		   AND NOT (q.id = ANY (p_exclude))
 		 ORDER BY q.deadline_at LIMIT 1));
 END;

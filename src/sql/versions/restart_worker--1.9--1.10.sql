@@ -13,7 +13,10 @@
 -- url: a call to an agent whose URL cannot be called (a port outside 1-65535, registered
 -- before 1.9) fails at once, saying to register the agent again, where it failed as an
 -- invalid answer (or, for port 0, was tried again as an agent that cannot be reached).
--- The tables and their rows are unchanged. The definitions below are those of
+-- worker_next_due() no longer counts the deadline of a request its agent accepted, which
+-- a claim takes only once its lease has run out: past such a deadline the worker claimed
+-- once a second, finding nothing, until the lease ended. The tables and their rows are
+-- unchanged. The definitions below are those of
 -- src/sql/30_admin.sql and src/sql/50_worker.sql.
 
 \echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.10'" to load this file. \quit
@@ -337,5 +340,32 @@ BEGIN
 		ELSE
 			reason := 'invalid answer from the agent';
 	END CASE;
+END;
+$$;
+
+-- When the worker next has something to do for requests it does not have in flight:
+-- the earliest due attempt or deadline, or NULL if there is none. The deadline of a
+-- request its agent accepted does not count (since 1.10): a claim takes such a request
+-- only once its lease has run out, also past its deadline (for a last look), so waking at
+-- the deadline found nothing to do, and the worker claimed again once a second until the
+-- lease ended. PL/pgSQL rather than a SQL-standard body: its subqueries keep such a
+-- function from being inlined, and a function that is not inlined is planned again at
+-- every call; PL/pgSQL keeps the plan.
+CREATE OR REPLACE FUNCTION restart_worker.worker_next_due(p_exclude uuid[])
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	RETURN least(
+		(SELECT q.next_attempt_at FROM public.service_restart_requests q
+		 WHERE q.status IN ('pending', 'dispatching', 'running')
+		   AND NOT (q.id = ANY (p_exclude))
+		 ORDER BY q.next_attempt_at LIMIT 1),
+		(SELECT q.deadline_at FROM public.service_restart_requests q
+		 WHERE q.status IN ('pending', 'dispatching', 'running')
+		   AND q.dispatched_at IS NULL
+		   AND NOT (q.id = ANY (p_exclude))
+		 ORDER BY q.deadline_at LIMIT 1));
 END;
 $$;
