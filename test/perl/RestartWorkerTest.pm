@@ -23,7 +23,7 @@ our @EXPORT = qw(
 	new_node setup_registry request_restart wait_status row_of slurp spew count_lines
 	unresponsive_listener free_port fake_agent fake_calls job_json gated_steps
 	$NO_FLUSH_CONF stop_walwriter crash_walwriter worker_as_role cancel_refusal
-	status_attempts worker_back
+	status_attempts worker_back worker_sockets_to
 );
 
 # The signing secret shared by the tests' agents and the registry.
@@ -306,6 +306,30 @@ sub job_json
 		steps => [], output => "fake output\n", output_truncated => JSON::PP::false(),
 		error => undef, %o);
 	return JSON::PP->new->canonical->encode(\%job);
+}
+
+# The TCP connections of process $pid to port $port on this host: its socket descriptors
+# whose peer is that port, as { fd => "inode state" } (state as /proc/net/tcp gives it: 01
+# established, 08 closed by the peer).
+sub worker_sockets_to
+{
+	my ($pid, $port) = @_;
+	my %state;
+	for my $line (split /\n/, slurp('/proc/net/tcp'))
+	{
+		my @f = split ' ', $line;
+		next unless @f > 9 && $f[2] =~ /:([0-9A-F]{4})$/ && hex($1) == $port;
+		$state{ $f[9] } = $f[3];
+	}
+	my %socks;
+	opendir(my $dh, "/proc/$pid/fd") or die "cannot read /proc/$pid/fd: $!";
+	for my $fd (grep { /^\d+$/ } readdir $dh)
+	{
+		my $target = readlink("/proc/$pid/fd/$fd") // '';
+		$socks{$fd} = "$1 $state{$1}" if $target =~ /^socket:\[(\d+)\]$/ && exists $state{$1};
+	}
+	closedir $dh;
+	return \%socks;
 }
 
 # A new cluster with the worker preloaded and quick retries for tests; extra settings

@@ -51,37 +51,14 @@ sub worker_ticks
 	return $f[11] + $f[12];
 }
 
-# The worker's TCP connections to the agent: its socket descriptors whose peer is the
-# agent's port, as { fd => "inode state" } (state as /proc/net/tcp gives it: 01
-# established, 08 closed by the peer).
-sub agent_sockets
-{
-	my %state;
-	for my $line (split /\n/, slurp('/proc/net/tcp'))
-	{
-		my @f = split ' ', $line;
-		next unless @f > 9 && $f[2] =~ /:([0-9A-F]{4})$/ && hex($1) == $agent->{port};
-		$state{ $f[9] } = $f[3];
-	}
-	my %socks;
-	opendir(my $dh, "/proc/$worker/fd") or die "cannot read /proc/$worker/fd: $!";
-	for my $fd (grep { /^\d+$/ } readdir $dh)
-	{
-		my $target = readlink("/proc/$worker/fd/$fd") // '';
-		$socks{$fd} = "$1 $state{$1}" if $target =~ /^socket:\[(\d+)\]$/ && exists $state{$1};
-	}
-	closedir $dh;
-	return \%socks;
-}
-
-my $kept = agent_sockets();
+my $kept = worker_sockets_to($worker, $agent->{port});
 ok(scalar(grep { / 01$/ } values %$kept) >= 1,
 	'the worker keeps its connections to the agent open between calls (' . scalar(keys %$kept) . ')');
 
 # The agent goes away: its end closes the connections the worker keeps.  Over the next
 # two safety-net polls (about two seconds) the worker must mostly sleep.
 stop_agent($agent);
-ok(wait_for(sub { my $now = agent_sockets(); !grep { / 01$/ } values %$now }, 30),
+ok(wait_for(sub { my $now = worker_sockets_to($worker, $agent->{port}); !grep { / 01$/ } values %$now }, 30),
 	'the agent closed them: the worker\'s parked sockets are ready to read (their end)');
 my $hz = POSIX::sysconf(POSIX::_SC_CLK_TCK());    # what /proc/<pid>/stat counts in
 my $ticks0 = worker_ticks();
@@ -108,7 +85,7 @@ for my $round (1 .. 2)
 is($node->safe_psql('postgres',
 	"SELECT count(*) FROM public.service_restart_requests WHERE status <> 'completed'"), '0',
 	'every request completed');
-my $now = agent_sockets();
+my $now = worker_sockets_to($worker, $agent->{port});
 note('descriptor numbers of closed connections taken by new ones: '
 	  . join(' ', grep { exists $now->{$_} && $now->{$_} ne $kept->{$_} } sort keys %$kept));
 

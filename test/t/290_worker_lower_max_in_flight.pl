@@ -2,7 +2,7 @@
 # calls go on: their long-polls keep their connections instead of waiting in libcurl's
 # queue for one, where their timeout ran (they timed out and were retried with nothing
 # wrong with the agent).  No request is claimed until the calls are fewer than the new
-# limit, and once they are, the new limit holds.
+# limit, and once they are, the new limit holds, for calls and kept connections alike.
 use strict;
 use warnings;
 
@@ -55,6 +55,13 @@ is($node->safe_psql('postgres',
 	"SELECT status FROM public.service_restart_requests WHERE id = '$quick'"), 'pending',
 	'a request made meanwhile waits: the calls are more than the new limit');
 
+my $worker = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'");
+my $established = sub {
+	return scalar grep { / 01$/ } values %{ worker_sockets_to($worker, $agent->{port}) };
+};
+is($established->(), 4, 'each call in flight has a connection of its own');
+
 spew($gate, '');
 ok(wait_status($node, $ids{$_}, 'completed'), "job $_ is followed to its end") for @long;
 is($node->safe_psql('postgres',
@@ -75,6 +82,10 @@ is($node->safe_psql('postgres',
 	'the second waits for the only slot');
 spew($gate, '');
 ok(wait_status($node, $_, 'completed'), 'both complete in turn') for $first, $second;
+# The connections kept came down with the calls: libcurl closes an idle one as each call
+# ends while it keeps more than the limit (before, it kept the four).
+ok(wait_for(sub { $established->() <= 1 }, 30),
+	'the worker keeps no more connections than the new limit (' . $established->() . ')');
 
 $node->stop;
 done_testing();
