@@ -23,7 +23,7 @@ our @EXPORT = qw(
 	new_node setup_registry request_restart wait_status row_of slurp spew count_lines
 	unresponsive_listener free_port fake_agent fake_calls job_json gated_steps
 	$NO_FLUSH_CONF stop_walwriter crash_walwriter worker_as_role cancel_refusal
-	status_attempts worker_back worker_sockets_to
+	status_attempts worker_back worker_sockets_to sync_standby
 );
 
 # The signing secret shared by the tests' agents and the registry.
@@ -330,6 +330,17 @@ sub worker_sockets_to
 	}
 	closedir $dh;
 	return \%socks;
+}
+
+# Point synchronous_standby_names of $node at standby $names ('nobody': one that does
+# not exist, so that synchronous commits wait), or at none (''), and check it took.
+sub sync_standby
+{
+	my ($node, $names) = @_;
+	$node->append_conf('postgresql.conf', "synchronous_standby_names = '$names'");
+	$node->reload;
+	ok($node->poll_query_until($DB, "SHOW synchronous_standby_names", $names),
+		"synchronous_standby_names is '$names'");
 }
 
 # A new cluster with the worker preloaded and quick retries for tests; extra settings

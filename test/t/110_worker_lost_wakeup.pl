@@ -56,16 +56,6 @@ sub worker_waits
 		 WHERE a.backend_type = 'restart_worker' AND NOT l.granted") ne '0';
 }
 
-# Point synchronous_standby_names at a standby that does not exist, or at none.
-sub standby
-{
-	my ($names) = @_;
-	$node->append_conf('postgresql.conf', "synchronous_standby_names = '$names'");
-	$node->reload;
-	ok($node->poll_query_until('postgres', "SHOW synchronous_standby_names", $names),
-		"synchronous_standby_names is '$names'");
-}
-
 my $exercised = 0;
 for my $i (1 .. $attempts)
 {
@@ -73,7 +63,7 @@ for my $i (1 .. $attempts)
 	my $gated = request_restart($node, "gated$i");
 	ok(wait_status($node, $gated, 'running'), "attempt $i: the gated job runs");
 
-	standby('nobody');
+	sync_standby($node, 'nobody');
 	my $holder = $node->background_psql('postgres');
 	# A transaction that writes WAL (the temporary table's catalog rows) and notifies.
 	$holder->query_until(qr/holding/,
@@ -100,7 +90,7 @@ for my $i (1 .. $attempts)
 			 WHERE backend_type = 'restart_worker' AND wait_event = 'SyncRep'", '1'),
 			"attempt $i: the worker claims the request committed during its wait");
 	}
-	standby('');
+	sync_standby($node, '');
 	$holder->quit;
 	ok(wait_status($node, $id, 'completed'), "attempt $i: the request completed");
 	if ($during)

@@ -32,17 +32,7 @@ setup_registry($node, 'host1', $agent->{url},
 my $warm = request_restart($node, 'warm');
 ok(wait_status($node, $warm, 'completed'), 'a first request completes');
 
-# Point synchronous_standby_names at a standby that does not exist, or at none.
-sub standby
-{
-	my ($names) = @_;
-	$node->append_conf('postgresql.conf', "synchronous_standby_names = '$names'");
-	$node->reload;
-	ok($node->poll_query_until('postgres', "SHOW synchronous_standby_names", $names),
-		"synchronous_standby_names is '$names'");
-}
-
-standby('nobody');
+sync_standby($node, 'nobody');
 my $id = $node->safe_psql('postgres',
 	"SET synchronous_commit = local; SELECT id FROM public.request_service_restart('late_svc')");
 ok($node->poll_query_until('postgres',
@@ -52,7 +42,7 @@ ok($node->poll_query_until('postgres',
 	"SELECT clock_timestamp() > deadline_at + interval '500 ms' FROM public.service_restart_requests WHERE id = '$id'"),
 	'meanwhile the request\'s deadline passes');
 my $log_offset = -s $node->logfile;
-standby('');
+sync_standby($node, '');
 
 ok(wait_status($node, $id, 'failed'), 'the request fails');
 my $row = row_of($node, $id);
