@@ -65,15 +65,27 @@ static const config_limit limit_defs[] = {
 };
 
 /*
- * Record an error at a line of the file as "FILE:LINE: KEY: reason"; a
- * line of 0 reports the file only.  Always returns false so callers can
- * "return config_fail_line(...)".
+ * The file a setting was read from: the configuration file, or one it
+ * includes (@include); NULL means the configuration file.
  */
-static bool config_fail_line(config_ctx *ctx, int line, const char *key,
-							 const char *fmt,...) __attribute__((format(printf, 4, 5)));
+static const char *
+config_setting_file(const config_ctx *ctx, const config_setting_t *s)
+{
+	const char *file = s ? config_setting_source_file(s) : NULL;
+
+	return file ? file : ctx->path;
+}
+
+/*
+ * Record an error at a line of a file (NULL: the configuration file) as
+ * "FILE:LINE: KEY: reason"; a line of 0 reports the file only.  Always
+ * returns false so callers can "return config_fail_line(...)".
+ */
+static bool config_fail_line(config_ctx *ctx, const char *file, int line, const char *key,
+							 const char *fmt,...) __attribute__((format(printf, 5, 6)));
 
 static bool
-config_fail_line(config_ctx *ctx, int line, const char *key, const char *fmt,...)
+config_fail_line(config_ctx *ctx, const char *file, int line, const char *key, const char *fmt,...)
 {
 	char		reason[512];
 	va_list		ap;
@@ -81,16 +93,19 @@ config_fail_line(config_ctx *ctx, int line, const char *key, const char *fmt,...
 	va_start(ap, fmt);
 	vsnprintf(reason, sizeof(reason), fmt, ap);
 	va_end(ap);
+	if (file == NULL)
+		file = ctx->path;
 	if (line > 0)
-		snprintf(ctx->errbuf, ctx->errsize, "%s:%d: %s: %s", ctx->path, line, key, reason);
+		snprintf(ctx->errbuf, ctx->errsize, "%s:%d: %s: %s", file, line, key, reason);
 	else
-		snprintf(ctx->errbuf, ctx->errsize, "%s: %s: %s", ctx->path, key, reason);
+		snprintf(ctx->errbuf, ctx->errsize, "%s: %s: %s", file, key, reason);
 	return false;
 }
 
 /*
- * Record an error about a setting as "FILE:LINE: KEY: reason", the line
- * being the setting's.  A NULL setting reports the file only.  Always
+ * Record an error about a setting as "FILE:LINE: KEY: reason", the file
+ * and line being the setting's (a file it was @include'd from is named,
+ * as in a syntax error).  A NULL setting reports the file only.  Always
  * returns false so callers can "return config_fail(...)".
  */
 static bool config_fail(config_ctx *ctx, const config_setting_t *s, const char *key,
@@ -106,7 +121,8 @@ config_fail(config_ctx *ctx, const config_setting_t *s, const char *key,
 	va_start(ap, fmt);
 	vsnprintf(reason, sizeof(reason), fmt, ap);
 	va_end(ap);
-	return config_fail_line(ctx, s ? (int) config_setting_source_line(s) : 0, key, "%s", reason);
+	return config_fail_line(ctx, config_setting_file(ctx, s), s ? (int) config_setting_source_line(s) : 0,
+							key, "%s", reason);
 }
 
 /*
@@ -655,22 +671,26 @@ config_cmp_service_name(const void *key, const void *elem)
  * Find where service number idx of the services group g names itself: its
  * name setting when written label = { name = "..."; ... }, else the
  * setting itself.  Writes its key (services.LABEL or services.LABEL.name)
- * into key and returns that setting's line.
+ * into key, its file into *file and returns that setting's line.
  */
 static int
-config_service_name_at(const config_setting_t *g, int idx, char *key, size_t keysize)
+config_service_name_at(const config_ctx *ctx, const config_setting_t *g, int idx,
+					   char *key, size_t keysize, const char **file)
 {
 	config_setting_t *s = config_setting_get_elem(g, idx);
 	config_setting_t *name = config_setting_type(s) == CONFIG_TYPE_GROUP ?
 		config_setting_get_member(s, "name") : NULL;
 
 	snprintf(key, keysize, "services.%s%s", config_setting_name(s), name ? ".name" : "");
+	*file = config_setting_file(ctx, name ? name : s);
 	return (int) config_setting_source_line(name ? name : s);
 }
 
 /*
  * Refuse a name configured twice (a and b, a first in the file): the
- * message names the second occurrence's line and key, and the first's.
+ * message names the second occurrence's file, line and key, and the
+ * first's line and key (and its file, when the two are in different files,
+ * one @include'd).
  */
 static bool
 config_fail_twice(config_ctx *ctx, const config_setting_t *g,
@@ -678,12 +698,18 @@ config_fail_twice(config_ctx *ctx, const config_setting_t *g,
 {
 	char		first[160];
 	char		second[160];
-	int			first_line = config_service_name_at(g, (int) (a - ctx->cfg->services),
-													first, sizeof(first));
-	int			second_line = config_service_name_at(g, (int) (b - ctx->cfg->services),
-													 second, sizeof(second));
+	const char *first_file;
+	const char *second_file;
+	int			first_line = config_service_name_at(ctx, g, (int) (a - ctx->cfg->services),
+													first, sizeof(first), &first_file);
+	int			second_line = config_service_name_at(ctx, g, (int) (b - ctx->cfg->services),
+													 second, sizeof(second), &second_file);
 
-	return config_fail_line(ctx, second_line, second,
+	if (strcmp(first_file, second_file) != 0)
+		return config_fail_line(ctx, second_file, second_line, second,
+								"service \"%s\" is configured twice (first at %s:%d, %s)",
+								b->name, first_file, first_line, first);
+	return config_fail_line(ctx, second_file, second_line, second,
 							"service \"%s\" is configured twice (first at line %d, %s)",
 							b->name, first_line, first);
 }

@@ -84,6 +84,8 @@ teardown(void **state)
 	unlink(p);
 	snprintf(p, sizeof(p), "%s/secrets2", dir);
 	unlink(p);
+	snprintf(p, sizeof(p), "%s/more.conf", dir);
+	unlink(p);
 	rmdir(dir);
 	return 0;
 }
@@ -344,6 +346,29 @@ test_service_names(void **state)
 			" a = {\n  steps = ( { argv = [\"/bin/true\"]; } );\n  name = \"api.v2\"; };\n"
 			" c = { name = \"api.v2\"; steps = ( { argv = [\"/bin/true\"]; } ); }; };\n",
 			":10: services.a.name: service \"api.v2\" is configured twice", "(first at line 5, services.b.name)");
+	/*
+	 * services of an @include'd file: a message names the file of the line
+	 * (as a syntax error there does), and the first occurrence's file when
+	 * it is another
+	 */
+	{
+		char		conf[1200];
+		char		incl[600];
+		char		frag[1400];
+
+		snprintf(incl, sizeof(incl), "%s/more.conf", dir);
+		write_file("more.conf", " web2 = ( { argv = [\"/bin/true\"]; } );\n"
+				   " x = { name = \"web\"; steps = ( { argv = [\"/bin/true\"]; } ); };\n");
+		snprintf(conf, sizeof(conf), BASE "services = {\n web = ( { argv = [\"/bin/true\"]; } );\n"
+				 "@include \"%s\"\n};\n", incl);
+		snprintf(frag, sizeof(frag), "%s:2: services.x.name: service \"web\" is configured twice", incl);
+		refused(conf, frag, NULL);
+		snprintf(frag, sizeof(frag), "(first at %s:5, services.web)", path);
+		refused(conf, frag, NULL);
+		write_file("more.conf", "\n x = { name = \"web2\"; steps = ( { argv = [\"bin/true\"]; } ); };\n");
+		snprintf(frag, sizeof(frag), "%s:2: services.x[0].argv:", incl);
+		refused(conf, frag, "absolute");
+	}
 }
 
 static void
