@@ -30,16 +30,18 @@ setup_registry($node, 'gone', 'http://127.0.0.1:' . free_port(),
 setup_registry($node, 'host1', $agent->{url});
 
 # The pause: when a claim fails a request of pause_svc, it waits in this trigger until a
-# row appears in claim_gate (each of its queries sees what committed meanwhile).
+# row appears in claim_gate (each of its queries sees what committed meanwhile), for three
+# minutes at most, so that a test that dies before opening the gate leaves no stuck worker.
 $node->safe_psql('postgres', q{
 	CREATE TABLE public.claim_gate (opened boolean);
 	CREATE FUNCTION public.pause_claim() RETURNS trigger LANGUAGE plpgsql AS $$
 	DECLARE
 		v_context text;
+		v_until timestamptz := clock_timestamp() + interval '3 minutes';
 	BEGIN
 		GET DIAGNOSTICS v_context = PG_CONTEXT;
 		IF v_context LIKE '%worker_claim%' THEN
-			WHILE NOT EXISTS (SELECT FROM public.claim_gate) LOOP
+			WHILE NOT EXISTS (SELECT FROM public.claim_gate) AND clock_timestamp() < v_until LOOP
 				PERFORM pg_sleep(0.02);
 			END LOOP;
 		END IF;
