@@ -304,17 +304,21 @@ rw_http_configure(void)
  * request's attempts ran out.  Such a call fails before it is set up, as
  * one whose URL is not usable (RW_CALL_URL).  A unix: URL has no port.
  * If libcurl runs out of memory here the call goes ahead, and fails or
- * not on its own.
+ * not on its own.  The last URL found usable is remembered, so that the
+ * calls of a burst to one agent parse it once.
  */
 bool
 rw_http_url_usable(const char *url)
 {
+	static char *last_usable = NULL;	/* malloc'd */
 	CURLU	   *u;
 	CURLUcode	rc;
 	char	   *port = NULL;
 	bool		usable;
 
-	if (strncmp(url, "unix:", 5) == 0 || (u = curl_url()) == NULL)
+	if (strncmp(url, "unix:", 5) == 0 ||
+		(last_usable != NULL && strcmp(url, last_usable) == 0) ||
+		(u = curl_url()) == NULL)
 		return true;
 	rc = curl_url_set(u, CURLUPART_URL, url, 0);
 	if (rc == CURLUE_OK)
@@ -325,6 +329,11 @@ rw_http_url_usable(const char *url)
 		usable = (rc == CURLUE_OUT_OF_MEMORY);
 	curl_free(port);
 	curl_url_cleanup(u);
+	if (usable && rc == CURLUE_OK)
+	{
+		free(last_usable);
+		last_usable = strdup(url);
+	}
 	return usable;
 }
 
