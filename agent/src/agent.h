@@ -21,7 +21,7 @@
 
 #include <jansson.h>
 
-#define AGENT_VERSION "1.1.5"
+#define AGENT_VERSION "1.1.6"
 
 #define UUID_TEXT_LEN 36
 #define SERVICE_NAME_MAX 64

@@ -157,11 +157,12 @@ main_wait_for_stop(const sigset_t *set)
 }
 
 /*
- * Parse options, load the configuration, start the journal, the job table
- * and the HTTP server, and run until told to stop.
+ * Parse the command line.  Returns -1 if the agent is to go on with the
+ * configuration file and mode found, or else the status to exit with
+ * (after --version, --help or a usage error).
  */
-int
-main(int argc, char **argv)
+static int
+main_parse_args(int argc, char **argv, const char **config_path, bool *check_only)
 {
 	static const struct option opts[] = {
 		{"config", required_argument, NULL, 'c'},
@@ -170,23 +171,17 @@ main(int argc, char **argv)
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0}
 	};
-	const char *config_path = NULL;
-	bool		check_only = false;
-	char		err[1024];
-	agent_config *cfg;
-	sigset_t	set;
 	int			c;
 
-	main_open_std_fds();
 	while ((c = getopt_long(argc, argv, "c:nVh", opts, NULL)) != -1)
 	{
 		switch (c)
 		{
 			case 'c':
-				config_path = optarg;
+				*config_path = optarg;
 				break;
 			case 'n':
-				check_only = true;
+				*check_only = true;
 				break;
 			case 'V':
 				printf("restart-agent %s\n", AGENT_VERSION);
@@ -199,25 +194,82 @@ main(int argc, char **argv)
 				return 2;
 		}
 	}
-	if (config_path == NULL || optind != argc)
+	if (*config_path == NULL || optind != argc)
 	{
 		main_usage(stderr);
 		return 2;
 	}
-	umask(077);
-	util_json_init();
-	main_block_signals(&set);
-	if ((cfg = config_load(config_path, err, sizeof(err))) == NULL)
+	return -1;
+}
+
+/*
+ * Load the configuration and check that OpenSSL can sign with each
+ * secret.  The descriptors the agent inherited are closed in between:
+ * after the configuration is read (it may name one), before OpenSSL is
+ * first used (a provider or its random source may open a descriptor and
+ * keep it).  Returns NULL, the reason logged, if the agent cannot start.
+ */
+static agent_config *
+main_load_config(const char *path)
+{
+	char		err[1024];
+	agent_config *cfg;
+
+	if ((cfg = config_load(path, err, sizeof(err))) == NULL)
 	{
 		log_msg("configuration error: %s", err);
-		return 1;
+		return NULL;
 	}
+	main_close_inherited_fds();
 	if (!verify_check_secrets(cfg->secrets, cfg->nsecrets, err, sizeof(err)))
 	{
 		log_msg("cannot start: %s", err);
 		config_free(cfg);
-		return 1;
+		return NULL;
 	}
+	return cfg;
+}
+
+/*
+ * Start the journal and job table (reading the journal back) and the HTTP
+ * server.  Returns false, the reason logged, if one of them cannot start;
+ * threads they started may still use cfg.
+ */
+static bool
+main_start(agent_config *cfg)
+{
+	char		err[1024];
+
+	journal_on_failure(main_on_journal_failure);
+	if (!jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))
+	{
+		log_msg("cannot start: %s", err);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Parse options, load the configuration, start the journal, the job table
+ * and the HTTP server, and run until told to stop.
+ */
+int
+main(int argc, char **argv)
+{
+	const char *config_path = NULL;
+	bool		check_only = false;
+	agent_config *cfg;
+	sigset_t	set;
+	int			status;
+
+	main_open_std_fds();
+	if ((status = main_parse_args(argc, argv, &config_path, &check_only)) >= 0)
+		return status;
+	umask(077);
+	util_json_init();
+	main_block_signals(&set);
+	if ((cfg = main_load_config(config_path)) == NULL)
+		return 1;
 	if (check_only)
 	{
 		printf("%s: configuration ok (%d service(s), %d secret(s))\n",
@@ -225,19 +277,14 @@ main(int argc, char **argv)
 		config_free(cfg);
 		return 0;
 	}
-	journal_on_failure(main_on_journal_failure);
-	main_close_inherited_fds();
 	if (!spawn_init())
 	{
 		log_msg("cannot start: cannot open /dev/null or an event descriptor: %s", strerror(errno));
 		config_free(cfg);
 		return 1;
 	}
-	if (!jobs_init(cfg, err, sizeof(err)) || !http_start(cfg, err, sizeof(err)))
-	{
-		log_msg("cannot start: %s", err);
+	if (!main_start(cfg))
 		return 1;
-	}
 	log_msg("restart-agent %s started: %d service(s), %d secret(s), state in %s",
 			AGENT_VERSION, cfg->nservices, cfg->nsecrets, cfg->state_dir);
 	main_wait_for_stop(&set);
