@@ -363,8 +363,115 @@ worker_wait(WaitEventSet **set, long timeout)
 }
 
 /*
- * The main loop.  Claims when woken, when a request is due and at the
- * safety-net poll; records outcomes as calls finish.
+ * What the main loop carries from one turn to the next.
+ */
+typedef struct WorkerLoop
+{
+	WaitEventSet *set;			/* latch, postmaster death, sockets */
+	TimestampTz next_due;		/* when the next request not in flight is due */
+	TimestampTz last_poll;		/* the last claim, or look for lost wake-ups */
+	uint64		wakes_seen;		/* wake-ups counted at the last claim */
+	bool		need_claim;		/* woken, or something came due */
+	bool		recover;		/* still taking over a crash's requests */
+	bool		extension_seen; /* the last claim found the extension */
+	bool		more;			/* the last claim left due requests behind */
+	bool		more_done;		/* work is left: the next wait must not block */
+	bool		deferred;		/* outcomes were left for this turn */
+	bool		woken;			/* the latch was set at the last wait */
+	bool		freed;			/* a slot was freed at the last turn */
+} WorkerLoop;
+
+/*
+ * First part of a turn: claim if woken, at the safety-net poll or when a
+ * request is due, as long as a slot is free.  With no slot free, requests
+ * waiting for one still end at their deadline (src/deadline.c): the poll
+ * is such a look, and so is a slot freed without a claim (a request put
+ * back while a lowered max_in_flight keeps every slot busy).
+ */
+static void
+worker_turn_claim(WorkerLoop *w)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	bool		poll_due;
+
+	poll_due = now >= w->last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC;
+	if ((w->next_due != 0 && w->next_due <= now) || poll_due)
+		w->need_claim = true;
+	if (w->need_claim && worker_may_claim())
+	{
+		w->wakes_seen = restart_worker_wake_count();
+		w->extension_seen = worker_claim(&w->recover, &w->next_due, &w->more);
+		w->last_poll = now;
+		w->need_claim = false;
+	}
+	else if (rw_dispatch_free_slots() == 0)
+	{
+		rw_deadline_blocked(w->woken || poll_due || w->freed);
+		if (poll_due)
+			w->last_poll = now;
+		if (rw_deadline_look_due())
+			rw_deadline_look(rw_dispatch_ids());
+	}
+	w->woken = w->freed = false;
+	rw_status_set_state(!w->extension_seen ? RW_STATE_NO_EXTENSION :
+						worker_settling ? RW_STATE_SETTLING :
+						rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
+}
+
+/*
+ * Second part of a turn: wait until something is due, or not at all when
+ * work is left over.  A wake-up used up inside a transaction (see
+ * src/wake.c) counts as one.
+ */
+static void
+worker_turn_wait(WorkerLoop *w)
+{
+	long		timeout;
+
+	if (worker_may_claim() && restart_worker_wake_count() != w->wakes_seen)
+		w->more_done = w->need_claim = true;
+	timeout = w->more_done ? 0 : worker_wait_timeout(w->next_due, w->last_poll);
+	if (worker_wait(&w->set, timeout))
+	{
+		rw_status_note_wake();
+		w->need_claim = w->woken = true;
+	}
+}
+
+/*
+ * Last part of a turn: record the outcomes of finished calls, and find when
+ * the next retry is due.  A request that just committed is claimed first:
+ * the outcomes wait for the next turn, but never two turns in a row, so
+ * that a stream of commits cannot hold them (and the long-polls they
+ * start) back.
+ */
+static void
+worker_turn_finish(WorkerLoop *w)
+{
+	TimestampTz retry_at = 0;
+
+	if (w->need_claim && worker_may_claim() && !w->deferred)
+	{
+		w->more_done = true;
+		w->deferred = true;
+	}
+	else
+	{
+		w->deferred = false;
+		if (rw_dispatch_finish(&retry_at, &w->more_done))
+		{
+			w->need_claim |= w->more;
+			w->freed = true;	/* what is in flight changed */
+		}
+	}
+	rw_after_claim_next_due(&w->next_due);
+	if (retry_at != 0 && (w->next_due == 0 || retry_at < w->next_due))
+		w->next_due = retry_at;
+}
+
+/*
+ * The main loop.  Each turn claims when woken, when a request is due and
+ * at the safety-net poll, waits, and records outcomes as calls finish.
  */
 static void
 worker_loop(void)
@@ -372,25 +479,13 @@ worker_loop(void)
 	MemoryContext loopcxt = AllocSetContextCreate(TopMemoryContext,
 												  "restart_worker loop",
 												  ALLOCSET_DEFAULT_SIZES);
-	WaitEventSet *set = NULL;
-	TimestampTz next_due = 0;
-	TimestampTz last_poll = 0;
-	bool		need_claim = true;
-	bool		recover = true;
-	bool		extension_seen = false;
-	bool		more = false;
-	bool		more_done = false;
-	bool		deferred = false;
-	bool		woken = false;
-	bool		freed = false;
-	uint64		wakes_seen = 0;
+	WorkerLoop	w;
 
+	memset(&w, 0, sizeof(w));
+	w.need_claim = true;
+	w.recover = true;
 	for (;;)
 	{
-		TimestampTz now;
-		TimestampTz retry_at = 0;
-		bool		poll_due;
-
 		MemoryContextReset(loopcxt);
 		MemoryContextSwitchTo(loopcxt);
 		CHECK_FOR_INTERRUPTS();
@@ -400,69 +495,9 @@ worker_loop(void)
 			ProcessConfigFile(PGC_SIGHUP);
 			rw_http_configure();
 		}
-
-		now = GetCurrentTimestamp();
-		poll_due = now >= last_poll + (TimestampTz) rw_poll_interval * USECS_PER_SEC;
-		if ((next_due != 0 && next_due <= now) || poll_due)
-			need_claim = true;
-		if (need_claim && worker_may_claim())
-		{
-			wakes_seen = restart_worker_wake_count();
-			extension_seen = worker_claim(&recover, &next_due, &more);
-			last_poll = now;
-			need_claim = false;
-		}
-		else if (rw_dispatch_free_slots() == 0)
-		{
-			/*
-			 * No slot to claim with: requests waiting for one still end at
-			 * their deadline (src/deadline.c).  The poll is such a look; so
-			 * is a slot freed without a claim (a request put back while a
-			 * lowered max_in_flight keeps every slot busy).
-			 */
-			rw_deadline_blocked(woken || poll_due || freed);
-			if (poll_due)
-				last_poll = now;
-			if (rw_deadline_look_due())
-				rw_deadline_look(rw_dispatch_ids());
-		}
-		woken = freed = false;
-		rw_status_set_state(!extension_seen ? RW_STATE_NO_EXTENSION :
-							worker_settling ? RW_STATE_SETTLING :
-							rw_dispatch_in_flight() > 0 ? RW_STATE_BUSY : RW_STATE_IDLE);
-
-		/* A wake-up used up inside a transaction (see src/wake.c) counts. */
-		if (worker_may_claim() && restart_worker_wake_count() != wakes_seen)
-			more_done = need_claim = true;
-		if (worker_wait(&set, more_done ? 0 : worker_wait_timeout(next_due, last_poll)))
-		{
-			rw_status_note_wake();
-			need_claim = woken = true;
-		}
-
-		/*
-		 * A request that just committed is claimed before the outcomes of
-		 * finished calls are recorded: they wait for the next turn, but
-		 * never two turns in a row, so that a stream of commits cannot hold
-		 * them (and the long-polls they start) back.
-		 */
-		if (need_claim && worker_may_claim() && !deferred)
-		{
-			more_done = true;
-			deferred = true;
-		}
-		else
-		{
-			deferred = false;
-			if (rw_dispatch_finish(&retry_at, &more_done))
-			{
-				need_claim |= more;
-				freed = true;	/* what is in flight changed */
-			}
-		}
-		rw_after_claim_next_due(&next_due);
-		if (retry_at != 0 && (next_due == 0 || retry_at < next_due))
-			next_due = retry_at;
+		worker_turn_claim(&w);
+		worker_turn_wait(&w);
+		worker_turn_finish(&w);
 	}
 }
 
