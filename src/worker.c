@@ -189,6 +189,30 @@ worker_wait_timeout(TimestampTz next_due, TimestampTz last_poll)
 }
 
 /*
+ * Start the calls of the requests a claim took.  Returns the ids of those
+ * that were pending, whose new status is announced once the calls are
+ * sent; the others (taken over after a restart, or for a last look) were
+ * announced when they left pending.
+ */
+static List *
+worker_start_calls(List *rows)
+{
+	List	   *announce = NIL;
+	ListCell   *lc;
+
+	foreach(lc, rows)
+	{
+		RwClaimed  *row = (RwClaimed *) lfirst(lc);
+
+		rw_dispatch_start(row);
+		if (!row->maybe_sent)
+			announce = lappend(announce, &row->uuid);
+	}
+	rw_dispatch_start_follows();
+	return announce;
+}
+
+/*
  * Claim as many due requests as there are free slots, start their calls
  * and find when the next request not in flight is due; first, once in the
  * life of the server, settle what a crash may have lost of earlier claims
@@ -205,8 +229,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 {
 	static int	failures = 0;
 	List	   *rows;
-	List	   *announce = NIL;
-	ListCell   *lc;
+	List	   *announce;
 	RwClaimResult result;
 	TimestampTz settle_at = 0;
 
@@ -237,15 +260,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	rw_deadline_claimed(*more);
 	*recover = *recover && *more;
 	rw_status_note_poll(list_length(rows));
-	foreach(lc, rows)
-	{
-		RwClaimed  *row = (RwClaimed *) lfirst(lc);
-
-		rw_dispatch_start(row);
-		if (!row->maybe_sent)
-			announce = lappend(announce, &row->uuid);
-	}
-	rw_dispatch_start_follows();
+	announce = worker_start_calls(rows);
 
 	/*
 	 * Send the calls before anything else; announcing the requests that were
