@@ -13,6 +13,21 @@ SELECT url, outcome(format('SELECT restart_worker.register_agent(%L, %L, %L)', '
 				 ('http://h:8787 '), ('javascript:alert(1)'), ('unix:relative.sock'), (''),
 				 ('http://'), ('https://-h'), ('http://h:0'), ('http://h:65535'), ('http://h:65536'),
 				 ('http://h:99999/p'), ('http://[::1]:0'), ('https://[::1]:443/p')) v(url);
+-- Since 1.11 an http(s) URL must be one libcurl takes, as the worker judges it before each
+-- call (src/http.c): a bracketed host is an IPv6 address, not an IPv4 one nor '::1.2' (which
+-- PostgreSQL's inet takes). 1.10 registered these, and every call to the agent failed at once.
+SELECT url, outcome(format('SELECT restart_worker.register_agent(%L, %L, %L)', 'h', url,
+						   'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw')) AS outcome
+	FROM (VALUES ('http://[1.2.3.4]:80'), ('http://[::1.2]:80'), ('https://[10.0.0.5]:8787/p'),
+				 ('http://[:::]:8787'), ('http://[1:2:3:4:5:6:7:8:9]:8787'), ('http://[::]:8787'),
+				 ('http://[::ffff:10.0.0.5]:8787'), ('http://[fe80::1]:8787')) v(url);
+-- The judgement alone: libcurl's, the worker's; a unix: URL is not libcurl's (the worker
+-- calls such an agent through an http URL of its own). Not for PUBLIC.
+SELECT url, restart_worker.curl_url_usable(url) AS usable
+	FROM (VALUES ('http://10.0.0.5:8787'), ('http://[::1]:8787/p'), ('http://[10.0.0.5]:8787'),
+				 ('http://h:0'), ('http://h:65536'), ('unix:/run/restart-agent/agent.sock'),
+				 (NULL)) v(url);
+SELECT has_function_privilege('public', 'restart_worker.curl_url_usable(text)', 'EXECUTE') AS public_may_ask;
 SELECT secret, outcome(format('SELECT restart_worker.register_agent(%L, %L, %L)', 'h',
 							  'http://h', secret)) AS outcome
 	FROM (VALUES ('whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'),

@@ -11,6 +11,10 @@
  * are in flight.  No redirects, http and https only, TLS verified, answers
  * bounded in size, connections per agent and in total bounded.
  *
+ * Here too is libcurl's judgement of an agent's URL, which the worker
+ * makes before each call and register_agent() before it takes the URL
+ * (restart_worker.curl_url_usable(), in any backend).
+ *
  * Nothing here may throw an error from inside a libcurl callback: the
  * callbacks only use malloc and plain C.
  *
@@ -23,7 +27,9 @@
 #include <time.h>
 
 #include "common/hashfn.h"
+#include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -249,12 +255,37 @@ http_prereq_cb(void *userp, char *primary_ip, char *local_ip,
 #endif
 
 /*
+ * Run libcurl's global initialisation in this process, once; returns false
+ * if libcurl could not initialise.  The worker does so before it makes its
+ * multi handle, a backend before it first asks libcurl's URL parser about
+ * an agent's URL (register_agent(), see restart_worker_curl_url_usable()).
+ * The backend needs it too: libcurl's manual (curl_global_init(3)) asks
+ * every program to call curl_global_init() before any other libcurl
+ * function, and only curl_easy_init() is documented to call it itself when
+ * it has not run; curl_url(3) promises no such thing, so the parser is not
+ * relied on to work without it.  A backend is a single thread, so the
+ * manual's warning that curl_global_init() is not thread-safe (before
+ * libcurl 7.84, and where curl_version_info() lacks
+ * CURL_VERSION_THREADSAFE) does not apply.  libcurl counts the calls: once
+ * it has initialised, later calls change nothing.
+ */
+static bool
+http_global_init(void)
+{
+	static bool done = false;
+
+	if (!done && curl_global_init(CURL_GLOBAL_ALL) == CURLE_OK)
+		done = true;
+	return done;
+}
+
+/*
  * Initialise libcurl and the multi handle.  Called once by the worker.
  */
 void
 rw_http_init(void)
 {
-	if (curl_global_init(CURL_GLOBAL_ALL) != CURLE_OK)
+	if (!http_global_init())
 		ereport(ERROR, (errmsg("restart_worker: could not initialise libcurl")));
 	http_multi = curl_multi_init();
 	if (http_multi == NULL)
@@ -295,46 +326,101 @@ rw_http_configure(void)
 }
 
 /*
- * Whether libcurl can call an agent at url: one it parses, whose port is
- * not 0.  register_agent() refuses a port outside 1-65535 since 1.9, but
- * an agent registered before keeps its row.  libcurl refuses a port above
- * 65535 (and an IPv4 address in brackets, which register_agent() takes)
- * as a malformed URL, but takes port 0 and fails to connect to it, as to
- * an agent that is down: the call would be tried again in vain until the
- * request's attempts ran out.  Such a call fails before it is set up, as
- * one whose URL is not usable (RW_CALL_URL).  A unix: URL has no port.
- * If libcurl runs out of memory here the call goes ahead, and fails or
- * not on its own.  The last URL found usable is remembered, so that the
- * calls of a burst to one agent parse it once.
+ * What libcurl makes of an agent's http or https URL: RW_URL_USABLE if its
+ * URL parser (curl_url_set()) takes the URL and the port it would connect
+ * to is not 0, RW_URL_REFUSED if not, RW_URL_UNKNOWN if libcurl could not
+ * say (it ran out of memory, or could not initialise).  libcurl refuses a
+ * port above 65535, and a bracketed host that is not an IPv6 address (an
+ * IPv4 address, or '::1.2', though PostgreSQL's inet takes that), as a
+ * malformed URL; it takes port 0, and then fails to connect to it as to an
+ * agent that is down.  A unix: URL is not libcurl's: the worker calls such
+ * an agent through an http URL of its own (http_unix_base()), and libcurl
+ * refuses the scheme.  The one judgement for the worker, before each call
+ * (rw_http_url_usable()), and for register_agent() (through
+ * restart_worker.curl_url_usable()), so that an agent registered since 1.11
+ * is one the worker can call.  Plain C and libcurl's malloc, no palloc and
+ * no ereport: the worker calls it outside any transaction.
+ */
+RwUrlJudgement
+rw_http_url_judge(const char *url)
+{
+	CURLU	   *u;
+	CURLUcode	rc;
+	char	   *port = NULL;
+	RwUrlJudgement judgement;
+
+	if (!http_global_init() || (u = curl_url()) == NULL)
+		return RW_URL_UNKNOWN;
+	rc = curl_url_set(u, CURLUPART_URL, url, 0);
+	if (rc == CURLUE_OK)
+		rc = curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT);
+	if (rc == CURLUE_OK)
+		judgement = strcmp(port, "0") != 0 ? RW_URL_USABLE : RW_URL_REFUSED;
+	else if (rc == CURLUE_OUT_OF_MEMORY)
+		judgement = RW_URL_UNKNOWN;
+	else
+		judgement = RW_URL_REFUSED;
+	curl_free(port);
+	curl_url_cleanup(u);
+	return judgement;
+}
+
+/*
+ * Whether the worker can call an agent at url (rw_http_url_judge()).
+ * register_agent() refuses a port outside 1-65535 since 1.9, and any URL
+ * libcurl refuses since 1.11, but an agent registered before keeps its
+ * row.  Such a call fails before it is set up, as one whose URL is not
+ * usable (RW_CALL_URL), instead of failing to connect to port 0, as to an
+ * agent that is down, until the request's attempts ran out, or as an
+ * invalid answer.  A unix: URL is usable.  If libcurl cannot say (out of
+ * memory) the call goes ahead, and fails or not on its own.  The last URL
+ * found usable is remembered, so that the calls of a burst to one agent
+ * parse it once.
  */
 bool
 rw_http_url_usable(const char *url)
 {
 	static char *last_usable = NULL;	/* malloc'd */
-	CURLU	   *u;
-	CURLUcode	rc;
-	char	   *port = NULL;
-	bool		usable;
+	RwUrlJudgement judgement;
 
 	if (strncmp(url, "unix:", 5) == 0 ||
-		(last_usable != NULL && strcmp(url, last_usable) == 0) ||
-		(u = curl_url()) == NULL)
+		(last_usable != NULL && strcmp(url, last_usable) == 0))
 		return true;
-	rc = curl_url_set(u, CURLUPART_URL, url, 0);
-	if (rc == CURLUE_OK)
-		rc = curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT);
-	if (rc == CURLUE_OK)
-		usable = strcmp(port, "0") != 0;
-	else
-		usable = (rc == CURLUE_OUT_OF_MEMORY);
-	curl_free(port);
-	curl_url_cleanup(u);
-	if (usable && rc == CURLUE_OK)
+	judgement = rw_http_url_judge(url);
+	if (judgement == RW_URL_USABLE)
 	{
 		free(last_usable);
 		last_usable = strdup(url);
 	}
-	return usable;
+	return judgement != RW_URL_REFUSED;
+}
+
+/*
+ * restart_worker.curl_url_usable(p_url text): whether libcurl takes an
+ * agent's http or https URL, as the worker judges it before each call
+ * (rw_http_url_judge()).  register_agent() asks it through check_url(), so
+ * that it refuses (22023) what the worker could not call: with the SQL
+ * pattern alone (valid_agent_url(), which the table's CHECK keeps, so that
+ * a dump with rows made before 1.11 restores) it took, say,
+ * 'http://[10.0.0.5]:8787', and every call to that agent failed at once.
+ * False for a unix: URL, which is not libcurl's.  An error if libcurl
+ * could not say.
+ */
+PG_FUNCTION_INFO_V1(restart_worker_curl_url_usable);
+
+Datum
+restart_worker_curl_url_usable(PG_FUNCTION_ARGS)
+{
+	char	   *url = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	RwUrlJudgement judgement = rw_http_url_judge(url);
+
+	if (judgement == RW_URL_UNKNOWN)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("restart_worker: libcurl could not parse the agent URL \"%s\"", url),
+				 errdetail("libcurl ran out of memory, or could not initialise.")));
+	pfree(url);
+	PG_RETURN_BOOL(judgement == RW_URL_USABLE);
 }
 
 /*

@@ -195,8 +195,18 @@ typedef struct RwCall
 } RwCall;
 
 /* src/http.c */
+
+/* What libcurl makes of an agent's URL (rw_http_url_judge()). */
+typedef enum RwUrlJudgement
+{
+	RW_URL_USABLE,				/* parsed, and its port is not 0 */
+	RW_URL_REFUSED,				/* not parsed, or port 0 */
+	RW_URL_UNKNOWN				/* libcurl could not say (out of memory) */
+} RwUrlJudgement;
+
 extern void rw_http_init(void);
 extern void rw_http_configure(void);
+extern RwUrlJudgement rw_http_url_judge(const char *url);
 extern bool rw_http_url_usable(const char *url);
 extern bool rw_http_start(RwCall *call);
 extern void rw_http_fail(RwCall *call, RwCallKind kind, const char *why);

@@ -31,15 +31,29 @@ BEGIN
 END;
 $$;
 
--- Check an agent URL; raise 22023 if it is not usable.
+-- Whether libcurl takes an http or https agent URL: its URL parser takes it and the port
+-- is not 0, the test the worker makes before each call (src/http.c). False for a unix: URL,
+-- which is not libcurl's. STABLE, not IMMUTABLE: the answer is the libcurl build's, which
+-- an update of the server's packages can change.
+CREATE FUNCTION restart_worker.curl_url_usable(p_url text)
+RETURNS boolean
+LANGUAGE c STABLE STRICT
+AS 'MODULE_PATHNAME', 'restart_worker_curl_url_usable';
+
+-- Check an agent URL; raise 22023 if it is not usable. Since 1.11 an http or https URL
+-- must be one libcurl takes too, as the worker judges it: the pattern of valid_agent_url()
+-- let through a bracketed host that is not an IPv6 address ('http://[10.0.0.5]:8787',
+-- 'http://[::1.2]:8787'), and every call to such an agent failed at once. The table's
+-- CHECK keeps the pattern alone, so that rows made before restore from a dump.
 CREATE FUNCTION restart_worker.check_url(p_url text)
 RETURNS void
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	PERFORM restart_worker.require(p_url, 'agent URL');
-	IF NOT restart_worker.valid_agent_url(p_url) THEN
+	IF NOT restart_worker.valid_agent_url(p_url)
+		OR (p_url ~ '^https?:' AND NOT restart_worker.curl_url_usable(p_url)) THEN
 		RAISE EXCEPTION 'agent URL "%" is not usable', p_url
 			USING ERRCODE = 'invalid_parameter_value',
 				  HINT = 'Use http://host:port, https://host:port (optionally with a path) or unix:/absolute/socket/path.';

@@ -4,8 +4,8 @@
 # (to 1.7, whose worker_claim() is made again with a column more, under the worker's kept
 # plan), with the worker running, its claims commit asynchronously: the same crash loses one,
 # and the worker settles that request at its next start; and so again after the update to
-# 1.8. Either way the step runs once. Then the updates to 1.9 and 1.10, under the running
-# worker.
+# 1.8. Either way the step runs once. Then the updates to 1.9, 1.10 and 1.11, under the
+# running worker.
 use strict;
 use warnings;
 
@@ -102,12 +102,21 @@ $after = request_restart($node, 'count_svc');
 ok(wait_status($node, $after, 'completed'), 'a request completes on 1.9');
 
 # 1.10 replaces worker_claim() once more (a due request past its deadline is not taken).
-$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+$node->safe_psql('postgres', "ALTER EXTENSION restart_worker UPDATE TO '1.10'");
 is($node->safe_psql('postgres',
 	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
 	'1.10', 'the extension is updated to 1.10 while the worker runs');
 $after = request_restart($node, 'count_svc');
 ok(wait_status($node, $after, 'completed'), 'a request completes on 1.10');
+
+# 1.11 adds a C function, curl_url_usable(), that register_agent() asks (the worker's
+# library has it already) and replaces check_url(); the worker's functions stay.
+$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+is($node->safe_psql('postgres',
+	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
+	'1.11', 'the extension is updated to 1.11 while the worker runs');
+$after = request_restart($node, 'count_svc');
+ok(wait_status($node, $after, 'completed'), 'a request completes on 1.11');
 
 $node->stop;
 done_testing();

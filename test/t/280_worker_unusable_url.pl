@@ -5,8 +5,8 @@
 # retry and without a call, saying that the agent's URL is not usable and what to do
 # (before 1.10: "invalid answer from the agent" for port 70000, and for port 0 "could not
 # connect", tried again until the attempts ran out). So does one whose URL libcurl refuses
-# though register_agent() takes it still, such as an IPv4 address in brackets: the worker
-# tells libcurl's refusal of a URL apart. Registering the agent again mends it.
+# though register_agent() took it before 1.11, such as an IPv4 address in brackets: the
+# worker tells libcurl's refusal of a URL apart. Registering the agent again mends it.
 use strict;
 use warnings;
 
@@ -24,14 +24,20 @@ my $node = new_node('unusable_url', no_extension => 1);
 $node->safe_psql('postgres', "CREATE EXTENSION restart_worker VERSION '1.8'");
 setup_registry($node, 'port_zero', 'http://127.0.0.1:0', zero_svc => "");
 setup_registry($node, 'port_big', 'http://127.0.0.1:70000', big_svc => "");
+setup_registry($node, 'bracketed', 'http://[127.0.0.1]:8787', bracket_svc => '');
 $node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
 is($node->safe_psql('postgres',
-	"SELECT extversion || ': ' || string_agg(url, ' ' ORDER BY url) FROM pg_extension, restart_worker.agents "
+	"SELECT extversion || ': ' || string_agg(url, ' ' ORDER BY url COLLATE \"C\") "
+	  . "FROM pg_extension, restart_worker.agents "
 	  . "WHERE extname = 'restart_worker' GROUP BY extversion"),
-	'1.10: http://127.0.0.1:0 http://127.0.0.1:70000',
+	'1.11: http://127.0.0.1:0 http://127.0.0.1:70000 http://[127.0.0.1]:8787',
 	'after the update the agents keep their URLs');
 
-setup_registry($node, 'bracketed', 'http://[127.0.0.1]:8787', bracket_svc => '');
+# Since 1.11 register_agent() refuses the bracketed IPv4 address too (regress admin).
+my ($rc, $out, $err) = $node->psql('postgres',
+	"SELECT restart_worker.register_agent('bracketed', 'http://[127.0.0.1]:8787', '$SECRET')");
+like($err, qr/agent URL "http:\/\/\[127\.0\.0\.1\]:8787" is not usable/,
+	'register_agent() of 1.11 refuses an IPv4 address in brackets');
 
 my $usable = "the agent's URL is not usable: register the agent again (restart_worker.register_agent())";
 for my $case (['zero_svc', 'port 0', 'http://127.0.0.1:0'],
