@@ -56,6 +56,17 @@ SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', p_deadline :=
 -- compared as positive.
 SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', p_deadline := '-1 year 360 days 1 second')$$);
 SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', '-1 year 361 days')$$);
+-- Intervals that take a time out of the range of timestamptz (4713 BC to 294276 AD): 22023
+-- naming the argument (since 1.11; before, 22008 "timestamp out of range"). A cooldown of
+-- 10000 years reaches forward but not back, as every request looks back over it: 1.10 took
+-- it, and the service's requests failed with 22008; a deadline of 10000 years is fine.
+SELECT v.span,
+	   outcome(format('SELECT restart_worker.register_service(%L, %L, %L)', 'span', 'h', v.span)) AS as_cooldown,
+	   outcome(format('SELECT restart_worker.register_service(%L, %L, p_deadline := %L)', 'span', 'h', v.span)) AS as_deadline
+	FROM (VALUES ('300000 years'), ('10000 years'), ('-10000 years'), ('-300000 years'),
+				 ('-178956970 years -8 months'), ('178956970 years'), ('2147483647 days')) v(span);
+SELECT name, cooldown, deadline FROM restart_worker.services WHERE name = 'span';
+SELECT restart_worker.remove_service('span');
 SELECT outcome($$SELECT restart_worker.register_service('s1', 'h', p_max_attempts := 0)$$);
 SELECT outcome($$SELECT restart_worker.register_service('bad name', 'h')$$);
 SELECT restart_worker.register_service('s1', 'h', '1 minute', 'first', '2 minutes', 3);
@@ -101,6 +112,10 @@ SELECT outcome($$SELECT restart_worker.prune_requests('1 hour')$$);
 SELECT outcome($$SELECT restart_worker.prune_requests(NULL)$$);
 -- An age that compares as two days (a year as 360 days) but reaches into the future.
 SELECT outcome($$SELECT restart_worker.prune_requests('-1 year 362 days')$$);
+-- Ages that reach out of the range of timestamptz (since 1.11; before, 22008): back past
+-- 4713 BC too long, forward past 294276 AD younger than a day.
+SELECT v.age, outcome(format('SELECT restart_worker.prune_requests(%L)', v.age)) AS outcome
+	FROM (VALUES ('10000 years'), ('300000 years'), ('-300000 years'), ('2147483647 days')) v(age);
 SELECT status FROM request_service_restart('mqtt-subscriber');
 UPDATE service_restart_requests SET requested_at = now() - interval '100 days'
 	WHERE service_name IN ('s1', 'mqtt-subscriber');

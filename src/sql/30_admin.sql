@@ -15,6 +15,28 @@ BEGIN
 END;
 $$;
 
+-- The time p_span reaches from now: now() + p_span, or now() - p_span with p_back; NULL if
+-- that is outside the range of timestamptz (4713 BC to 294276 AD), where the arithmetic
+-- fails with 22008 "timestamp out of range". For the checks of the admin functions'
+-- intervals (since 1.11), so that an interval of thousands of years is refused with 22023
+-- naming the argument, not 22008 from inside the function (or, for a cooldown that only
+-- now() - cooldown took out of range, from every later request of the service).
+CREATE FUNCTION restart_worker.reach_from_now(p_span interval, p_back boolean)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF p_back THEN
+		RETURN pg_catalog.now() - p_span;
+	END IF;
+	RETURN pg_catalog.now() + p_span;
+EXCEPTION
+	WHEN datetime_field_overflow THEN
+		RETURN NULL;
+END;
+$$;
+
 -- Check a name for an agent or service; raise 22023 if it is malformed.
 CREATE FUNCTION restart_worker.check_name(p_name text, p_what text)
 RETURNS void
@@ -168,18 +190,43 @@ AS $$
 DECLARE
 	v_status	pg_catalog.text;
 	v_due		pg_catalog.timestamptz;
+	v_reach		pg_catalog.timestamptz;
 BEGIN
 	PERFORM restart_worker.check_name(p_name, 'service name');
 	PERFORM restart_worker.check_name(p_agent, 'agent name');
 	PERFORM restart_worker.require(p_cooldown, 'cooldown');
 	-- On the times they reach from now, not as intervals: an interval comparison counts a
 	-- month as 30 days and a year as 360, so '-1 year 360 days 1 second' compared as
-	-- positive, and every request was born past its deadline (before 1.9).
-	IF pg_catalog.now() + p_cooldown < pg_catalog.now() THEN
+	-- positive, and every request was born past its deadline (before 1.9). A time out of
+	-- the range of timestamptz (reach_from_now() NULL) is judged by its length in seconds
+	-- (EXTRACT, syntax for pg_catalog.extract()), a year 365.25 days: an interval that goes
+	-- that far is thousands of years long, and no approximation changes its sign. Since
+	-- 1.11 such a cooldown or deadline is refused (22023), and so is a cooldown that
+	-- requests cannot look back over (request_service_restart() and prune_requests() take
+	-- now() - cooldown): before, 22008 "timestamp out of range" came from here, or for a
+	-- cooldown of more than about 6,700 years (now() - cooldown before 4713 BC) from every
+	-- request of the service.
+	v_reach := restart_worker.reach_from_now(p_cooldown, false);
+	IF v_reach < pg_catalog.now()
+		OR (v_reach IS NULL AND EXTRACT(epoch FROM p_cooldown) < 0) THEN
 		RAISE EXCEPTION 'cooldown must not be negative' USING ERRCODE = 'invalid_parameter_value';
 	END IF;
-	IF pg_catalog.now() + p_deadline <= pg_catalog.now() THEN
-		RAISE EXCEPTION 'deadline must be positive' USING ERRCODE = 'invalid_parameter_value';
+	IF v_reach IS NULL OR restart_worker.reach_from_now(p_cooldown, true) IS NULL THEN
+		RAISE EXCEPTION 'cooldown "%" is too long', p_cooldown
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'A request looks back over the cooldown: now minus the cooldown must be no earlier than 4713 BC.';
+	END IF;
+	IF p_deadline IS NOT NULL THEN
+		v_reach := restart_worker.reach_from_now(p_deadline, false);
+		IF v_reach <= pg_catalog.now()
+			OR (v_reach IS NULL AND EXTRACT(epoch FROM p_deadline) <= 0) THEN
+			RAISE EXCEPTION 'deadline must be positive' USING ERRCODE = 'invalid_parameter_value';
+		END IF;
+		IF v_reach IS NULL THEN
+			RAISE EXCEPTION 'deadline "%" is too long', p_deadline
+				USING ERRCODE = 'invalid_parameter_value',
+					  HINT = 'A request''s deadline is its time plus this: now plus the deadline must be no later than 294276 AD.';
+		END IF;
 	END IF;
 	IF p_max_attempts NOT BETWEEN 1 AND 100 THEN
 		RAISE EXCEPTION 'max_attempts must be between 1 and 100' USING ERRCODE = 'invalid_parameter_value';
@@ -344,7 +391,10 @@ COMMENT ON FUNCTION public.cancel_service_restart(uuid) IS
 -- service's cooldown; returns how many were deleted. The limit of a day is checked on the
 -- time the age reaches back to, not on the interval itself: an interval compares a year
 -- as 360 days, while now() - '-1 year 362 days' is in the future (1.7 and before deleted
--- every finished request so).
+-- every finished request so). An age that reaches out of the range of timestamptz is
+-- refused with 22023 (since 1.11; before, 22008 "timestamp out of range"): one that goes
+-- back past 4713 BC as too long, one that goes forward past 294276 AD as younger than a day
+-- (judged by its length in seconds, as in register_service()).
 CREATE FUNCTION restart_worker.prune_requests(p_older_than interval DEFAULT '90 days')
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -355,10 +405,16 @@ DECLARE
 	v_before	pg_catalog.timestamptz;
 BEGIN
 	PERFORM restart_worker.require(p_older_than, 'age');
-	v_before := now() - p_older_than;
-	IF v_before > now() - interval '1 day' THEN
+	v_before := restart_worker.reach_from_now(p_older_than, true);
+	IF v_before > now() - interval '1 day'
+		OR (v_before IS NULL AND EXTRACT(epoch FROM p_older_than) < 0) THEN
 		RAISE EXCEPTION 'refusing to prune requests younger than a day'
 			USING ERRCODE = 'invalid_parameter_value';
+	END IF;
+	IF v_before IS NULL THEN
+		RAISE EXCEPTION 'age "%" is too long', p_older_than
+			USING ERRCODE = 'invalid_parameter_value',
+				  HINT = 'Requests older than the age are deleted: now minus the age must be no earlier than 4713 BC.';
 	END IF;
 	DELETE FROM public.service_restart_requests
 		WHERE status IN ('completed', 'failed', 'cancelled')
