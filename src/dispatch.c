@@ -153,14 +153,12 @@ dispatch_post_may_wait(const char *url)
 }
 
 /*
- * Take a slot for a claimed request and start the POST to its agent, or,
- * for a request the agent accepted already, queue the long-poll of its job
- * (rw_dispatch_start_follows() starts it): sent again, a request whose id
- * the agent no longer knows (its journal lost, the job pruned) would run
- * its steps again, where asking for the job gets a 404.
+ * Take a free slot for a claimed request and fill in what its calls need
+ * whatever their outcome.  The worker claims no more requests than there
+ * are free slots, so one is always found.
  */
-void
-rw_dispatch_start(RwClaimed *row)
+static RwCall *
+dispatch_take_slot(RwClaimed *row)
 {
 	RwCall	   *call = NULL;
 	int			i;
@@ -185,6 +183,21 @@ rw_dispatch_start(RwClaimed *row)
 	call->follow_seq = 0;
 	call->record_at = 0;
 	call->record_tries = 0;
+	return call;
+}
+
+/*
+ * Take a slot for a claimed request and start the POST to its agent, or,
+ * for a request the agent accepted already, queue the long-poll of its job
+ * (rw_dispatch_start_follows() starts it): sent again, a request whose id
+ * the agent no longer knows (its journal lost, the job pruned) would run
+ * its steps again, where asking for the job gets a 404.
+ */
+void
+rw_dispatch_start(RwClaimed *row)
+{
+	RwCall	   *call = dispatch_take_slot(row);
+
 	if (row->url == NULL || row->key == NULL ||
 		VARSIZE_ANY_EXHDR(row->key) > (int) sizeof(call->key))
 	{
