@@ -190,15 +190,19 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 		elog(ERROR, "restart_worker: claim failed");
 	*rows = claim_copy_rows(cxt);
 	*more = (SPI_processed >= (uint64) limit);
-	/* Nothing to send: look for the next due now, in the same transaction. */
-	*next_due = (*rows == NIL) ? claim_next_due_query(exclude) : RW_NEXT_DUE_UNKNOWN;
+	/*
+	 * Nothing to send: look for the next due now, in the same transaction,
+	 * among all requests not in flight (exclude also holds, while the worker
+	 * recovers, those put back for a retry, which will be due).
+	 */
+	*next_due = (*rows == NIL) ? claim_next_due_query(rw_dispatch_ids()) : RW_NEXT_DUE_UNKNOWN;
 	rw_xact_end();
 	return RW_CLAIM_OK;
 }
 
 /*
- * Claim up to limit due requests, except those in flight (exclude, a list
- * of pg_uuid_t).  After a restart (recover) every dispatching or running
+ * Claim up to limit due requests, except those in exclude (a list of
+ * pg_uuid_t: those in flight, see rw_dispatch_claim_exclude()).  After a restart (recover) every dispatching or running
  * request is taken over.  Claims nothing if the extension does not exist,
  * or if the claim failed (the error is logged).  *more says whether the
  * claim was cut short by the limit.  When nothing was claimed, *next_due

@@ -44,6 +44,19 @@ static int	dispatch_in_flight = 0;
 static uint64 dispatch_follow_seq = 0;	/* the last long-poll queued */
 static MemoryContext dispatch_cxt = NULL;
 
+/*
+ * While the worker takes over what the worker before it left (recovery,
+ * see worker_claim() in src/worker.c), the ids (pg_uuid_t, in dispatch_cxt)
+ * of the requests it has put back for a retry since it started.  Recovery
+ * claims take every request left dispatching or running whatever its
+ * lease or backoff, and would take these again at once: with fewer slots
+ * than requests to take over, an agent that was down used up every
+ * attempt of its requests within a second.  Claims skip them until
+ * recovery ends; then their backoff counts, as for any retry.
+ */
+static bool dispatch_recovering = true;
+static List *dispatch_retried = NIL;
+
 static void dispatch_follow(RwCall *call);
 
 /*
@@ -94,6 +107,53 @@ rw_dispatch_ids(void)
 		if (dispatch_slots[i].in_use)
 			ids = lappend(ids, &dispatch_slots[i].uuid);
 	return ids;
+}
+
+/*
+ * The ids a claim skips (pointers to pg_uuid_t): the requests in flight
+ * and, while the worker recovers, those it put back for a retry since it
+ * started (see dispatch_retried).
+ */
+List *
+rw_dispatch_claim_exclude(void)
+{
+	List	   *ids = rw_dispatch_ids();
+
+	if (dispatch_recovering)
+		ids = list_concat(ids, dispatch_retried);
+	return ids;
+}
+
+/*
+ * Recovery has ended (a claim took every request left over): from now on
+ * a request put back for a retry waits for its backoff like any other, so
+ * claims need not skip it.
+ */
+void
+rw_dispatch_end_recovery(void)
+{
+	dispatch_recovering = false;
+	list_free_deep(dispatch_retried);
+	dispatch_retried = NIL;
+}
+
+/*
+ * Remember, while the worker recovers, that the request of call was put
+ * back for a retry (see dispatch_retried).
+ */
+static void
+dispatch_note_retry(RwCall *call)
+{
+	MemoryContext old;
+	pg_uuid_t  *id;
+
+	if (!dispatch_recovering)
+		return;
+	old = MemoryContextSwitchTo(dispatch_cxt);
+	id = palloc(sizeof(pg_uuid_t));
+	*id = call->uuid;
+	dispatch_retried = lappend(dispatch_retried, id);
+	MemoryContextSwitchTo(old);
 }
 
 /*
@@ -443,6 +503,8 @@ dispatch_recorded(RwCall *call, RwOutcome outcome, TimestampTz at,
 			dispatch_follow(call);
 		return false;
 	}
+	if (outcome == RW_OUTCOME_RETRY)
+		dispatch_note_retry(call);
 	if (outcome == RW_OUTCOME_RETRY && at != 0 && (*next_at == 0 || at < *next_at))
 		*next_at = at;
 	if (outcome == RW_OUTCOME_ERROR)

@@ -317,6 +317,8 @@ extern void rw_dispatch_init(void);
 extern int	rw_dispatch_free_slots(void);
 extern int	rw_dispatch_in_flight(void);
 extern List *rw_dispatch_ids(void);
+extern List *rw_dispatch_claim_exclude(void);
+extern void rw_dispatch_end_recovery(void);
 extern void rw_dispatch_start(RwClaimed *row);
 extern void rw_dispatch_start_follows(void);
 extern bool rw_dispatch_finish(TimestampTz *next_at, bool *more_done);

@@ -223,6 +223,8 @@ worker_start_calls(List *rows)
  * without privileges) neither stops nor restarts the worker in a loop.
  * Recovery (taking over every request left dispatching or running) goes on
  * until a successful claim took them all; a failed claim does not end it.
+ * Meanwhile claims skip the requests put back for a retry, which would
+ * otherwise be taken again before their backoff ends (src/dispatch.c).
  */
 static bool
 worker_claim(bool *recover, TimestampTz *next_due, bool *more)
@@ -240,7 +242,7 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 		*more = false;
 		return true;
 	}
-	result = rw_claim(rw_dispatch_free_slots(), rw_dispatch_ids(), *recover,
+	result = rw_claim(rw_dispatch_free_slots(), rw_dispatch_claim_exclude(), *recover,
 					  &rows, next_due, more);
 	if (result == RW_CLAIM_NO_EXTENSION)
 	{
@@ -259,6 +261,8 @@ worker_claim(bool *recover, TimestampTz *next_due, bool *more)
 	worker_claim_retry_at = 0;
 	rw_deadline_claimed(*more);
 	*recover = *recover && *more;
+	if (!*recover)
+		rw_dispatch_end_recovery();
 	rw_status_note_poll(list_length(rows));
 	announce = worker_start_calls(rows);
 
