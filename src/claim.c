@@ -193,7 +193,7 @@ claim_run(int limit, List *exclude, bool recover, List **rows,
 	/*
 	 * Nothing to send: look for the next due now, in the same transaction,
 	 * among all requests not in flight (exclude also holds, while the worker
-	 * recovers, those put back for a retry, which will be due).
+	 * recovers, those it put back that are not due again yet).
 	 */
 	*next_due = (*rows == NIL) ? claim_next_due_query(rw_dispatch_ids()) : RW_NEXT_DUE_UNKNOWN;
 	rw_xact_end();

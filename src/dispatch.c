@@ -46,16 +46,25 @@ static MemoryContext dispatch_cxt = NULL;
 
 /*
  * While the worker takes over what the worker before it left (recovery,
- * see worker_claim() in src/worker.c), the ids (pg_uuid_t, in dispatch_cxt)
- * of the requests it has put back for a retry since it started.  Recovery
- * claims take every request left dispatching or running whatever its
- * lease or backoff, and would take these again at once: with fewer slots
- * than requests to take over, an agent that was down used up every
- * attempt of its requests within a second.  Claims skip them until
- * recovery ends; then their backoff counts, as for any retry.
+ * see worker_claim() in src/worker.c), the requests it has put back since
+ * it started (DispatchPutBack, in dispatch_cxt), each until it is due
+ * again.  Recovery claims take every request left dispatching or running
+ * whatever its lease or backoff, and would take these again at once: with
+ * fewer slots than requests to take over, an agent that was down used up
+ * every attempt of its requests within a second.  Claims skip each until
+ * then, not until recovery ends: a recovery that goes on (each claim takes
+ * as many as there are free slots, say calls to an agent that does not
+ * answer) would otherwise keep a request whose backoff ended behind every
+ * other request left over, and one past its deadline from being failed.
  */
+typedef struct DispatchPutBack
+{
+	pg_uuid_t	uuid;
+	TimestampTz until;			/* when it is due again */
+} DispatchPutBack;
+
 static bool dispatch_recovering = true;
-static List *dispatch_retried = NIL;
+static List *dispatch_put_back = NIL;
 
 static void dispatch_follow(RwCall *call);
 
@@ -111,48 +120,63 @@ rw_dispatch_ids(void)
 
 /*
  * The ids a claim skips (pointers to pg_uuid_t): the requests in flight
- * and, while the worker recovers, those it put back for a retry since it
- * started (see dispatch_retried).
+ * and, while the worker recovers, those it put back since it started that
+ * are not due again yet (see dispatch_put_back); those due are forgotten.
  */
 List *
 rw_dispatch_claim_exclude(void)
 {
 	List	   *ids = rw_dispatch_ids();
+	TimestampTz now = GetCurrentTimestamp();
+	ListCell   *lc;
 
-	if (dispatch_recovering)
-		ids = list_concat(ids, dispatch_retried);
+	if (!dispatch_recovering)
+		return ids;
+	foreach(lc, dispatch_put_back)
+	{
+		DispatchPutBack *p = (DispatchPutBack *) lfirst(lc);
+
+		if (p->until > now)
+			ids = lappend(ids, &p->uuid);
+		else
+		{
+			dispatch_put_back = foreach_delete_current(dispatch_put_back, lc);
+			pfree(p);
+		}
+	}
 	return ids;
 }
 
 /*
  * Recovery has ended (a claim took every request left over): from now on
- * a request put back for a retry waits for its backoff like any other, so
+ * a request put back waits for its backoff or lease like any other, so
  * claims need not skip it.
  */
 void
 rw_dispatch_end_recovery(void)
 {
 	dispatch_recovering = false;
-	list_free_deep(dispatch_retried);
-	dispatch_retried = NIL;
+	list_free_deep(dispatch_put_back);
+	dispatch_put_back = NIL;
 }
 
 /*
  * Remember, while the worker recovers, that the request of call was put
- * back for a retry (see dispatch_retried).
+ * back until until (see dispatch_put_back).
  */
 static void
-dispatch_note_retry(RwCall *call)
+dispatch_note_put_back(RwCall *call, TimestampTz until)
 {
 	MemoryContext old;
-	pg_uuid_t  *id;
+	DispatchPutBack *p;
 
 	if (!dispatch_recovering)
 		return;
 	old = MemoryContextSwitchTo(dispatch_cxt);
-	id = palloc(sizeof(pg_uuid_t));
-	*id = call->uuid;
-	dispatch_retried = lappend(dispatch_retried, id);
+	p = palloc(sizeof(DispatchPutBack));
+	p->uuid = call->uuid;
+	p->until = until;
+	dispatch_put_back = lappend(dispatch_put_back, p);
 	MemoryContextSwitchTo(old);
 }
 
@@ -504,16 +528,21 @@ dispatch_recorded(RwCall *call, RwOutcome outcome, TimestampTz at,
 		return false;
 	}
 	if (outcome == RW_OUTCOME_RETRY)
-		dispatch_note_retry(call);
+		dispatch_note_put_back(call, at != 0 ? at :
+							   GetCurrentTimestamp() + (TimestampTz) rw_lease_ms() * 1000);
 	if (outcome == RW_OUTCOME_RETRY && at != 0 && (*next_at == 0 || at < *next_at))
 		*next_at = at;
 	if (outcome == RW_OUTCOME_ERROR)
 	{
 		/*
 		 * Not recorded (the error is logged): the request's lease brings it
-		 * back.  It is no longer in flight, so the next look for what is due
-		 * finds when; look in a second rather than at the safety-net poll.
+		 * back (while the worker recovers, too, see dispatch_put_back; its
+		 * claim began the lease, so it has ended by then).  It is no longer
+		 * in flight, so the next look for what is due finds when; look in a
+		 * second rather than at the safety-net poll.
 		 */
+		dispatch_note_put_back(call, GetCurrentTimestamp() +
+							   (TimestampTz) rw_lease_ms() * 1000);
 		at = GetCurrentTimestamp() + USECS_PER_SEC;
 		if (*next_at == 0 || at < *next_at)
 			*next_at = at;

@@ -223,8 +223,9 @@ worker_start_calls(List *rows)
  * without privileges) neither stops nor restarts the worker in a loop.
  * Recovery (taking over every request left dispatching or running) goes on
  * until a successful claim took them all; a failed claim does not end it.
- * Meanwhile claims skip the requests put back for a retry, which would
- * otherwise be taken again before their backoff ends (src/dispatch.c).
+ * Meanwhile claims skip the requests put back for a retry (or whose answer
+ * could not be recorded) until they are due again, which would otherwise
+ * be taken again at once (src/dispatch.c).
  */
 static bool
 worker_claim(bool *recover, TimestampTz *next_due, bool *more)

@@ -50,27 +50,75 @@ ok($node->poll_query_until('postgres',
 	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND pid <> $old"),
 	'a new worker runs');
 
-# The new worker takes both over, one at a time, and each call is refused.
+# The new worker takes both over, one at a time, and each call is refused: each is put
+# back (its next attempt within the backoff, not the claim's lease of over two minutes).
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) = 2 FROM service_restart_requests WHERE id IN ($ids) "
-	  . "AND (attempts >= 2 OR status = 'failed')"),
+	  . "AND (status = 'failed' OR (attempts >= 2 AND next_attempt_at < now() + interval '30 seconds'))"),
 	'the new worker took both requests over');
 
-# Each is put back until its backoff (5 to 10 s) ends: one second before the first of
+# Each is put back until its backoff (5 to 10 s) ends: two seconds before the first of
 # them is due, neither has been tried again.
 my $due = $node->safe_psql('postgres',
 	"SELECT min(next_attempt_at) FROM service_restart_requests WHERE id IN ($ids)");
-ok($node->poll_query_until('postgres', "SELECT now() >= '$due'::timestamptz - interval '1 second'"),
-	'one second before the first retry is due');
-for my $k (qw(a b))
-{
-	is(status_attempts($node, $id{$k}), 'dispatching 2',
-		"request $k: one attempt since the restart, then waiting for its backoff");
-}
+ok($node->poll_query_until('postgres', "SELECT now() >= '$due'::timestamptz - interval '2 seconds'"),
+	'two seconds before the first retry is due');
+is($node->safe_psql('postgres',
+	"SELECT string_agg(status || ' ' || attempts, ', ' ORDER BY id = '$id{a}' DESC) "
+	  . "FROM service_restart_requests WHERE id IN ($ids)"),
+	'dispatching 2, dispatching 2',
+	'both: one attempt since the restart, then waiting for their backoff');
 
 # Then they are tried again as any retry is.
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) = 2 FROM service_restart_requests WHERE id IN ($ids) AND attempts >= 3"),
 	'both are tried again once their backoff ended');
+$node->stop;
+
+# A request put back while the worker recovers is skipped until its backoff ends, not
+# until recovery ends: recovery goes on as long as each claim takes as many requests as
+# there are free slots, here while the calls to an agent that does not answer take the
+# one slot in turn, and the request, due again meanwhile, waited behind every one of
+# them (and one past its deadline was not failed meanwhile). Requests a (agent gone),
+# then b and c (agent that does not answer) are left dispatching, their leases in that
+# order; the new worker has one slot: a is refused and put back for 1 to 2 s, b's call
+# takes 8 s, then a comes before c.
+my ($slow_pid, $slow_port) = unresponsive_listener();
+my ($gone_pid, $gone_port) = unresponsive_listener();
+my $node2 = new_node('recovery_backoff_due', conf => <<'CONF');
+restart_worker.max_in_flight = 3
+restart_worker.retry_base = '2s'
+restart_worker.retry_max = '2s'
+restart_worker.request_timeout = '60s'
+CONF
+setup_registry($node2, 'gone', "http://127.0.0.1:$gone_port", a_svc => 'p_max_attempts => 10');
+setup_registry($node2, 'slow', "http://127.0.0.1:$slow_port",
+	b_svc => 'p_max_attempts => 10', c_svc => 'p_max_attempts => 10');
+my %id2;
+for my $k (qw(a b c))
+{
+	$id2{$k} = request_restart($node2, "${k}_svc");
+	ok($node2->poll_query_until('postgres',
+		"SELECT status = 'dispatching' AND attempts = 1 FROM service_restart_requests "
+		  . "WHERE id = '$id2{$k}'"), "request $k is in flight");
+}
+my $old2 = $node2->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'");
+$node2->safe_psql('postgres', 'ALTER SYSTEM SET restart_worker.max_in_flight = 1');
+$node2->safe_psql('postgres', "ALTER SYSTEM SET restart_worker.request_timeout = '8s'");
+$node2->safe_psql('postgres', "SELECT pg_terminate_backend($old2)");
+ok($node2->poll_query_until('postgres',
+	"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $old2"), 'the worker stopped');
+kill 'KILL', $gone_pid;
+waitpid($gone_pid, 0);
+$node2->reload;
+
+# Once b and c have both been taken over, a has been tried again in between.
+ok($node2->poll_query_until('postgres',
+	"SELECT count(*) = 2 FROM service_restart_requests "
+	  . "WHERE id IN ('$id2{b}', '$id2{c}') AND attempts >= 2"),
+	'the new worker took b and c over');
+like(status_attempts($node2, $id2{a}), qr/^dispatching [3-9]$/,
+	'request a was tried again once its backoff ended, before c was taken over');
 
 done_testing();
