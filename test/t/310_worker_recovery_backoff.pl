@@ -15,6 +15,26 @@ use Test::More;
 
 use RestartWorkerTest;
 
+# Stop the worker of node, with its requests left as they are; apply the settings
+# (ALTER SYSTEM statements) and kill the listener agent_pid before the next worker
+# starts, and wait for it.  what prefixes the test names.
+sub restart_worker_with
+{
+	my ($node, $what, $agent_pid, @settings) = @_;
+	my $old = $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'");
+	$node->safe_psql('postgres', $_) for @settings;
+	$node->safe_psql('postgres', "SELECT pg_terminate_backend($old)");
+	ok($node->poll_query_until('postgres',
+		"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $old"), "$what: the worker stopped");
+	kill 'KILL', $agent_pid;
+	waitpid($agent_pid, 0);
+	$node->reload;
+	ok($node->poll_query_until('postgres',
+		"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND pid <> $old"),
+		"$what: a new worker runs");
+}
+
 # An agent that takes connections and never answers: the calls stay in flight.
 my ($listener, $port) = unresponsive_listener();
 
@@ -37,18 +57,8 @@ ok($node->poll_query_until('postgres',
 
 # The worker stops with both left dispatching; the next one has one slot, and the agent
 # is gone: every call is refused at once.
-my $old = $node->safe_psql('postgres',
-	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'");
-$node->safe_psql('postgres', 'ALTER SYSTEM SET restart_worker.max_in_flight = 1');
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($old)");
-ok($node->poll_query_until('postgres',
-	"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $old"), 'the worker stopped');
-kill 'KILL', $listener;
-waitpid($listener, 0);
-$node->reload;
-ok($node->poll_query_until('postgres',
-	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker' AND pid <> $old"),
-	'a new worker runs');
+restart_worker_with($node, 'first', $listener,
+	'ALTER SYSTEM SET restart_worker.max_in_flight = 1');
 
 # The new worker takes both over, one at a time, and each call is refused: each is put
 # back (its next attempt within the backoff, not the claim's lease of over two minutes).
@@ -102,16 +112,9 @@ for my $k (qw(a b c))
 		"SELECT status = 'dispatching' AND attempts = 1 FROM service_restart_requests "
 		  . "WHERE id = '$id2{$k}'"), "request $k is in flight");
 }
-my $old2 = $node2->safe_psql('postgres',
-	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'");
-$node2->safe_psql('postgres', 'ALTER SYSTEM SET restart_worker.max_in_flight = 1');
-$node2->safe_psql('postgres', "ALTER SYSTEM SET restart_worker.request_timeout = '8s'");
-$node2->safe_psql('postgres', "SELECT pg_terminate_backend($old2)");
-ok($node2->poll_query_until('postgres',
-	"SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = $old2"), 'the worker stopped');
-kill 'KILL', $gone_pid;
-waitpid($gone_pid, 0);
-$node2->reload;
+restart_worker_with($node2, 'second', $gone_pid,
+	'ALTER SYSTEM SET restart_worker.max_in_flight = 1',
+	"ALTER SYSTEM SET restart_worker.request_timeout = '8s'");
 
 # Once b and c have both been taken over, a has been tried again in between.
 ok($node2->poll_query_until('postgres',
