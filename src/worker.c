@@ -548,6 +548,18 @@ restart_worker_main(Datum main_arg)
 	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_SESSION);
 
 	/*
+	 * The worker's statements are written for READ COMMITTED (a claim skips
+	 * the rows others hold and takes the rest as they are now).  Under a
+	 * default of REPEATABLE READ or SERIALIZABLE, set for the cluster, the
+	 * database or the role, they would fail to serialise whenever a caller
+	 * touched a row meanwhile, and serializable ones would also take part in
+	 * the callers' conflict checks.  default_transaction_read_only is left as
+	 * it is: a database made read-only gets no writes from the worker.
+	 */
+	SetConfigOption("default_transaction_isolation", "read committed",
+					PGC_SUSET, PGC_S_SESSION);
+
+	/*
 	 * Every query of the worker has an index to use.  Their plans are kept
 	 * for the life of the worker: one made while the requests table was
 	 * nearly empty would otherwise scan it whole once it has grown, until
