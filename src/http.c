@@ -1056,6 +1056,8 @@ rw_http_next_done(void)
 		http_outcome(call, msg->data.result);
 		http_release(call);
 		http_log_outcome(call);
+		if (call->kind == RW_CALL_ANSWER)
+			rw_encoding_answer(call);
 		return call;
 	}
 	return NULL;

@@ -194,6 +194,10 @@ typedef struct RwCall
 	char		error[256];		/* why there is no answer, for the log */
 } RwCall;
 
+/* src/encoding.c */
+extern void rw_encoding_init(void);
+extern void rw_encoding_answer(RwCall *call);
+
 /* src/http.c */
 
 /* What libcurl makes of an agent's URL (rw_http_url_judge()). */

@@ -568,6 +568,7 @@ restart_worker_main(Datum main_arg)
 	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("application_name", "restart_worker", PGC_USERSET, PGC_S_OVERRIDE);
 
+	rw_encoding_init();
 	rw_http_init();
 	rw_dispatch_init();
 	ereport(LOG,
