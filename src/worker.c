@@ -553,11 +553,15 @@ restart_worker_main(Datum main_arg)
 	 * default of REPEATABLE READ or SERIALIZABLE, set for the cluster, the
 	 * database or the role, they would fail to serialise whenever a caller
 	 * touched a row meanwhile, and serializable ones would also take part in
-	 * the callers' conflict checks.  default_transaction_read_only is left as
-	 * it is: a database made read-only gets no writes from the worker.
+	 * the callers' conflict checks.  Likewise the extension's PL/pgSQL
+	 * functions the worker runs are parsed in its session, and their string
+	 * literals are written with standard_conforming_strings on ('\d' in a
+	 * pattern).  default_transaction_read_only is left as it is: a database
+	 * made read-only gets no writes from the worker.
 	 */
 	SetConfigOption("default_transaction_isolation", "read committed",
 					PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("standard_conforming_strings", "on", PGC_SUSET, PGC_S_SESSION);
 
 	/*
 	 * Every query of the worker has an index to use.  Their plans are kept

@@ -1,8 +1,11 @@
 # The worker's transactions run in READ COMMITTED whatever default_transaction_isolation
-# says (here SERIALIZABLE for the whole cluster): its claims and records, written for READ
-# COMMITTED, never fail to serialise and take no predicate locks (so they take no part in
-# the callers' serializable conflicts).  Before, under a stream of serializable callers
-# they failed again and again, each failure holding the worker back a second or more.
+# says (here SERIALIZABLE for the whole cluster), and with standard_conforming_strings on
+# whatever its database says (here off; the extension's PL/pgSQL, parsed in the worker's
+# session, reads '\d' in a pattern as a backslash and a d only with it on).  Its claims
+# and records, written for READ COMMITTED, never fail to serialise and take no predicate
+# locks (so they take no part in the callers' serializable conflicts).  Before, under a
+# stream of serializable callers they failed again and again, each failure holding the
+# worker back a second or more.
 # Also: with the database read-only (default_transaction_read_only), the worker writes
 # nothing, and once the setting is lifted by a reload the request waiting meanwhile is
 # dispatched.
@@ -24,8 +27,17 @@ my $node = new_node('isolation', conf => "default_transaction_isolation = 'seria
 setup_registry($node, 'h', $agent->{url});
 $node->safe_psql('postgres',
 	"SELECT count(restart_worker.register_service('s' || i, 'h', '0')) FROM generate_series(1, $n) i");
+# And standard_conforming_strings off for the worker's database (a worker that connects
+# anew takes it).
+$node->safe_psql('postgres', 'ALTER DATABASE postgres SET standard_conforming_strings = off');
+$node->restart;
 is($node->safe_psql('postgres', 'SHOW default_transaction_isolation'), 'serializable',
 	'sessions of this cluster are SERIALIZABLE by default');
+is($node->safe_psql('postgres', 'SHOW standard_conforming_strings'), 'off',
+	'sessions of its database have standard_conforming_strings off');
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'restart_worker'"),
+	'the worker runs');
 my $worker = $node->safe_psql('postgres',
 	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'restart_worker'");
 
@@ -94,6 +106,26 @@ is($node->safe_psql('postgres', "SELECT status FROM public.service_restart_reque
 $node->adjust_conf('postgresql.conf', 'default_transaction_read_only', 'off');
 $node->reload;
 ok(wait_status($node, $id, 'completed'), 'once the database may be written again, it completes');
+
+# An answer judged in SQL: restart_worker.worker_record(), whose PL/pgSQL reads the job's
+# time stamps with a pattern ('\d'), parsed in the worker's session.  An exit code written
+# 0.0 is such an answer (the C path takes only digits).
+my $fake = fake_agent(name => 'fake_isolation', answer => sub {
+	my ($method, $path, $id) = @_;
+	my $job = job_json($id, exit_code => 'EXIT');
+	$job =~ s/"EXIT"/0.0/;
+	return [ 202, $job ];
+});
+$node->safe_psql('postgres', qq{
+	SELECT restart_worker.register_agent('fake', '$fake->{url}', '$SECRET');
+	SELECT restart_worker.register_service('odd', 'fake', p_cooldown => '0');
+});
+$id = request_restart($node, 'odd');
+ok(wait_status($node, $id, 'completed|failed'), 'a request whose answer is judged in SQL ended');
+is($node->safe_psql('postgres',
+	"SELECT status || ' ' || exit_code || ' ' || (started_at = '2026-11-26T05:00:00.1Z') "
+	  . "|| ' ' || coalesce(error, '') FROM public.service_restart_requests WHERE id = '$id'"),
+	'completed 0 true ', 'it completed, with the time its job started');
 
 $node->stop;
 done_testing();
