@@ -4,14 +4,15 @@ MODULE_big = restart_worker
 OBJS = restart_worker.o $(patsubst %.c,%.o,$(wildcard src/*.c))
 
 EXTENSION = restart_worker
-DATA_built = restart_worker--1.11.sql
+DATA_built = restart_worker--1.12.sql
 # Earlier versions: the install script of 1.0 as it shipped, and the upgrades from it.
 DATA = src/sql/versions/restart_worker--1.0.sql src/sql/versions/restart_worker--1.0--1.1.sql \
 	src/sql/versions/restart_worker--1.1--1.2.sql src/sql/versions/restart_worker--1.2--1.3.sql \
 	src/sql/versions/restart_worker--1.3--1.4.sql src/sql/versions/restart_worker--1.4--1.5.sql \
 	src/sql/versions/restart_worker--1.5--1.6.sql src/sql/versions/restart_worker--1.6--1.7.sql \
 	src/sql/versions/restart_worker--1.7--1.8.sql src/sql/versions/restart_worker--1.8--1.9.sql \
-	src/sql/versions/restart_worker--1.9--1.10.sql src/sql/versions/restart_worker--1.10--1.11.sql
+	src/sql/versions/restart_worker--1.9--1.10.sql src/sql/versions/restart_worker--1.10--1.11.sql \
+	src/sql/versions/restart_worker--1.11--1.12.sql
 SQL_PARTS = $(sort $(wildcard src/sql/*.sql))
 
 REGRESS = install_plain install_supabase request_errors roles_rls admin shadowing wake record_jobs \
@@ -27,7 +28,7 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # The install script is assembled from one file per concern.
-restart_worker--1.11.sql: $(SQL_PARTS)
+restart_worker--1.12.sql: $(SQL_PARTS)
 	cat $(SQL_PARTS) > $@
 
 # The agent has its own Makefile; it is built with the extension unless AGENT=no (a

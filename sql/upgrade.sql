@@ -1,6 +1,6 @@
 -- Upgrading from 1.0 (the install script as it shipped) through 1.1, 1.2, 1.3, 1.4, 1.5, 1.6
--- 1.7, 1.8, 1.9 and 1.10 to 1.11 keeps the rows and gives the same functions, privileges,
--- policies and objects as installing 1.11 afresh, also for a role made an admin
+-- 1.7, 1.8, 1.9, 1.10 and 1.11 to 1.12 keeps the rows and gives the same functions,
+-- privileges, policies and objects as installing 1.12 afresh, also for a role made an admin
 -- (restart_worker.grant_admin()) before the upgrade.
 \set VERBOSITY terse
 DROP EXTENSION IF EXISTS restart_worker CASCADE;
@@ -30,6 +30,8 @@ SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 ALTER EXTENSION restart_worker UPDATE TO '1.10';
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 ALTER EXTENSION restart_worker UPDATE TO '1.11';
+SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
+ALTER EXTENSION restart_worker UPDATE TO '1.12';
 SELECT extversion FROM pg_extension WHERE extname = 'restart_worker';
 SELECT name, agent FROM restart_worker.services;
 

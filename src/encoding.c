@@ -144,9 +144,12 @@ rw_encoding_answer(RwCall *call)
 		(int) call->resp_len)
 		converted = NULL;		/* not UTF-8: no answer to read */
 	else if ((converted = encoding_convert_text(call->resp, (int) call->resp_len)) == NULL)
-		ereport(ERROR,
+	{
+		/* Outside a transaction: a new worker takes the calls over, same ids. */
+		ereport(FATAL,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory")));
+	}
 	free(call->resp);
 	call->resp = converted;
 	call->resp_len = converted ? strlen(converted) : 0;

@@ -522,6 +522,46 @@ worker_loop(void)
 }
 
 /*
+ * Pin the settings the worker's statements are written for, whatever the
+ * cluster, the database or the worker's role says (a session setting
+ * outranks those, also after a reload).
+ *
+ * - READ COMMITTED: a claim skips the rows others hold and takes the rest
+ *   as they are now.  Under REPEATABLE READ or SERIALIZABLE the claims and
+ *   records failed to serialise whenever a caller touched a row meanwhile,
+ *   and serializable ones took part in the callers' conflict checks.
+ * - standard_conforming_strings: the extension's PL/pgSQL that the worker
+ *   runs is parsed in its session, and its literals are written for it
+ *   ('\d' in a pattern).
+ * - exit_on_error off: the worker catches errors on purpose (an answer
+ *   that is not JSON, a row that is locked); made FATAL, each exited it.
+ * - row_security on: a worker role that is no superuser reads and writes
+ *   the requests through the policies granted to it; with it off every
+ *   claim failed.
+ * - session_replication_role origin: the triggers that announce each
+ *   status change fire for the worker's updates.
+ * - jit off: the worker's statements touch a few rows each.  A plan with
+ *   a disabled scan (enable_seqscan is off, below) costs over jit_above_cost
+ *   however small the table, and each run was compiled anew: a second of
+ *   CPU a claim here, when the worker's role is no superuser (its claim's
+ *   update then scans the table, see worker_claim()).
+ *
+ * default_transaction_read_only is left as it is: a database made
+ * read-only gets no writes from the worker.
+ */
+static void
+worker_pin_settings(void)
+{
+	SetConfigOption("default_transaction_isolation", "read committed",
+					PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("standard_conforming_strings", "on", PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("exit_on_error", "off", PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("row_security", "on", PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("session_replication_role", "origin", PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_SESSION);
+}
+
+/*
  * Entry point of the background worker.
  */
 void
@@ -547,21 +587,7 @@ restart_worker_main(Datum main_arg)
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_SESSION);
 
-	/*
-	 * The worker's statements are written for READ COMMITTED (a claim skips
-	 * the rows others hold and takes the rest as they are now).  Under a
-	 * default of REPEATABLE READ or SERIALIZABLE, set for the cluster, the
-	 * database or the role, they would fail to serialise whenever a caller
-	 * touched a row meanwhile, and serializable ones would also take part in
-	 * the callers' conflict checks.  Likewise the extension's PL/pgSQL
-	 * functions the worker runs are parsed in its session, and their string
-	 * literals are written with standard_conforming_strings on ('\d' in a
-	 * pattern).  default_transaction_read_only is left as it is: a database
-	 * made read-only gets no writes from the worker.
-	 */
-	SetConfigOption("default_transaction_isolation", "read committed",
-					PGC_SUSET, PGC_S_SESSION);
-	SetConfigOption("standard_conforming_strings", "on", PGC_SUSET, PGC_S_SESSION);
+	worker_pin_settings();
 
 	/*
 	 * Every query of the worker has an index to use.  Their plans are kept

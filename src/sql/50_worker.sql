@@ -238,7 +238,9 @@ END;
 -- read every active request), and the rows claimed or failed are updated through the
 -- primary key, by their ids as an array (joined to the rows found, the planner may scan the
 -- whole table for a few rows in a session that allows it; the worker's does not, see
--- src/worker.c).
+-- src/worker.c). The array is a variable, not a subquery (until 1.12, ARRAY(SELECT ...)
+-- of the rows locked): row level security keeps a condition with a subquery from the index
+-- of a role that is no superuser, and the update scanned the whole table.
 CREATE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,
@@ -253,6 +255,9 @@ DECLARE
 	v_sent		pg_catalog.bool[];
 	v_look		pg_catalog.uuid[] := '{}';
 	v_exclude	pg_catalog.uuid[] := p_exclude;
+	v_late		pg_catalog.uuid[];
+	v_due		pg_catalog.uuid[];
+	v_due_sent	pg_catalog.bool[];
 BEGIN
 	-- Requests past their deadline are rare: look for one before running the update.
 	IF EXISTS (SELECT FROM public.service_restart_requests q
@@ -275,14 +280,14 @@ BEGIN
 		-- Claims commit asynchronously (src/settle.c); an end the agent's journal does not
 		-- hold must not be lost in a crash, or the request could come back and run after
 		-- it was announced failed: a claim that failed a request commits synchronously.
-		WITH late AS (
-			SELECT q.id FROM public.service_restart_requests q
-			WHERE q.status IN ('pending', 'dispatching', 'running')
-			  AND q.deadline_at <= pg_catalog.now()
-			  AND NOT (q.id = ANY (v_exclude))
-			  -- with a slot to call from, accepted ones wait for their look
-			  AND (p_limit = 0 OR q.dispatched_at IS NULL)
-			FOR UPDATE SKIP LOCKED)
+		SELECT pg_catalog.array_agg(l.id) INTO v_late
+		FROM (SELECT q.id FROM public.service_restart_requests q
+			  WHERE q.status IN ('pending', 'dispatching', 'running')
+				AND q.deadline_at <= pg_catalog.now()
+				AND NOT (q.id = ANY (v_exclude))
+				-- with a slot to call from, accepted ones wait for their look
+				AND (p_limit = 0 OR q.dispatched_at IS NULL)
+			  FOR UPDATE SKIP LOCKED) l;
 		UPDATE public.service_restart_requests r
 			SET status = 'failed', completed_at = pg_catalog.now(), updated_at = pg_catalog.now(),
 				error = restart_worker.timeout_error(r.status, r.error),
@@ -290,27 +295,29 @@ BEGIN
 				uncertain_at = CASE WHEN r.status = 'dispatching'
 									THEN coalesce(r.uncertain_at, pg_catalog.now())
 									ELSE r.uncertain_at END
-			WHERE r.id = ANY (ARRAY(SELECT late.id FROM late));
+			WHERE r.id = ANY (v_late);
 		IF FOUND THEN
 			PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
 		END IF;
 	END IF;
 
-	WITH due AS (
-		SELECT q.id, q.status AS old_status FROM public.service_restart_requests q
-		WHERE q.status IN ('pending', 'dispatching', 'running')
-		  AND q.next_attempt_at <= v_until
-		  -- pending ones once due, also after a restart
-		  AND (q.status <> 'pending' OR q.next_attempt_at <= pg_catalog.now())
-		  -- what the worker has in flight (or looks at, above) is never pending
-		  AND (q.status = 'pending' OR NOT (q.id = ANY (v_exclude)))
-		  -- none past its deadline: one that late skipped (see above) waits for the next
-		  -- claim to fail it
-		  AND q.deadline_at > pg_catalog.now()
-		ORDER BY q.next_attempt_at
-		LIMIT p_limit - pg_catalog.cardinality(v_look)
-		FOR UPDATE SKIP LOCKED),
-	claimed AS (
+	SELECT pg_catalog.array_agg(d.id), pg_catalog.array_agg(d.status <> 'pending')
+		INTO v_due, v_due_sent
+	FROM (SELECT q.id, q.status FROM public.service_restart_requests q
+		  WHERE q.status IN ('pending', 'dispatching', 'running')
+			AND q.next_attempt_at <= v_until
+			-- pending ones once due, also after a restart
+			AND (q.status <> 'pending' OR q.next_attempt_at <= pg_catalog.now())
+			-- what the worker has in flight (or looks at, above) is never pending
+			AND (q.status = 'pending' OR NOT (q.id = ANY (v_exclude)))
+			-- none past its deadline: one that late skipped (see above) waits for the
+			-- next claim to fail it
+			AND q.deadline_at > pg_catalog.now()
+		  ORDER BY q.next_attempt_at
+		  LIMIT p_limit - pg_catalog.cardinality(v_look)
+		  FOR UPDATE SKIP LOCKED) d;
+
+	WITH claimed AS (
 		UPDATE public.service_restart_requests q
 			SET status = CASE WHEN q.status = 'pending' THEN 'dispatching' ELSE q.status END,
 				-- every call made again counts, also one following a running job after
@@ -318,12 +325,13 @@ BEGIN
 				attempts = q.attempts + 1,
 				next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs => p_lease_ms / 1000.0),
 				updated_at = pg_catalog.now()
-			WHERE q.id = ANY (ARRAY(SELECT due.id FROM due) || v_look)
+			WHERE q.id = ANY (v_due || v_look)
 			RETURNING q.id)
-	SELECT pg_catalog.array_agg(c.id), pg_catalog.array_agg(coalesce(d.old_status <> 'pending', true))
+	SELECT pg_catalog.array_agg(c.id), pg_catalog.array_agg(coalesce(d.sent, true))
 		INTO v_ids, v_sent
 	FROM claimed c
-	LEFT JOIN due d ON d.id = c.id;
+	LEFT JOIN ROWS FROM (pg_catalog.unnest(v_due), pg_catalog.unnest(v_due_sent)) AS d(id, sent)
+		ON d.id = c.id;
 
 	-- Where to send them, read by a statement of its own: under READ COMMITTED it sees a
 	-- change of a service's agent that committed before the claim locked the request

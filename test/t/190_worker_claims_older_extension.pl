@@ -4,7 +4,7 @@
 # (to 1.7, whose worker_claim() is made again with a column more, under the worker's kept
 # plan), with the worker running, its claims commit asynchronously: the same crash loses one,
 # and the worker settles that request at its next start; and so again after the update to
-# 1.8. Either way the step runs once. Then the updates to 1.9, 1.10 and 1.11, under the
+# 1.8. Either way the step runs once. Then the updates to 1.9, 1.10, 1.11 and 1.12, under the
 # running worker.
 use strict;
 use warnings;
@@ -111,12 +111,20 @@ ok(wait_status($node, $after, 'completed'), 'a request completes on 1.10');
 
 # 1.11 adds a C function, curl_url_usable(), that register_agent() asks (the worker's
 # library has it already) and replaces check_url(); the worker's functions stay.
-$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+$node->safe_psql('postgres', "ALTER EXTENSION restart_worker UPDATE TO '1.11'");
 is($node->safe_psql('postgres',
 	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
 	'1.11', 'the extension is updated to 1.11 while the worker runs');
 $after = request_restart($node, 'count_svc');
 ok(wait_status($node, $after, 'completed'), 'a request completes on 1.11');
+
+# 1.12 replaces worker_claim(), which the worker has prepared: its next claim plans anew.
+$node->safe_psql('postgres', 'ALTER EXTENSION restart_worker UPDATE');
+is($node->safe_psql('postgres',
+	"SELECT extversion FROM pg_extension WHERE extname = 'restart_worker'"),
+	'1.12', 'the extension is updated to 1.12 while the worker runs');
+$after = request_restart($node, 'count_svc');
+ok(wait_status($node, $after, 'completed'), 'a request completes on 1.12');
 
 $node->stop;
 done_testing();
