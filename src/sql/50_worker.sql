@@ -238,9 +238,10 @@ END;
 -- read every active request), and the rows claimed or failed are updated through the
 -- primary key, by their ids as an array (joined to the rows found, the planner may scan the
 -- whole table for a few rows in a session that allows it; the worker's does not, see
--- src/worker.c). The array is a variable, not a subquery (until 1.12, ARRAY(SELECT ...)
--- of the rows locked): row level security keeps a condition with a subquery from the index
--- of a role that is no superuser, and the update scanned the whole table.
+-- src/worker.c). The arrays are variables (until 1.12 the claim's update had
+-- ARRAY(SELECT ...) of the rows locked || the look's ids: under the row level security of
+-- a role that is no superuser that condition could not use the index, and the update
+-- scanned the whole table).
 CREATE FUNCTION restart_worker.worker_claim(
 	p_limit integer, p_exclude uuid[], p_lease_ms integer, p_recover boolean)
 RETURNS TABLE (id uuid, url text, key bytea, body text, deadline_at timestamptz,

@@ -1,14 +1,15 @@
 -- restart_worker 1.11 -> 1.12.
 --
 -- 1.12 mends the claim of a worker whose role is no superuser (restart_worker.role, made
--- an admin with grant_admin()). worker_claim() updated the rows it claimed, and those it
--- failed past their deadline, through a condition with a subquery (ARRAY(SELECT ...) of
--- the rows it had locked). Row level security applies to such a role, and a condition with
--- a subquery is not leakproof, so it could not use the primary key: every claim scanned
--- the whole requests table, and in the worker's session (enable_seqscan off) the plan's
--- cost made PostgreSQL compile it with JIT at each run, about a second of CPU a claim on a
--- 2-core machine. The ids are now gathered into variables first. The tables, their rows
--- and the function's privileges are unchanged. The definition below is that of
+-- an admin with grant_admin()). worker_claim() updated the rows it claimed through the
+-- condition id = ANY (ARRAY(SELECT ...) of the rows it had locked || the ids it looks at
+-- again). Row level security applies to such a role, and under it that condition could
+-- not use the primary key: every claim scanned the whole requests table, and in the
+-- worker's session (enable_seqscan off) the plan's cost made PostgreSQL compile it with
+-- JIT at each run, about a second of CPU a claim on a 2-core machine. The ids are now
+-- gathered into variables first (for the update of the requests past their deadline too,
+-- whose bare ARRAY(SELECT ...) used the index already). The tables, their rows and the
+-- function's privileges are unchanged. The definition below is that of
 -- src/sql/50_worker.sql.
 
 \echo Use "ALTER EXTENSION restart_worker UPDATE TO '1.12'" to load this file. \quit
