@@ -540,6 +540,9 @@ worker_loop(void)
  *   claim failed.
  * - session_replication_role origin: the triggers that announce each
  *   status change fire for the worker's updates.
+ * - transaction_timeout 0 (PostgreSQL 17 and later, untested here): it
+ *   applies to a background worker's transactions too, and ends the
+ *   process (FATAL) when one runs over, as a lock wait or a flush may.
  * - jit off: the worker's statements touch a few rows each.  A plan with
  *   a disabled scan (enable_seqscan is off, below) costs over jit_above_cost
  *   however small the table, and each run was compiled anew: a second of
@@ -559,6 +562,9 @@ worker_pin_settings(void)
 	SetConfigOption("row_security", "on", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("session_replication_role", "origin", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_SESSION);
+#if PG_VERSION_NUM >= 170000
+	SetConfigOption("transaction_timeout", "0", PGC_SUSET, PGC_S_SESSION);
+#endif
 }
 
 /*
