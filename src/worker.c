@@ -522,10 +522,18 @@ worker_loop(void)
 }
 
 /*
- * Pin the settings the worker's statements are written for, whatever the
+ * Pin the settings the worker's session is written for, whatever the
  * cluster, the database or the worker's role says (a session setting
  * outranks those, also after a reload).
  *
+ * - synchronous_commit off: claims and outcomes lost in a crash are redone
+ *   with the same id (see src/settle.c and src/xact.c); what must not be
+ *   lost commits synchronously with a transaction-local setting.
+ * - lock_timeout 1s: the worker never waits long for a lock.
+ * - enable_seqscan off: every query of the worker has an index to use.
+ *   Their plans are kept for the life of the worker: one made while the
+ *   requests table was nearly empty would otherwise scan it whole once it
+ *   has grown, until the next ANALYZE.
  * - READ COMMITTED: a claim skips the rows others hold and takes the rest
  *   as they are now.  Under REPEATABLE READ or SERIALIZABLE the claims and
  *   records failed to serialise whenever a caller touched a row meanwhile,
@@ -544,10 +552,12 @@ worker_loop(void)
  *   applies to a background worker's transactions too, and ends the
  *   process (FATAL) when one runs over, as a lock wait or a flush may.
  * - jit off: the worker's statements touch a few rows each.  A plan with
- *   a disabled scan (enable_seqscan is off, below) costs over jit_above_cost
+ *   a disabled scan (enable_seqscan is off) costs over jit_above_cost
  *   however small the table, and each run was compiled anew: a second of
- *   CPU a claim here, when the worker's role is no superuser (its claim's
- *   update then scans the table, see worker_claim()).
+ *   CPU a claim here with a worker role that is no superuser before 1.12,
+ *   whose claim's update scanned the table under row level security.
+ *
+ * - application_name restart_worker, in pg_stat_activity.
  *
  * default_transaction_read_only is left as it is: a database made
  * read-only gets no writes from the worker.
@@ -555,6 +565,9 @@ worker_loop(void)
 static void
 worker_pin_settings(void)
 {
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_SESSION);
+	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("default_transaction_isolation", "read committed",
 					PGC_SUSET, PGC_S_SESSION);
 	SetConfigOption("standard_conforming_strings", "on", PGC_SUSET, PGC_S_SESSION);
@@ -565,6 +578,7 @@ worker_pin_settings(void)
 #if PG_VERSION_NUM >= 170000
 	SetConfigOption("transaction_timeout", "0", PGC_SUSET, PGC_S_SESSION);
 #endif
+	SetConfigOption("application_name", "restart_worker", PGC_USERSET, PGC_S_OVERRIDE);
 }
 
 /*
@@ -584,26 +598,7 @@ restart_worker_main(Datum main_arg)
 	restart_worker_wake_publish();
 	rw_status_worker_started();
 
-	/*
-	 * Claims and outcomes lost in a crash are redone with the same id (see
-	 * src/settle.c and src/xact.c); what must not be lost commits
-	 * synchronously with a transaction-local setting.  The worker never
-	 * waits long for a lock.
-	 */
-	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION);
-	SetConfigOption("lock_timeout", "1s", PGC_SUSET, PGC_S_SESSION);
-
 	worker_pin_settings();
-
-	/*
-	 * Every query of the worker has an index to use.  Their plans are kept
-	 * for the life of the worker: one made while the requests table was
-	 * nearly empty would otherwise scan it whole once it has grown, until
-	 * the next ANALYZE.
-	 */
-	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_SESSION);
-	SetConfigOption("application_name", "restart_worker", PGC_USERSET, PGC_S_OVERRIDE);
-
 	rw_encoding_init();
 	rw_http_init();
 	rw_dispatch_init();
